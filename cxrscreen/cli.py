@@ -1,0 +1,101 @@
+"""The ``cxrscreen`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cxrscreen import __version__
+
+
+@click.group()
+@click.version_option(__version__, prog_name="cxrscreen")
+def main():
+    """Batch screening of chest X-rays for COVID-19 and pneumonia."""
+
+
+@main.command()
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("-n", "--num", default=100, show_default=True, help="Number of phantoms.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--size", default=256, show_default=True, help="Image side in pixels.")
+@click.option("--formats", default="png", show_default=True,
+              help="Comma-separated, round-robin: png, png16, jpeg, dicom.")
+@click.option("--parquet", is_flag=True, help="Also write phantoms.parquet with PNG bytes.")
+@click.option("--bad", is_flag=True, help="Also write broken files (bad/) that must become error rows.")
+def synth(out_dir, num, seed, size, formats, parquet, bad):
+    """Generate synthetic chest-radiograph phantoms with known labels and lung masks."""
+    from cxrscreen.data.synth import write_archive, write_bad_inputs
+
+    manifest = write_archive(out_dir, num, seed=seed, size=size,
+                             formats=tuple(f.strip() for f in formats.split(",")), parquet=parquet)
+    if bad:
+        kinds = write_bad_inputs(Path(out_dir) / "bad")
+        click.echo(f"wrote {len(kinds)} broken files to {Path(out_dir) / 'bad'}")
+    click.echo(f"wrote {num} phantoms; manifest {manifest}")
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--shard-size", default=1000, show_default=True, help="Images per Parquet shard.")
+@click.option("--resize", type=int, default=None, help="Re-encode as PNG at SIZE x SIZE (default: original bytes).")
+def ingest(src, out_dir, shard_size, resize):
+    """Ingest a manifest (CSV/Parquet) or labeled folder tree into sharded Parquet."""
+    from cxrscreen.data.ingest import ingest as run_ingest
+    from cxrscreen.data.manifest import load_manifest
+
+    shards = run_ingest(load_manifest(src), out_dir, shard_size=shard_size, resize=resize)
+    click.echo(f"wrote {len(shards)} shards to {out_dir}")
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True))
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False), help="CSV or Parquet.")
+@click.option("--fractions", default="0.7,0.15,0.15", show_default=True, help="train,val,test")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--cap-per-class", type=int, default=None, help="Keep at most N images per class (whole patients).")
+def split(manifest, out_path, fractions, seed, cap_per_class):
+    """Assign patient-level, label-stratified train/val/test splits."""
+    from cxrscreen.data.manifest import load_manifest
+    from cxrscreen.data.splits import leaking_groups, patient_split
+
+    df = patient_split(load_manifest(manifest).drop("split"), tuple(float(x) for x in fractions.split(",")),
+                       seed=seed, cap_per_class=cap_per_class)
+    assert not leaking_groups(df)
+    _write_table(df.drop("file"), out_path)
+    click.echo(df.group_by("label", "split").len().sort("label", "split"))
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True))
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), help="Write the pairs (CSV/Parquet).")
+@click.option("--threshold", default=0.99, show_default=True, help="Min fingerprint cosine similarity.")
+@click.option("--drop", "drop_path", type=click.Path(dir_okay=False), help="Write the manifest without duplicates.")
+def audit(manifest, out_path, threshold, drop_path):
+    """Report near-duplicate image pairs inside and across splits."""
+    from cxrscreen.data.dedup import audit_duplicates, drop_duplicates
+    from cxrscreen.data.manifest import load_manifest
+
+    df = load_manifest(manifest)
+    pairs = audit_duplicates(df, threshold)
+    cross = pairs.filter(pairs["cross_split"])
+    click.echo(f"{len(pairs)} near-duplicate pairs, {len(cross)} across splits")
+    if out_path:
+        _write_table(pairs, out_path)
+    if drop_path:
+        kept = drop_duplicates(df, pairs)
+        _write_table(kept.drop("file"), drop_path)
+        click.echo(f"kept {len(kept)} of {len(df)} images")
+
+
+def _write_table(df, path: str) -> None:
+    if str(path).endswith((".parquet", ".pq")):
+        df.write_parquet(path)
+    else:
+        df.write_csv(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Datasets: manifests, patient-level splits, near-duplicate audit, Parquet ingest, phantoms."""

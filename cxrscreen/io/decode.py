@@ -1,0 +1,235 @@
+"""Decode PNG / JPEG / DICOM bytes into one float32 grayscale array in [0, 1].
+
+DICOM follows the standard display pipeline: stored values -> modality LUT (rescale
+slope/intercept or LUT) -> VOI (explicit window, the file's VOI LUT or window) ->
+MONOCHROME1 inversion. Compressed transfer syntaxes are decoded by pydicom's plugins:
+RLE (pydicom), JPEG baseline/extended (pillow or pylibjpeg-libjpeg), JPEG lossless and
+JPEG-LS (pylibjpeg-libjpeg), JPEG 2000 and HTJ2K (pylibjpeg-openjpeg or pillow).
+Every failure raises :class:`ImageError`; nothing else escapes ``decode_image``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cxrscreen.io.errors import ImageError
+
+# Pillow's own bomb check would fire before ours with a less useful message.
+Image.MAX_IMAGE_PIXELS = None
+
+DICOM_SCREENING_FIELDS = (
+    "Modality", "ViewPosition", "BodyPartExamined", "StudyInstanceUID", "SeriesInstanceUID",
+    "SOPInstanceUID", "PhotometricInterpretation", "BitsStored", "Manufacturer",
+)
+DICOM_PHI_FIELDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge")
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to decode. ``window`` = (center, width) in modality units overrides the file's VOI."""
+
+    max_pixels: int = 80_000_000
+    window: tuple[float, float] | None = None
+    prefer_lut: bool = True
+    include_phi: bool = False
+
+
+@dataclass
+class Decoded:
+    """A decoded image: ``pixels`` float32 HxW in [0, 1] (0 = black), plus metadata."""
+
+    pixels: np.ndarray
+    format: str
+    meta: dict = field(default_factory=dict)
+
+    def to_uint8(self) -> np.ndarray:
+        return np.rint(self.pixels * 255.0).astype(np.uint8)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """Read a whole file, mapping every OS failure to an ImageError."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise ImageError("missing", f"no such file: {p}") from None
+    except IsADirectoryError:
+        raise ImageError("unreadable", f"is a directory: {p}") from None
+    except OSError as e:
+        raise ImageError("unreadable", f"{type(e).__name__}: {e.strerror or e}") from None
+    if not data:
+        raise ImageError("empty", f"zero-byte file: {p}")
+    return data
+
+
+def is_dicom(data: bytes) -> bool:
+    """True when the bytes carry the DICOM Part 10 preamble magic."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def decode_image(data: bytes, options: DecodeOptions = DecodeOptions(), name: str = "") -> Decoded:
+    """Decode image bytes (format sniffed from content; ``name`` only helps raw DICOM)."""
+    if not data:
+        raise ImageError("empty", "zero bytes")
+    if is_dicom(data) or name.lower().endswith((".dcm", ".dicom")):
+        return _decode_dicom(data, options)
+    return _decode_raster(data, options)
+
+
+# --------------------------------------------------------------------------- raster
+
+
+def _decode_raster(data: bytes, options: DecodeOptions) -> Decoded:
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError("not_image", "not a PNG, JPEG, TIFF, BMP or DICOM file") from None
+    except Exception as e:  # noqa: BLE001 - any parser failure is a bad header
+        kind = "truncated" if "truncat" in str(e).lower() else "decode_failed"
+        raise ImageError(kind, f"header: {type(e).__name__}: {e}") from None
+    w, h = img.size
+    if w * h > options.max_pixels:
+        raise ImageError("too_large", f"{w}x{h} = {w * h} pixels > limit {options.max_pixels}")
+    fmt = (img.format or "unknown").lower()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except OSError as e:
+        kind = "truncated" if "truncat" in str(e).lower() or "broken" in str(e).lower() else "decode_failed"
+        raise ImageError(kind, f"{fmt}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - e.g. SyntaxError on bad PNG chunks
+        raise ImageError("decode_failed", f"{fmt}: {type(e).__name__}: {e}") from None
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        bits = 16 if arr.max(initial=0) <= 65535 else 32
+        pixels = arr / float(2**bits - 1)
+    elif mode == "F":
+        pixels = _minmax(np.asarray(img, dtype=np.float32))
+        bits = 32
+    else:
+        pixels = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+        bits = 8
+    meta = {"width": w, "height": h, "bits": bits, "source_mode": mode}
+    return Decoded(np.ascontiguousarray(pixels, dtype=np.float32), fmt, meta)
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _decode_dicom(data: bytes, options: DecodeOptions) -> Decoded:
+    import pydicom
+    from pydicom import pixels as pxl
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as e:  # noqa: BLE001
+        raise ImageError("decode_failed", f"DICOM header: {type(e).__name__}: {e}") from None
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ImageError("no_pixel_data", "DICOM file has no Pixel Data element")
+    pi = str(ds.get("PhotometricInterpretation", "")).strip()
+    if pi not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageError("unsupported_photometric", f"PhotometricInterpretation {pi or 'missing'!r}; "
+                         "only MONOCHROME1/MONOCHROME2 radiographs are screened")
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    if rows * cols > options.max_pixels:
+        raise ImageError("too_large", f"{cols}x{rows} = {rows * cols} pixels > limit {options.max_pixels}")
+    if "TransferSyntaxUID" not in ds.file_meta:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ts = ds.file_meta.TransferSyntaxUID
+    if ts.is_compressed:
+        try:
+            decoder = pxl.get_decoder(ts)
+        except NotImplementedError:
+            decoder = None
+        if decoder is None or not decoder.is_available:
+            raise ImageError("unsupported_transfer_syntax", f"no installed decoder for {ts.name} ({ts})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array
+    except Exception as e:  # noqa: BLE001
+        msg = f"{type(e).__name__}: {e}"
+        truncated = any(s in msg.lower() for s in ("truncat", "less than expected", "end of"))
+        raise ImageError("truncated" if truncated else "decode_failed", f"DICOM pixels: {msg}") from None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise ImageError("unsupported_photometric", f"expected one grayscale plane, got shape {arr.shape}")
+    values = pxl.apply_modality_lut(arr, ds).astype(np.float64)
+    pixels, voi = _apply_voi(values, ds, options)
+    if pi == "MONOCHROME1":
+        pixels = 1.0 - pixels
+    meta = {"width": cols, "height": rows, "bits": int(ds.get("BitsStored", 8)), "frames": frames,
+            "voi": voi, "transfer_syntax": ts.name}
+    meta.update(dicom_metadata(ds, include_phi=options.include_phi))
+    return Decoded(np.ascontiguousarray(pixels, dtype=np.float32), "dicom", meta)
+
+
+def _apply_voi(values: np.ndarray, ds, options: DecodeOptions) -> tuple[np.ndarray, str]:
+    """Map modality values to [0, 1]; returns the pixels and which VOI was used."""
+    from pydicom import pixels as pxl
+
+    has_lut = "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0
+    has_window = "WindowCenter" in ds and "WindowWidth" in ds
+    if options.window is not None:
+        c, w = options.window
+        return _window(values, c, w, "LINEAR"), f"explicit window c={c} w={w}"
+    if has_lut and (options.prefer_lut or not has_window):
+        item = ds.VOILUTSequence[0]
+        out = pxl.apply_voi(np.rint(values).astype(np.int64), ds, index=0).astype(np.float64)
+        top = float(out.max()) if out.size else 1.0
+        if isinstance(item.LUTData, (bytes, bytearray)):  # OW: raw little-endian words
+            lut = np.frombuffer(item.LUTData, dtype="<u2" if int(item.LUTDescriptor[2]) > 8 else "u1")
+        else:
+            lut = np.asarray(item.LUTData, dtype=np.float64).ravel()
+        top = float(lut.max()) if lut.size and lut.max() > 0 else max(top, 1.0)
+        return np.clip(out / top, 0.0, 1.0), "file VOI LUT"
+    if has_window:
+        c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        fn = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        return _window(values, c, w, fn), f"file window c={c} w={w} {fn}"
+    return _minmax(values), "min-max"
+
+
+def _first(v) -> float:
+    try:
+        return float(v[0])
+    except TypeError:
+        return float(v)
+
+
+def _window(x: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 windowing to [0, 1]."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / max(width, 1e-6)))
+    if function == "LINEAR_EXACT":
+        return np.clip((x - center) / max(width, 1e-6) + 0.5, 0.0, 1.0)
+    width = max(width, 1.0)
+    return np.clip((x - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5, 0.0, 1.0)
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    lo, hi = float(np.min(x)), float(np.max(x))
+    return np.zeros_like(x, dtype=np.float64) if hi <= lo else (x - lo) / (hi - lo)
+
+
+def dicom_metadata(ds, include_phi: bool = False) -> dict:
+    """Screening-relevant DICOM attributes as plain strings; patient identifiers only if asked."""
+    fields = DICOM_SCREENING_FIELDS + (DICOM_PHI_FIELDS if include_phi else ())
+    meta = {f"dicom_{k}": str(ds.get(k)) for k in fields if ds.get(k) not in (None, "")}
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    if spacing:
+        meta["pixel_spacing_mm"] = float(spacing[0])
+    return meta

@@ -1,0 +1,147 @@
+"""Find the inputs of an archive: a folder tree, a list file, or Parquet with image bytes."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
+LIST_SUFFIXES = (".txt", ".lst", ".csv")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+# Folder names of the common public collections -> our class names (keys normalised by _norm).
+DEFAULT_LABEL_MAP = {
+    "covid": "covid", "covid19": "covid", "covid_19": "covid", "covid-19": "covid",
+    "normal": "normal",
+    "viral_pneumonia": "viral_pneumonia", "viral": "viral_pneumonia",
+    "bacterial_pneumonia": "bacterial_pneumonia", "bacterial": "bacterial_pneumonia",
+    "lung_opacity": "lung_opacity",
+    "pneumonia": "pneumonia",
+}
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input: a stable ``key`` plus either a ``path`` or the encoded ``data``."""
+
+    key: str
+    path: str | None = None
+    data: bytes | None = None
+    label: str | None = None
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().replace(" ", "_")
+
+
+def label_from_path(rel: Path, label_map: dict[str, str]) -> str | None:
+    """Class of the nearest ancestor folder whose (normalised) name is in ``label_map``."""
+    table = {_norm(k): v for k, v in label_map.items()}
+    for part in reversed(rel.parts[:-1]):
+        if _norm(part) in table:
+            return table[_norm(part)]
+    return None
+
+
+def has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def archive_kind(archive: str | os.PathLike) -> str:
+    """'folder', 'list' or 'parquet' (a folder of only .parquet files counts as parquet)."""
+    p = Path(archive)
+    if p.is_dir():
+        seen_parquet = False
+        for f in p.rglob("*"):
+            if f.is_file() and not f.name.startswith("."):
+                if f.suffix.lower() not in PARQUET_SUFFIXES:
+                    return "folder"
+                seen_parquet = True
+        return "parquet" if seen_parquet else "folder"
+    if p.suffix.lower() in PARQUET_SUFFIXES:
+        return "parquet"
+    if p.suffix.lower() in LIST_SUFFIXES:
+        return "list"
+    raise ValueError(f"{p}: not a folder, list file ({', '.join(LIST_SUFFIXES)}) or Parquet")
+
+
+def list_inputs(archive: str | os.PathLike, labels_from_folders: bool = False,
+                label_map: dict[str, str] | None = None,
+                image_column: str = "image", key_column: str = "key") -> Iterator[InputItem]:
+    """Yield the inputs of ``archive`` in a deterministic order.
+
+    Folder trees are walked recursively for image suffixes and extension-less DICOM
+    (DICM magic); hidden files are ignored. List files hold one path per line (``#``
+    comments) or, as CSV, a ``path`` column and an optional ``label`` column; relative
+    paths are resolved against the list file's folder. Parquet inputs carry bytes.
+    """
+    label_map = DEFAULT_LABEL_MAP if label_map is None else label_map
+    kind = archive_kind(archive)
+    root = Path(archive)
+    if kind == "folder":
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in sorted(filenames):
+                if fn.startswith("."):
+                    continue
+                full = Path(dirpath) / fn
+                suffix = full.suffix.lower()
+                if suffix not in IMAGE_SUFFIXES and not (suffix == "" and has_dicom_magic(full)):
+                    continue
+                rel = full.relative_to(root)
+                label = label_from_path(rel, label_map) if labels_from_folders else None
+                yield InputItem(key=rel.as_posix(), path=str(full), label=label)
+    elif kind == "list":
+        yield from _list_file(root)
+    else:
+        yield from _parquet_rows(root, image_column, key_column)
+
+
+def _list_file(path: Path) -> Iterator[InputItem]:
+    base = path.parent
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if "path" not in (reader.fieldnames or []):
+                raise ValueError(f"{path}: a CSV list needs a 'path' column")
+            for row in reader:
+                p = row["path"].strip()
+                if p:
+                    yield InputItem(key=p, path=str(base / p), label=(row.get("label") or None))
+        return
+    with open(path) as f:
+        for line in f:
+            p = line.strip()
+            if p and not p.startswith("#"):
+                yield InputItem(key=p, path=str(base / p))
+
+
+def parquet_files(path: Path) -> list[Path]:
+    return sorted(f for f in path.rglob("*") if f.suffix.lower() in PARQUET_SUFFIXES) if path.is_dir() else [path]
+
+
+def _parquet_rows(path: Path, image_column: str, key_column: str) -> Iterator[InputItem]:
+    import pyarrow.parquet as pq
+
+    for f in parquet_files(path):
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        if image_column not in names:
+            raise ValueError(f"{f}: no image-bytes column {image_column!r} (columns: {names})")
+        cols = [c for c in (image_column, key_column, "label") if c in names]
+        row = 0
+        for batch in pf.iter_batches(columns=cols, batch_size=256):
+            d = batch.to_pydict()
+            for i, data in enumerate(d[image_column]):
+                key = d[key_column][i] if key_column in d else f"{f.name}#{row}"
+                label = d["label"][i] if "label" in d else None
+                yield InputItem(key=str(key), data=data, label=label)
+                row += 1

@@ -1,0 +1,27 @@
+"""Shared fixtures: phantom archives (always) and ../shared/data (skipped when absent)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(os.environ.get("CXRSCREEN_SHARED_DATA",
+                                  Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test with the reason."""
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} not present (real data lives in ../shared/data; set CXRSCREEN_SHARED_DATA)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def phantom_archive(tmp_path_factory) -> Path:
+    """48 phantoms in PNG, 16-bit PNG, JPEG and DICOM, plus phantoms.parquet."""
+    from cxrscreen.data.synth import write_archive
+
+    out = tmp_path_factory.mktemp("phantoms")
+    write_archive(out, 48, seed=3, size=128, formats=("png", "png16", "jpeg", "dicom"), parquet=True)
+    return out

@@ -1,0 +1,29 @@
+import polars as pl
+from click.testing import CliRunner
+
+from cxrscreen import __version__
+from cxrscreen.cli import main
+
+
+def test_version_and_help_on_every_command():
+    runner = CliRunner()
+    assert __version__ in runner.invoke(main, ["--version"]).output
+    for name in main.commands:
+        res = runner.invoke(main, [name, "--help"])
+        assert res.exit_code == 0 and "Usage:" in res.output, name
+
+
+def test_synth_split_audit_ingest(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "ph"
+    res = runner.invoke(main, ["synth", "-o", str(out), "-n", "12", "--formats", "png,dicom", "--bad", "--size", "64"])
+    assert res.exit_code == 0, res.output
+    assert len(list((out / "bad").iterdir())) == 10
+    res = runner.invoke(main, ["split", str(out / "manifest.csv"), "-o", str(tmp_path / "s.csv"), "--seed", "2"])
+    assert res.exit_code == 0, res.output
+    assert pl.read_csv(tmp_path / "s.csv").height == 12
+    res = runner.invoke(main, ["audit", str(out / "manifest.csv"), "-o", str(tmp_path / "pairs.csv")])
+    assert res.exit_code == 0 and "0 near-duplicate pairs" in res.output
+    res = runner.invoke(main, ["ingest", str(out / "manifest.csv"), "-o", str(tmp_path / "shards"), "--shard-size", "5"])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "shards").glob("shard-*.parquet"))) == 3

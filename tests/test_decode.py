@@ -1,0 +1,152 @@
+import io
+import pickle
+
+import numpy as np
+import pydicom
+import pytest
+
+from cxrscreen.data.synth import (DICOM_VARIANTS, encode_dicom, encode_jpeg, encode_png, make_phantom,
+                                  write_bad_inputs)
+from cxrscreen.io import DecodeOptions, ImageError, decode_image, read_bytes
+from tests.conftest import shared_path
+
+PHANTOM = make_phantom("covid", 96, seed=7).image
+
+
+@pytest.mark.parametrize("variant", DICOM_VARIANTS)
+def test_dicom_variants_reproduce_the_image(variant):
+    d = decode_image(encode_dicom(PHANTOM, variant))
+    assert d.format == "dicom" and d.pixels.dtype == np.float32
+    assert np.abs(d.pixels - PHANTOM).max() < 0.003  # MONOCHROME1 inverted, modality + VOI applied
+
+
+def test_prefer_lut_chooses_between_voi_lut_and_window():
+    data = encode_dicom(PHANTOM, "m1_16bit_voilut")
+    assert decode_image(data).meta["voi"] == "file VOI LUT"
+    by_window = decode_image(data, DecodeOptions(prefer_lut=False))
+    assert by_window.meta["voi"].startswith("file window")
+    assert np.abs(by_window.pixels - PHANTOM).max() > 0.3  # the decoy window, really applied
+
+
+def test_explicit_window_overrides_file():
+    # modality values span [-976, 3024]; a narrow window saturates most of the image
+    d = decode_image(encode_dicom(PHANTOM, "m2_16bit_window"), DecodeOptions(window=(0.0, 100.0)))
+    assert d.meta["voi"].startswith("explicit")
+    assert ((d.pixels == 0) | (d.pixels == 1)).mean() > 0.9
+
+
+def test_phi_dropped_unless_asked():
+    data = encode_dicom(PHANTOM, "m2_8bit", patient_id="SECRET-42")
+    meta = decode_image(data).meta
+    assert not any("Patient" in k for k in meta) and "SECRET-42" not in str(meta)
+    assert meta["dicom_ViewPosition"] == "PA" and meta["dicom_Modality"] == "DX"
+    assert meta["pixel_spacing_mm"] == 0.5 and meta["dicom_StudyInstanceUID"]
+    with_phi = decode_image(data, DecodeOptions(include_phi=True)).meta
+    assert with_phi["dicom_PatientID"] == "SECRET-42"
+
+
+def test_png_8_and_16_bit_and_jpeg():
+    assert np.abs(decode_image(encode_png(PHANTOM)).pixels - PHANTOM).max() <= 0.5 / 255 + 1e-6
+    d16 = decode_image(encode_png(PHANTOM, bits=16))
+    assert d16.meta["bits"] == 16 and np.abs(d16.pixels - PHANTOM).max() < 1e-4
+    assert np.abs(decode_image(encode_jpeg(PHANTOM)).pixels - PHANTOM).mean() < 0.02
+
+
+def test_colour_png_becomes_gray():
+    from PIL import Image
+
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 0] = 255
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    d = decode_image(buf.getvalue())
+    assert d.pixels.shape == (8, 8) and abs(float(d.pixels.mean()) - 0.299) < 0.01  # ITU-R 601 luma
+
+
+def test_extensionless_and_raw_dicom_detected():
+    data = encode_dicom(PHANTOM, "m2_8bit")
+    assert decode_image(data, name="noext").format == "dicom"
+    raw = data[132:]  # no preamble: only recognised by the .dcm name hint
+    with pytest.raises(ImageError):
+        decode_image(raw, name="noext")
+
+
+def test_every_bad_input_kind(tmp_path):
+    expected = write_bad_inputs(tmp_path)
+    assert len(set(expected.values())) >= 7
+    for name, kind in expected.items():
+        with pytest.raises(ImageError) as err:
+            decode_image(read_bytes(tmp_path / name), name=name)
+        assert err.value.kind == kind, (name, err.value)
+        assert err.value.reason
+
+
+def test_missing_directory_and_limits(tmp_path):
+    with pytest.raises(ImageError, match="missing"):
+        read_bytes(tmp_path / "nope.png")
+    with pytest.raises(ImageError, match="unreadable"):
+        read_bytes(tmp_path)
+    with pytest.raises(ImageError) as err:
+        decode_image(encode_png(PHANTOM), DecodeOptions(max_pixels=1000))
+    assert err.value.kind == "too_large"
+    with pytest.raises(ImageError) as err:
+        decode_image(encode_dicom(PHANTOM, "m2_8bit"), DecodeOptions(max_pixels=1000))
+    assert err.value.kind == "too_large"
+
+
+def test_unsupported_transfer_syntax():
+    ds = pydicom.dcmread(io.BytesIO(encode_dicom(PHANTOM, "m2_8bit")))
+    from pydicom.encaps import encapsulate
+
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG-2: no decoder exists
+    ds.PixelData = encapsulate([ds.PixelData])
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(ImageError) as err:
+        decode_image(buf.getvalue())
+    assert err.value.kind == "unsupported_transfer_syntax"
+
+
+def test_image_error_pickles():
+    e = pickle.loads(pickle.dumps(ImageError("truncated", "half a file")))
+    assert e.kind == "truncated" and e.reason == "half a file"
+
+
+def _rg1(name):
+    pytest.importorskip("data_store", reason="pydicom-data is not installed")
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(f"{name}.dcm")
+    if path is None:
+        pytest.skip(f"{name}.dcm not shipped by the installed pydicom-data")
+    return read_bytes(path)
+
+
+@pytest.mark.parametrize("name,lossless", [("RG1_UNCR", True), ("RG1_UNCI", False),
+                                           ("RG1_J2KR", True), ("RG1_J2KI", False)])
+def test_pydicom_data_chest_cr_in_four_encodings(name, lossless):
+    d = decode_image(_rg1(name))
+    assert d.pixels.shape == (1955, 1841) and d.meta["dicom_PhotometricInterpretation"] == "MONOCHROME1"
+    assert d.meta["voi"].startswith("file window c=15000")
+    reference = decode_image(_rg1("RG1_UNCR" if lossless else "RG1_UNCI")).pixels
+    if lossless:
+        assert np.array_equal(d.pixels, reference)  # J2K lossless == uncompressed
+    else:
+        assert np.abs(d.pixels - reference).mean() < 0.01
+    # MONOCHROME1: dense (high stored value) tissue is displayed bright after inversion
+    raw = pydicom.dcmread(io.BytesIO(_rg1(name))).pixel_array.astype(float)
+    hi = raw > np.percentile(raw, 90)
+    lo = raw < np.percentile(raw, 10)
+    assert d.pixels[hi].mean() < d.pixels[lo].mean()
+
+
+def test_shared_dicom_files():
+    folder = shared_path("dicom")
+    normal = decode_image(read_bytes(folder / "txv_CR_chest_PA_RSNA-16d7f894.dcm"))
+    fake_m1 = decode_image(read_bytes(folder / "txv_CR_chest_PA_RSNA-16d7f894_FAKE-MONOCHROME1.dcm"))
+    assert normal.meta["transfer_syntax"] == "JPEG Baseline (Process 1)"
+    assert np.allclose(fake_m1.pixels, 1.0 - normal.pixels, atol=1e-6)
+    nih = decode_image(read_bytes(folder / "nhsx_DX_chest_NIH-NoFinding_Covid0000.dcm"))
+    assert nih.pixels.shape == (1024, 1024) and "Covid0000" not in str(nih.meta)
+    for d in (normal, fake_m1, nih):
+        assert 0.0 <= d.pixels.min() and d.pixels.max() <= 1.0 and d.pixels.std() > 0.1

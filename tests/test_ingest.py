@@ -1,0 +1,40 @@
+import hashlib
+
+import polars as pl
+
+from cxrscreen.data.ingest import ingest, read_shards
+from cxrscreen.data.manifest import read_manifest
+from cxrscreen.io import decode_image
+from tests.conftest import shared_path
+
+
+def test_roundtrip_bytes_and_labels_identical(phantom_archive, tmp_path):
+    df = read_manifest(phantom_archive / "manifest.csv")
+    shards = ingest(df, tmp_path / "shards", shard_size=10, progress=False)
+    assert len(shards) == 5 and not list((tmp_path / "shards").glob(".*tmp"))
+    back = read_shards(tmp_path / "shards")
+    assert back["key"].to_list() == df["path"].to_list()
+    assert back["label"].to_list() == df["label"].to_list()
+    assert back["patient_id"].to_list() == df["patient_id"].to_list()
+    assert back["split"].to_list() == df["split"].to_list()
+    for key, data, sha in back.select("key", "image", "sha256").iter_rows():
+        assert data == (phantom_archive / key).read_bytes()
+        assert sha == hashlib.sha256(data).hexdigest()
+
+
+def test_resize_and_error_rows(phantom_archive, tmp_path):
+    df = read_manifest(phantom_archive / "manifest.csv").head(4)
+    broken = df.head(1).with_columns(pl.lit("gone.png").alias("path"), pl.lit(str(tmp_path / "gone.png")).alias("file"))
+    back = read_shards(ingest(pl.concat([df, broken]), tmp_path / "s", resize=64, progress=False)[0])
+    assert len(back) == 5
+    ok = back.filter(pl.col("error").is_null())
+    assert len(ok) == 4 and all(decode_image(b).pixels.shape == (64, 64) for b in ok["image"])
+    bad = back.filter(pl.col("error").is_not_null())
+    assert bad["key"].to_list() == ["gone.png"] and bad["error"][0].startswith("missing")
+
+
+def test_shared_cxr_subset(tmp_path):
+    df = read_manifest(shared_path("cxr", "manifest.csv"))
+    sub = df.filter(pl.col("split") == "val").head(50)
+    back = read_shards(ingest(sub, tmp_path, progress=False)[0])
+    assert back["sha256"].to_list() == sub["sha256"].to_list()  # manifest hashes match the bytes
