@@ -23,7 +23,7 @@ def main():
 @click.option("--formats", default="png", show_default=True,
               help="Comma-separated, round-robin: png, png16, jpeg, dicom.")
 @click.option("--parquet", is_flag=True, help="Also write phantoms.parquet with PNG bytes.")
-@click.option("--bad", is_flag=True, help="Also write broken files (bad/) that must become error rows.")
+@click.option("--bad", is_flag=True, help="Also write broken files (images/bad/) that must become error rows.")
 def synth(out_dir, num, seed, size, formats, parquet, bad):
     """Generate synthetic chest-radiograph phantoms with known labels and lung masks."""
     from cxrscreen.data.synth import write_archive, write_bad_inputs
@@ -31,8 +31,8 @@ def synth(out_dir, num, seed, size, formats, parquet, bad):
     manifest = write_archive(out_dir, num, seed=seed, size=size,
                              formats=tuple(f.strip() for f in formats.split(",")), parquet=parquet)
     if bad:
-        kinds = write_bad_inputs(Path(out_dir) / "bad")
-        click.echo(f"wrote {len(kinds)} broken files to {Path(out_dir) / 'bad'}")
+        kinds = write_bad_inputs(Path(out_dir) / "images" / "bad")
+        click.echo(f"wrote {len(kinds)} broken files to {Path(out_dir) / 'images' / 'bad'}")
     click.echo(f"wrote {num} phantoms; manifest {manifest}")
 
 

@@ -18,7 +18,7 @@ def test_synth_split_audit_ingest(tmp_path):
     out = tmp_path / "ph"
     res = runner.invoke(main, ["synth", "-o", str(out), "-n", "12", "--formats", "png,dicom", "--bad", "--size", "64"])
     assert res.exit_code == 0, res.output
-    assert len(list((out / "bad").iterdir())) == 10
+    assert len(list((out / "images" / "bad").iterdir())) == 10
     res = runner.invoke(main, ["split", str(out / "manifest.csv"), "-o", str(tmp_path / "s.csv"), "--seed", "2"])
     assert res.exit_code == 0, res.output
     assert pl.read_csv(tmp_path / "s.csv").height == 12

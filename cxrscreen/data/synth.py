@@ -201,7 +201,8 @@ def phantom_plan(n: int, seed: int = 0, classes=CLASSES) -> list[dict]:
 def write_archive(out_dir: str | Path, n: int, seed: int = 0, size: int = 256,
                   formats: tuple[str, ...] = ("png",), parquet: bool = False,
                   classes=CLASSES) -> Path:
-    """Write ``n`` phantoms as ``<label>/<name>.<ext>`` plus masks and ``manifest.csv``.
+    """Write ``n`` phantoms as ``images/<label>/<name>.<ext>``, ``masks/``, ``findings/`` and
+    ``manifest.csv`` (paths relative to ``out_dir``).
 
     Formats are assigned round-robin over ``formats`` (DICOM cycles through its variants).
     With ``parquet=True`` the same images also go to ``phantoms.parquet`` (PNG bytes).
@@ -229,8 +230,8 @@ def write_archive(out_dir: str | Path, n: int, seed: int = 0, size: int = 256,
         else:
             variant = DICOM_VARIANTS[(i // len(formats)) % len(DICOM_VARIANTS)]
             data, ext = encode_dicom(ph.image, variant, item["patient_id"], item["seed"]), ".dcm"
-        rel = f"{item['label']}/{name}{ext}"
-        (out / item["label"]).mkdir(exist_ok=True)
+        rel = f"images/{item['label']}/{name}{ext}"
+        (out / "images" / item["label"]).mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(data)
         (out / "masks" / f"{name}.png").write_bytes(encode_png(ph.lung_mask.astype(np.float32)))
         (out / "findings" / f"{name}.png").write_bytes(encode_png(ph.finding_mask.astype(np.float32)))

@@ -1,0 +1,32 @@
+"""Settings of a scoring run (mapped from configs/score.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ScoreConfig:
+    classifier: str = "resnet18"  # registry name (untrained) or checkpoint folder
+    segmenter: str = "unet"  # registry name (untrained) or checkpoint folder; "" = no segmentation
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    batch_size: int = 16
+    seg_actors: int = 1
+    cls_actors: int = 1
+    actor_cpus: float | None = None  # CPUs reserved per model actor; None = sized from the cluster
+    torch_threads: int | None = None  # per actor; None = sized from the cluster
+    work_size: int = 256  # decoded images travel as uint8 work_size x work_size
+    lung_crop: bool = False  # classify the lung bounding box instead of the whole image
+    mask_size: int = 256  # stored lung-mask PNG size
+    refer_below: float = 0.6  # refer when the top probability is below this
+    lung_fraction_min: float = 0.05  # refer when the lung area fraction is outside this range:
+    lung_fraction_max: float = 0.7  # (probably not a frontal chest radiograph)
+    rows_per_file: int = 1000  # rows per output part file (each written atomically)
+    max_pixels: int = 80_000_000
+    prefer_lut: bool = True
+    include_phi: bool = False  # write DICOM patient name/ID/birth date (off: no identifiers)
+    image_column: str = "image"  # Parquet archives: bytes column
+    key_column: str = "key"  # Parquet archives: key column (else file#row)
+    address: str | None = None  # Ray cluster; None = RAY_ADDRESS or an embedded local Ray
+    num_cpus: int | None = None  # embedded Ray only

@@ -1,0 +1,97 @@
+"""The output dataset: its schema, atomic part files, and the resume index."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cxrscreen.pipeline.stages import DICOM_COLUMNS, PHI_COLUMNS
+
+
+def output_schema(classes: list[str], include_phi: bool = False) -> pa.Schema:
+    """Column names and types of every output row (documented in README.md)."""
+    s = pa.string()
+    fields = [
+        ("key", s), ("source_path", s), ("sha256", s), ("status", s), ("error_type", s), ("error_message", s),
+        *[(f"prob_{c}", pa.float32()) for c in classes],
+        ("label", s), ("max_prob", pa.float32()), ("refer", pa.bool_()), ("refer_reason", s),
+        ("lung_mask_png", pa.binary()), ("lung_fraction", pa.float32()), ("lung_bbox", pa.list_(pa.float32(), 4)),
+        ("format", s), ("width", pa.int64()), ("height", pa.int64()), ("pixel_spacing_mm", pa.float64()),
+        *[(c, s) for c in DICOM_COLUMNS.values()],
+        *[(c, s) for c in (PHI_COLUMNS.values() if include_phi else ())],
+        ("classifier", s), ("classifier_sha256", s), ("segmenter", s), ("segmenter_sha256", s),
+        ("cxrscreen_version", s), ("t_decode_ms", pa.float32()), ("t_segment_ms", pa.float32()),
+        ("t_classify_ms", pa.float32()),
+    ]
+    return pa.schema(fields)
+
+
+def batch_to_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
+    """A numpy batch -> Arrow table of exactly ``schema`` (missing columns become nulls)."""
+    n = len(batch["key"])
+    arrays = []
+    for f in schema:
+        v = batch.get(f.name)
+        if v is None:
+            arrays.append(pa.nulls(n, f.type))
+        elif pa.types.is_fixed_size_list(f.type):
+            v = np.asarray(v, np.float32)
+            flat = pa.array(v.reshape(-1), pa.float32(), mask=np.isnan(v.reshape(-1)))
+            arrays.append(pa.FixedSizeListArray.from_arrays(flat, f.type.list_size))
+        elif pa.types.is_floating(f.type):
+            v = np.asarray(v, dtype=np.float64)
+            arrays.append(pa.array(v, f.type, mask=np.isnan(v)))
+        elif pa.types.is_boolean(f.type):
+            arrays.append(pa.array(np.asarray(v, dtype=bool), f.type))
+        else:  # strings / bytes; Ray may hand an all-None object column back as float NaN
+            arrays.append(pa.array([None if isinstance(x, (float, np.floating)) else x for x in v], f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+class PartWriter:
+    """Buffers rows and writes ``part-<run>-<seq>.parquet`` files atomically (temp + rename)."""
+
+    def __init__(self, out_dir: str | Path, schema: pa.Schema, rows_per_file: int = 1000,
+                 max_seconds: float = 30.0):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.schema, self.rows_per_file, self.max_seconds = schema, rows_per_file, max_seconds
+        self.run = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.buffer: list[pa.Table] = []
+        self.buffered = self.seq = self.written = 0
+        self.last_flush = time.monotonic()
+
+    def add(self, table: pa.Table) -> None:
+        self.buffer.append(table)
+        self.buffered += table.num_rows
+        if self.buffered >= self.rows_per_file or time.monotonic() - self.last_flush > self.max_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffered:
+            return
+        path = self.out / f"part-{self.run}-{self.seq:05d}.parquet"
+        tmp = self.out / f".{path.name}.tmp"
+        pq.write_table(pa.concat_tables(self.buffer), tmp)
+        os.replace(tmp, path)
+        self.written += self.buffered
+        self.seq += 1
+        self.buffer, self.buffered, self.last_flush = [], 0, time.monotonic()
+
+
+def completed(out_dir: str | Path) -> dict[str, str]:
+    """key -> sha256 of every row already in ``out_dir`` (complete part files only)."""
+    out = Path(out_dir)
+    done: dict[str, str] = {}
+    for f in sorted(out.glob("part-*.parquet")) if out.exists() else []:
+        t = pq.read_table(f, columns=["key", "sha256"])
+        done.update(zip(t["key"].to_pylist(), t["sha256"].to_pylist()))
+    for tmp in out.glob(".part-*.tmp") if out.exists() else []:
+        tmp.unlink()  # left by a killed run; its rows were never visible
+    return done

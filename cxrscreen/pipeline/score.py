@@ -1,0 +1,197 @@
+"""Score an archive: Ray Data streams inputs through decode tasks and two model actor pools;
+the driver writes atomic Parquet part files and can resume an interrupted run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from cxrscreen.io.sources import InputItem, archive_kind, list_inputs, parquet_files
+from cxrscreen.pipeline.config import ScoreConfig
+from cxrscreen.pipeline.output import PartWriter, batch_to_table, completed, output_schema
+from cxrscreen.pipeline.stages import Classifier, Segmenter, decode_batch
+
+log = logging.getLogger("cxrscreen")
+
+
+@dataclass
+class ScoreSummary:
+    inputs: int = 0  # inputs found in the archive
+    skipped: int = 0  # already in OUT from an earlier run (same key and content hash)
+    ok: int = 0
+    errors: Counter = field(default_factory=Counter)  # error type -> count
+    seconds: float = 0.0
+
+    @property
+    def scored(self) -> int:
+        return self.ok + sum(self.errors.values())
+
+    @property
+    def images_per_s(self) -> float:
+        return self.scored / self.seconds if self.seconds else 0.0
+
+    def __str__(self) -> str:
+        errs = ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"
+        return (f"{self.inputs} inputs: {self.skipped} already done, {self.ok} ok, "
+                f"{sum(self.errors.values())} errors ({errs}); {self.images_per_s:.1f} images/s")
+
+
+@dataclass
+class ResourcePlan:
+    actor_cpus: float
+    actor_gpus: float
+    threads: int
+    device: str
+
+
+def plan_resources(cfg: ScoreConfig, cpus: float, gpus: float) -> ResourcePlan:
+    """Size actor reservations so that decode tasks always get CPUs.
+
+    An actor that reserves a whole CPU on a 2-CPU node leaves decode tasks starved and Ray
+    Data waits forever; so CPU actors reserve at most (cpus - 1) / n_actors, and torch
+    threads are split between the actors.
+    """
+    n_actors = cfg.cls_actors + (cfg.seg_actors if cfg.segmenter else 0)
+    use_gpu = gpus >= 1 and cfg.device in ("auto", "cuda")
+    if cfg.device == "cuda" and gpus < 1:
+        raise RuntimeError("--device cuda, but the Ray cluster has no GPU")
+    if use_gpu:
+        return ResourcePlan(cfg.actor_cpus or 1.0, min(1.0, gpus / n_actors), cfg.torch_threads or 2, "cuda")
+    actor_cpus = cfg.actor_cpus or max(0.1, min(1.0, (cpus - 1) / n_actors))
+    threads = cfg.torch_threads or max(1, int(cpus) // n_actors)
+    return ResourcePlan(actor_cpus, 0.0, threads, "cpu")
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None):
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return ray
+
+
+def _pending_items(archive, cfg: ScoreConfig, done: dict[str, str]) -> list[dict]:
+    items = []
+    for it in list_inputs(archive, image_column=cfg.image_column, key_column=cfg.key_column):
+        items.append({"key": it.key, "path": it.path, "expected_sha": done.get(it.key)})
+    return items
+
+
+def score_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: ScoreConfig = ScoreConfig(),
+                  progress: bool = True) -> ScoreSummary:
+    """Score every input of ``archive`` into ``out_dir`` (one row per input, resumable)."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    ray = init_ray(cfg.address, cfg.num_cpus)
+    res = ray.cluster_resources()
+    plan = plan_resources(cfg, res.get("CPU", 1), res.get("GPU", 0))
+    done = completed(out_dir)
+    kind = archive_kind(archive)
+    decode_kwargs = dict(work_size=cfg.work_size, max_pixels=cfg.max_pixels, prefer_lut=cfg.prefer_lut,
+                         include_phi=cfg.include_phi)
+    if kind == "parquet":
+        files = [str(f) for f in parquet_files(Path(archive))]
+        ds = ray.data.read_parquet(files, columns=None, include_paths=False)
+        n_inputs = ds.count()
+        cols = ds.schema().names
+        ds = ds.map_batches(_parquet_to_items, fn_kwargs=dict(image_column=cfg.image_column,
+                                                              key_column=cfg.key_column if cfg.key_column in cols else None),
+                            batch_format="numpy", batch_size=256)
+        decode_kwargs["done"] = done
+        n_pending = max(0, n_inputs - len(done))  # progress-bar estimate
+    else:
+        items = _pending_items(archive, cfg, done)
+        n_inputs = len(items)
+        n_pending = sum(1 for it in items if it["expected_sha"] is None)
+        if not items:
+            return ScoreSummary(seconds=time.perf_counter() - t0)
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 32, 4096)))
+    ds = ds.map_batches(decode_batch, fn_kwargs=decode_kwargs, batch_size=cfg.batch_size,
+                        batch_format="numpy", num_cpus=1)
+    model_kwargs = dict(device=plan.device, precision=cfg.precision, threads=plan.threads)
+    pool = dict(batch_size=cfg.batch_size, batch_format="numpy", num_cpus=plan.actor_cpus,
+                num_gpus=plan.actor_gpus or None)
+    if cfg.segmenter:
+        ds = ds.map_batches(Segmenter, fn_constructor_kwargs=dict(spec=cfg.segmenter, mask_size=cfg.mask_size,
+                                                                  **model_kwargs),
+                            compute=ray.data.ActorPoolStrategy(size=cfg.seg_actors), **pool)
+    ds = ds.map_batches(Classifier, fn_constructor_kwargs=dict(
+        spec=cfg.classifier, lung_crop=cfg.lung_crop, refer_below=cfg.refer_below,
+        lung_fraction_range=(cfg.lung_fraction_min, cfg.lung_fraction_max), **model_kwargs),
+        compute=ray.data.ActorPoolStrategy(size=cfg.cls_actors), **pool)
+    summary = ScoreSummary(inputs=n_inputs)
+    bar = tqdm(total=max(n_pending, 0), unit="img", desc="score", disable=not progress, smoothing=0.1)
+    writer = None
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        if writer is None:
+            classes = [k[5:] for k in batch if k.startswith("prob_")]
+            writer = PartWriter(out_dir, output_schema(classes, cfg.include_phi), cfg.rows_per_file)
+        writer.add(batch_to_table(batch, writer.schema))
+        _count(summary, batch)
+        bar.update(len(batch["key"]))
+    if writer is not None:
+        writer.flush()
+    bar.close()
+    summary.skipped = n_inputs - summary.scored
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _parquet_to_items(batch: dict[str, np.ndarray], image_column: str, key_column: str | None) -> dict:
+    n = len(batch[image_column])
+    keys = batch[key_column] if key_column else np.array([f"row{i}" for i in range(n)], object)
+    return {"key": np.asarray([str(k) for k in keys], object), "data": batch[image_column]}
+
+
+def _count(summary: ScoreSummary, batch: dict) -> None:
+    for status, etype in zip(batch["status"], batch["error_type"]):
+        if status == "ok":
+            summary.ok += 1
+        else:
+            summary.errors[etype] += 1
+
+
+def score_items_local(items: Iterable[InputItem], cfg: ScoreConfig = ScoreConfig(),
+                      segmenter: Segmenter | None = None, classifier: Classifier | None = None) -> Iterable[dict]:
+    """The same stages without Ray, one batch at a time (for tests, notebooks and benchmarks)."""
+    device = "cuda" if cfg.device == "cuda" else ("cpu" if cfg.device == "cpu" else "auto")
+    kw = dict(device=device, precision=cfg.precision, threads=cfg.torch_threads)
+    if segmenter is None and cfg.segmenter:
+        segmenter = Segmenter(cfg.segmenter, mask_size=cfg.mask_size, **kw)
+    if classifier is None:
+        classifier = Classifier(cfg.classifier, lung_crop=cfg.lung_crop, refer_below=cfg.refer_below,
+                                lung_fraction_range=(cfg.lung_fraction_min, cfg.lung_fraction_max), **kw)
+    buf: list[InputItem] = []
+
+    def run(chunk):
+        batch = {"key": np.array([it.key for it in chunk], object),
+                 "path": np.array([it.path for it in chunk], object),
+                 "data": np.array([it.data for it in chunk], object)}
+        batch = decode_batch(batch, cfg.work_size, cfg.max_pixels, cfg.prefer_lut, cfg.include_phi)
+        if segmenter is not None:
+            batch = segmenter(batch)
+        return classifier(batch)
+
+    for it in items:
+        buf.append(it)
+        if len(buf) == cfg.batch_size:
+            yield run(buf)
+            buf = []
+    if buf:
+        yield run(buf)

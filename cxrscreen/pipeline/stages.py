@@ -1,0 +1,219 @@
+"""Pipeline stages as plain Python: a decode function and two model classes.
+
+Ray Data runs ``decode_batch`` as tasks and ``Segmenter`` / ``Classifier`` as actor pools;
+``score_items_local`` and the benchmarks call the very same code without Ray. A batch is a
+dict of equally long numpy arrays (Ray's "numpy" batch format).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+import torch
+
+from cxrscreen import __version__
+from cxrscreen.io.decode import DecodeOptions, decode_image, read_bytes
+from cxrscreen.io.errors import ImageError
+from cxrscreen.masks import clean_mask, lung_box, mask_png
+from cxrscreen.preprocess import crop_boxes, resize_uint8, to_model_input
+
+# decoded metadata key -> output column (no patient identifiers unless include_phi)
+DICOM_COLUMNS = {
+    "dicom_Modality": "dicom_modality", "dicom_ViewPosition": "dicom_view_position",
+    "dicom_BodyPartExamined": "dicom_body_part", "dicom_StudyInstanceUID": "dicom_study_uid",
+    "dicom_SeriesInstanceUID": "dicom_series_uid", "dicom_SOPInstanceUID": "dicom_sop_uid",
+    "dicom_PhotometricInterpretation": "dicom_photometric", "dicom_Manufacturer": "dicom_manufacturer",
+}
+PHI_COLUMNS = {"dicom_PatientName": "patient_name", "dicom_PatientID": "patient_id",
+               "dicom_PatientBirthDate": "patient_birth_date"}
+
+
+def _col(values, dtype=object) -> np.ndarray:
+    arr = np.empty(len(values), dtype=dtype)
+    arr[:] = values
+    return arr
+
+
+def decode_batch(batch: dict[str, np.ndarray], work_size: int = 256, max_pixels: int = 80_000_000,
+                 prefer_lut: bool = True, include_phi: bool = False,
+                 done: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Read + hash + decode + resize each row; failures become error rows, never exceptions.
+
+    Input columns: ``key``, and ``path`` or ``data`` (bytes); optional ``expected_sha`` (or
+    the ``done`` map): a row whose content hash equals it was scored before and is dropped.
+    """
+    opts = DecodeOptions(max_pixels=max_pixels, prefer_lut=prefer_lut, include_phi=include_phi)
+    meta_cols = dict(DICOM_COLUMNS, **(PHI_COLUMNS if include_phi else {}))
+    n = len(batch["key"])
+    paths = batch.get("path", np.full(n, None, object))
+    datas = batch.get("data", np.full(n, None, object))
+    expected = batch.get("expected_sha", np.full(n, None, object))
+    rows: dict[str, list] = {c: [] for c in (
+        "key", "source_path", "sha256", "status", "error_type", "error_message", "format",
+        "width", "height", "pixel_spacing_mm", "t_decode_ms", *meta_cols.values())}
+    images = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        key, path = str(batch["key"][i]), paths[i]
+        data, sha, err, dec = datas[i], "", None, None
+        try:
+            if data is None:
+                data = read_bytes(path)
+            data = bytes(data)
+            if not data:
+                raise ImageError("empty", "zero bytes")
+            sha = hashlib.sha256(data).hexdigest()
+        except ImageError as e:
+            err = e
+        prior = expected[i] if expected[i] is not None else (done or {}).get(key)
+        if prior is not None and prior == sha:
+            continue  # scored in an earlier run with identical content
+        if err is None:
+            try:
+                dec = decode_image(data, opts, name=str(path or key))
+            except ImageError as e:
+                err = e
+            except Exception as e:  # noqa: BLE001 - a decoder bug must not kill the run
+                err = ImageError("decode_failed", f"{type(e).__name__}: {e}")
+        rows["key"].append(key)
+        rows["source_path"].append(None if path is None else str(path))
+        rows["sha256"].append(sha)
+        rows["status"].append("ok" if err is None else "error")
+        rows["error_type"].append(None if err is None else err.kind)
+        rows["error_message"].append(None if err is None else err.reason)
+        meta = dec.meta if dec is not None else {}
+        rows["format"].append(dec.format if dec is not None else None)
+        rows["width"].append(meta.get("width", -1))
+        rows["height"].append(meta.get("height", -1))
+        rows["pixel_spacing_mm"].append(meta.get("pixel_spacing_mm", np.nan))
+        for src, dst in meta_cols.items():
+            rows[dst].append(meta.get(src))
+        images.append(resize_uint8(dec.pixels, work_size) if dec is not None
+                      else np.zeros((work_size, work_size), np.uint8))
+        rows["t_decode_ms"].append((time.perf_counter() - t0) * 1000)
+    out = {k: _col(v) for k, v in rows.items()}
+    for k, dt in (("width", np.int64), ("height", np.int64), ("pixel_spacing_mm", np.float64),
+                  ("t_decode_ms", np.float32)):
+        out[k] = np.asarray(rows[k], dtype=dt)
+    out["image"] = np.stack(images) if images else np.zeros((0, work_size, work_size), np.uint8)
+    return out
+
+
+class _ModelStage:
+    """Shared set-up of the model actors: load once, pick device, precision and threads."""
+
+    task = ""
+
+    def __init__(self, spec: str, device: str = "auto", precision: str = "auto",
+                 threads: int | None = None):
+        from cxrscreen.models import load_model
+        from cxrscreen.runtime import make_runtime
+
+        self.loaded = load_model(spec, self.task)
+        self.runtime = make_runtime(self.loaded.module, device, precision, threads)
+        self.info = self.loaded.info
+
+    def _forward(self, images: np.ndarray, ok: np.ndarray, size: int):
+        """Model output for the ok rows (None if there are none), or raise."""
+        if not ok.any():
+            return None
+        x = torch.from_numpy(np.ascontiguousarray(images[ok])).to(self.runtime.device)
+        return self.runtime(to_model_input(x, size, self.info.in_channels))
+
+    @staticmethod
+    def _fail(batch: dict, ok: np.ndarray, exc: Exception) -> None:
+        """Turn the ok rows of a batch whose forward pass failed into error rows."""
+        batch["status"] = np.where(ok, "error", batch["status"]).astype(object)
+        batch["error_type"] = np.where(ok, "inference_failed", batch["error_type"]).astype(object)
+        msg = f"{type(exc).__name__}: {exc}"
+        batch["error_message"] = np.where(ok, msg, batch["error_message"]).astype(object)
+
+
+class Segmenter(_ModelStage):
+    """U-Net lung segmentation: adds ``lung_mask_png``, ``lung_fraction``, ``lung_bbox``."""
+
+    task = "segment"
+
+    def __init__(self, spec: str = "unet", device: str = "auto", precision: str = "auto",
+                 threads: int | None = None, mask_size: int = 256, threshold: float = 0.5):
+        super().__init__(spec, device, precision, threads)
+        self.mask_size, self.threshold = mask_size, threshold
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        n = len(batch["key"])
+        ok = batch["status"] == "ok"
+        masks = np.full(n, None, object)
+        frac = np.full(n, np.nan, np.float32)
+        boxes = np.full((n, 4), np.nan, np.float32)
+        try:
+            logits = self._forward(batch["image"], ok, self.info.input_size)
+            if logits is not None:
+                probs = torch.sigmoid(logits[:, 0]).cpu().numpy()
+                for j, i in enumerate(np.nonzero(ok)[0]):
+                    m = clean_mask(probs[j] > self.threshold)
+                    masks[i], frac[i], boxes[i] = mask_png(m, self.mask_size), m.mean(), lung_box(m)
+        except Exception as e:  # noqa: BLE001 - one bad batch must not abort the archive
+            self._fail(batch, ok, e)
+        batch.update(lung_mask_png=masks, lung_fraction=frac, lung_bbox=boxes,
+                     segmenter=_col([self.info.name] * n), segmenter_sha256=_col([self.loaded.weights_sha256] * n),
+                     t_segment_ms=np.full(n, (time.perf_counter() - t0) * 1000 / max(n, 1), np.float32))
+        return batch
+
+
+class Classifier(_ModelStage):
+    """Classification with temperature-scaled softmax, label, confidence and ``refer`` flag.
+
+    The ``image`` column is dropped from the output: it is not needed downstream.
+    """
+
+    task = "classify"
+
+    def __init__(self, spec: str = "resnet18", device: str = "auto", precision: str = "auto",
+                 threads: int | None = None, lung_crop: bool = False, refer_below: float = 0.6,
+                 lung_fraction_range: tuple[float, float] = (0.05, 0.7)):
+        super().__init__(spec, device, precision, threads)
+        self.lung_crop, self.lung_fraction_range = lung_crop, lung_fraction_range
+        self.refer_below = self.info.refer_threshold if self.info.refer_threshold is not None else refer_below
+        self.classes = list(self.info.classes)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        n = len(batch["key"])
+        ok = batch["status"] == "ok"
+        probs = np.full((n, len(self.classes)), np.nan, np.float32)
+        images = batch.pop("image")
+        try:
+            if self.lung_crop and "lung_bbox" in batch:
+                images = crop_boxes(torch.from_numpy(images), batch["lung_bbox"], images.shape[-1]).numpy()
+            logits = self._forward(images, ok, self.info.input_size)
+            if logits is not None:
+                probs[ok] = torch.softmax(logits / self.info.temperature, dim=1).cpu().numpy()
+        except Exception as e:  # noqa: BLE001
+            self._fail(batch, ok, e)
+        ok = batch["status"] == "ok"
+        for c, name in enumerate(self.classes):
+            batch[f"prob_{name}"] = probs[:, c]
+        top = np.nan_to_num(probs, nan=-1.0).argmax(1)
+        batch["label"] = _col([self.classes[t] if k else None for t, k in zip(top, ok)])
+        batch["max_prob"] = np.where(ok, np.nan_to_num(probs, nan=0).max(1), np.nan).astype(np.float32)
+        batch["refer"], batch["refer_reason"] = self._refer(batch, ok)
+        batch.update(classifier=_col([self.info.name] * n), classifier_sha256=_col([self.loaded.weights_sha256] * n),
+                     cxrscreen_version=_col([__version__] * n),
+                     t_classify_ms=np.full(n, (time.perf_counter() - t0) * 1000 / max(n, 1), np.float32))
+        return batch
+
+    def _refer(self, batch, ok) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.lung_fraction_range
+        frac = batch.get("lung_fraction", np.full(len(ok), np.nan))
+        refer, reason = np.zeros(len(ok), bool), np.full(len(ok), None, object)
+        for i in np.nonzero(ok)[0]:
+            why = []
+            if batch["max_prob"][i] < self.refer_below:
+                why.append(f"confidence {batch['max_prob'][i]:.2f} < {self.refer_below:.2f}")
+            if not np.isnan(frac[i]) and not lo <= frac[i] <= hi:
+                why.append(f"lung fraction {frac[i]:.2f} outside [{lo}, {hi}]: atypical image")
+            refer[i], reason[i] = bool(why), "; ".join(why) or None
+        return refer, reason
