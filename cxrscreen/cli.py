@@ -90,6 +90,39 @@ def audit(manifest, out_path, threshold, drop_path):
         click.echo(f"kept {len(kept)} of {len(df)} images")
 
 
+@main.command()
+@click.argument("archive", type=click.Path(exists=True))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder of Parquet part files (re-running resumes).")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="YAML score config (see configs/score.yaml); options below override it.")
+@click.option("--classifier", help="Registry name or checkpoint folder.")
+@click.option("--segmenter", help="Registry name or checkpoint folder ('' = no segmentation).")
+@click.option("--batch-size", type=int)
+@click.option("--actors", type=int, help="Actors per model pool.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--lung-crop/--no-lung-crop", default=None, help="Classify the lung bounding box.")
+@click.option("--include-phi", is_flag=True, default=None, help="Write DICOM patient identifiers (off by default).")
+@click.option("--rows-per-file", type=int, help="Rows per output part file.")
+@click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")
+@click.option("--num-cpus", type=int, help="CPUs of the embedded local Ray.")
+def score(archive, out_dir, config_path, classifier, segmenter, batch_size, actors, device, precision,
+          lung_crop, include_phi, rows_per_file, address, num_cpus):
+    """Score every image of ARCHIVE (folder tree, list file or Parquet): one row per input."""
+    from cxrscreen.config import load_config
+    from cxrscreen.pipeline import ScoreConfig, score_archive
+
+    cfg = load_config(ScoreConfig, config_path, classifier=classifier, segmenter=segmenter,
+                      batch_size=batch_size, cls_actors=actors, seg_actors=actors, device=device,
+                      precision=precision, lung_crop=lung_crop, include_phi=include_phi,
+                      rows_per_file=rows_per_file, address=address, num_cpus=num_cpus)
+    summary = score_archive(archive, out_dir, cfg)
+    click.echo(str(summary))
+    if summary.missing:
+        raise click.ClickException(f"{len(summary.missing)} inputs have no output row, e.g. {summary.missing[:3]}")
+
+
 def _write_table(df, path: str) -> None:
     if str(path).endswith((".parquet", ".pq")):
         df.write_parquet(path)

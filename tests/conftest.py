@@ -25,3 +25,26 @@ def phantom_archive(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantoms")
     write_archive(out, 48, seed=3, size=128, formats=("png", "png16", "jpeg", "dicom"), parquet=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_2cpu():
+    """An embedded local Ray with exactly 2 CPUs (the CI machine's size)."""
+    from cxrscreen.pipeline.score import init_ray
+
+    ray = init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mixed_archive(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """Good phantoms (PNG, JPEG, DICOM) mixed with every kind of broken file.
+
+    Returns the images folder and {key: expected error kind} of the broken ones."""
+    from cxrscreen.data.synth import write_archive, write_bad_inputs
+
+    out = tmp_path_factory.mktemp("mixed")
+    write_archive(out, 24, seed=5, size=128, formats=("png", "jpeg", "dicom"), parquet=True)
+    bad = write_bad_inputs(out / "images" / "bad")
+    return out / "images", {f"bad/{k}": v for k, v in bad.items()}

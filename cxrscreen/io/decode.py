@@ -11,6 +11,7 @@ Every failure raises :class:`ImageError`; nothing else escapes ``decode_image``.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxrscreen.io.errors import ImageError
 
+# Broken DICOM files become error rows; pydicom's own tracebacks would only flood the log.
+logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 # Pillow's own bomb check would fire before ours with a less useful message.
 Image.MAX_IMAGE_PIXELS = None
 

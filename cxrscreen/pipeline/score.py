@@ -28,6 +28,7 @@ class ScoreSummary:
     ok: int = 0
     errors: Counter = field(default_factory=Counter)  # error type -> count
     seconds: float = 0.0
+    missing: list = field(default_factory=list)  # input keys without an output row (should be empty)
 
     @property
     def scored(self) -> int:
@@ -107,21 +108,23 @@ def score_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: S
                          include_phi=cfg.include_phi)
     if kind == "parquet":
         files = [str(f) for f in parquet_files(Path(archive))]
-        ds = ray.data.read_parquet(files, columns=None, include_paths=False)
-        n_inputs = ds.count()
-        cols = ds.schema().names
+        input_keys = _parquet_keys(files, cfg.key_column, cfg.image_column)
+        n_inputs = len(input_keys)
+        ds = ray.data.read_parquet(files, columns=[cfg.key_column, cfg.image_column])
         ds = ds.map_batches(_parquet_to_items, fn_kwargs=dict(image_column=cfg.image_column,
-                                                              key_column=cfg.key_column if cfg.key_column in cols else None),
+                                                              key_column=cfg.key_column),
                             batch_format="numpy", batch_size=256)
         decode_kwargs["done"] = done
         n_pending = max(0, n_inputs - len(done))  # progress-bar estimate
     else:
         items = _pending_items(archive, cfg, done)
+        input_keys = [it["key"] for it in items]
         n_inputs = len(items)
         n_pending = sum(1 for it in items if it["expected_sha"] is None)
         if not items:
             return ScoreSummary(seconds=time.perf_counter() - t0)
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 32, 4096)))
+        # small input blocks keep the stream fine-grained (results flow out while work goes on)
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.batch_size, 20_000)))
     ds = ds.map_batches(decode_batch, fn_kwargs=decode_kwargs, batch_size=cfg.batch_size,
                         batch_format="numpy", num_cpus=1)
     model_kwargs = dict(device=plan.device, precision=cfg.precision, threads=plan.threads)
@@ -150,13 +153,27 @@ def score_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: S
     bar.close()
     summary.skipped = n_inputs - summary.scored
     summary.seconds = time.perf_counter() - t0
+    summary.missing = sorted(set(input_keys) - set(completed(out_dir)))
     return summary
 
 
-def _parquet_to_items(batch: dict[str, np.ndarray], image_column: str, key_column: str | None) -> dict:
-    n = len(batch[image_column])
-    keys = batch[key_column] if key_column else np.array([f"row{i}" for i in range(n)], object)
-    return {"key": np.asarray([str(k) for k in keys], object), "data": batch[image_column]}
+def _parquet_keys(files: list[str], key_column: str, image_column: str) -> list[str]:
+    """Keys of Parquet inputs; the key column must exist (row numbers are not stable keys)."""
+    import pyarrow.parquet as pq
+
+    keys = []
+    for f in files:
+        names = pq.ParquetFile(f).schema_arrow.names
+        for col in (key_column, image_column):
+            if col not in names:
+                raise ValueError(f"{f}: Parquet archives need columns {key_column!r} and {image_column!r} "
+                                 f"(has {names}); set key_column / image_column in the score config")
+        keys += [str(k) for k in pq.read_table(f, columns=[key_column])[key_column].to_pylist()]
+    return keys
+
+
+def _parquet_to_items(batch: dict[str, np.ndarray], image_column: str, key_column: str) -> dict:
+    return {"key": np.asarray([str(k) for k in batch[key_column]], object), "data": batch[image_column]}
 
 
 def _count(summary: ScoreSummary, batch: dict) -> None:

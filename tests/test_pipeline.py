@@ -1,0 +1,128 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from cxrscreen.io import list_inputs
+from cxrscreen.io.decode import decode_image
+from cxrscreen.pipeline import ScoreConfig, score_archive, score_items_local
+from cxrscreen.pipeline.output import batch_to_table, output_schema
+from cxrscreen.pipeline.score import plan_resources
+
+FAST = dict(classifier="mobilenet_v3_small", batch_size=8, rows_per_file=10)
+CLASSES = ["covid", "normal", "viral_pneumonia", "bacterial_pneumonia"]
+
+
+def _check_rows(df: pl.DataFrame, archive: Path, bad: dict[str, str]) -> None:
+    keys = [it.key for it in list_inputs(archive)]
+    assert sorted(df["key"].to_list()) == sorted(keys)  # every input exactly once
+    errors = df.filter(pl.col("status") == "error")
+    assert dict(errors.select("key", "error_type").iter_rows()) == bad
+    assert errors["error_message"].null_count() == 0
+    ok = df.filter(pl.col("status") == "ok")
+    probs = ok.select([f"prob_{c}" for c in CLASSES]).to_numpy()
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-4)
+    assert ok["label"].is_in(CLASSES).all() and ok["lung_mask_png"].null_count() == 0
+    assert errors["label"].null_count() == len(errors)
+
+
+def test_local_stages_without_ray(mixed_archive):
+    archive, bad = mixed_archive
+    cfg = ScoreConfig(**FAST, mask_size=64)
+    schema = output_schema(CLASSES)
+    df = pl.concat([pl.from_arrow(batch_to_table(b, schema)) for b in score_items_local(list_inputs(archive), cfg)])
+    _check_rows(df, archive, bad)
+    mask = decode_image(df.filter(pl.col("status") == "ok")["lung_mask_png"][0])
+    assert mask.pixels.shape == (64, 64) and set(np.unique(mask.pixels)) <= {0.0, 1.0}
+
+
+@pytest.mark.timeout(300)
+def test_ray_score_on_2_cpus_accounts_for_every_input(mixed_archive, ray_2cpu, tmp_path):
+    archive, bad = mixed_archive
+    summary = score_archive(archive, tmp_path, ScoreConfig(**FAST), progress=False)
+    assert summary.inputs == 34 and summary.ok == 24 and sum(summary.errors.values()) == 10
+    assert summary.missing == [] and summary.skipped == 0
+    df = pl.read_parquet(tmp_path / "*.parquet")
+    _check_rows(df, archive, bad)
+    table = pq.read_table(tmp_path)  # readable with pyarrow too
+    assert table.num_rows == 34 and "lung_bbox" in table.schema.names
+    assert not list(tmp_path.glob(".*"))  # no temporary files left visible
+    ok = df.filter(pl.col("status") == "ok")
+    assert (ok["classifier"] == "mobilenet_v3_small").all() and (ok["classifier_sha256"] == "untrained").all()
+    dicom = ok.filter(pl.col("format") == "dicom")
+    assert len(dicom) == 8 and (dicom["dicom_view_position"] == "PA").all()
+    assert not any("patient" in c for c in df.columns)
+    assert "PHANTOM^TEST" not in str(df.to_dicts()) and "syn0" not in str(dicom.select("dicom_study_uid"))
+
+    again = score_archive(archive, tmp_path, ScoreConfig(**FAST), progress=False)  # resume: nothing new
+    assert again.skipped == 34 and again.scored == 0
+    assert pl.read_parquet(tmp_path / "*.parquet").height == 34
+
+
+@pytest.mark.timeout(300)
+def test_parquet_archive_and_phi_on_request(mixed_archive, ray_2cpu, tmp_path):
+    archive, _ = mixed_archive
+    src = archive.parent / "phantoms.parquet"
+    summary = score_archive(src, tmp_path / "a", ScoreConfig(**FAST, segmenter=""), progress=False)
+    assert summary.ok == 24 and summary.missing == []
+    df = pl.read_parquet(tmp_path / "a" / "*.parquet")
+    assert sorted(df["key"]) == sorted(pl.read_parquet(src)["key"]) and df["lung_mask_png"].null_count() == 24
+    folder = score_archive(archive, tmp_path / "b", ScoreConfig(**FAST, include_phi=True), progress=False)
+    assert folder.missing == []
+    dicom = pl.read_parquet(tmp_path / "b" / "*.parquet").filter(pl.col("format") == "dicom")
+    assert (dicom["patient_name"] == "PHANTOM^TEST").all() and dicom["patient_id"].str.starts_with("syn").all()
+
+
+@pytest.mark.timeout(300)
+def test_new_and_changed_files_are_scored_on_resume(tmp_path, ray_2cpu):
+    from cxrscreen.data.synth import encode_png, make_phantom
+
+    arch = tmp_path / "arch"
+    arch.mkdir()
+    for i in range(6):
+        (arch / f"{i}.png").write_bytes(encode_png(make_phantom("normal", 64, i).image))
+    out = tmp_path / "out"
+    assert score_archive(arch, out, ScoreConfig(**FAST), progress=False).ok == 6
+    (arch / "new.png").write_bytes(encode_png(make_phantom("covid", 64, 99).image))
+    s = score_archive(arch, out, ScoreConfig(**FAST), progress=False)
+    assert (s.skipped, s.scored) == (6, 1)
+    assert sorted(pl.read_parquet(out / "*.parquet")["key"]) == sorted([f"{i}.png" for i in range(6)] + ["new.png"])
+
+
+def test_resource_plan_leaves_cpus_for_decoding():
+    plan = plan_resources(ScoreConfig(), cpus=2, gpus=0)
+    assert plan.device == "cpu" and plan.actor_cpus * 2 <= 1.0 and plan.threads == 1
+    big = plan_resources(ScoreConfig(cls_actors=2, seg_actors=2), cpus=32, gpus=0)
+    assert big.actor_cpus == 1.0 and big.threads == 8
+    gpu = plan_resources(ScoreConfig(), cpus=16, gpus=1)
+    assert gpu.device == "cuda" and gpu.actor_gpus == 0.5
+
+
+@pytest.mark.timeout(400)
+def test_killed_run_resumes_to_exactly_one_row_per_input(tmp_path):
+    from cxrscreen.data.synth import write_archive
+
+    write_archive(tmp_path / "arch", 200, seed=9, size=128)
+    archive, out = tmp_path / "arch" / "images", tmp_path / "out"
+    cmd = [sys.executable, "-m", "cxrscreen.cli", "score", str(archive), "-o", str(out), "--classifier",
+           "mobilenet_v3_small", "--batch-size", "4", "--rows-per-file", "8", "--num-cpus", "2"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < 1:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its whole local Ray, mid-run
+    proc.wait()
+    first = pl.read_parquet(out / "part-*.parquet").height
+    assert 0 < first < 200, "kill the run while it is in the middle"
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    df = pl.read_parquet(out / "part-*.parquet")
+    assert df.height == 200 and df["key"].n_unique() == 200
+    assert f"{first} already done, {200 - first} ok" in res.stdout
