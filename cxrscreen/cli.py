@@ -123,6 +123,31 @@ def score(archive, out_dir, config_path, classifier, segmenter, batch_size, acto
         raise click.ClickException(f"{len(summary.missing)} inputs have no output row, e.g. {summary.missing[:3]}")
 
 
+@main.command()
+@click.option("--source", type=click.Choice(["phantoms", "cxr", "fullres"]), default="phantoms", show_default=True)
+@click.option("-n", "--num", default=256, show_default=True, help="Number of inputs (replicated if needed).")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML score config.")
+@click.option("--classifier", help="Registry name or checkpoint folder.")
+@click.option("--segmenter", help="Registry name or checkpoint folder ('' = none).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--actors", default="1", show_default=True, help="Comma-separated actor counts for the pipeline.")
+@click.option("--batch-sizes", default="16", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--per-file-n", default=64, show_default=True, help="Inputs for the slow per-file loop.")
+@click.option("--shared", type=click.Path(file_okay=False), default="../shared/data", show_default=True)
+@click.option("-o", "--out", "out_path", default="benchmarks/results/bench.parquet", show_default=True)
+def bench(source, num, config_path, classifier, segmenter, precision, actors, batch_sizes, per_file_n, shared, out_path):
+    """Throughput of decode, model, full pipeline, DataLoader and per-file loops (to Parquet)."""
+    from cxrscreen.bench import ratios, run_bench
+    from cxrscreen.config import load_config
+    from cxrscreen.pipeline import ScoreConfig
+
+    cfg = load_config(ScoreConfig, config_path, classifier=classifier, segmenter=segmenter, precision=precision)
+    df = run_bench(source, num, cfg, tuple(int(a) for a in actors.split(",")),
+                   tuple(int(b) for b in batch_sizes.split(",")), per_file_n, Path(out_path), Path(shared),
+                   echo=click.echo)
+    click.echo(" ".join(f"{k}={v:.2f}" for k, v in ratios(df).items()))
+
+
 def _write_table(df, path: str) -> None:
     if str(path).endswith((".parquet", ".pq")):
         df.write_parquet(path)

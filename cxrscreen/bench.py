@@ -1,0 +1,238 @@
+"""Throughput benchmarks, all on the same inputs and cores, written to Parquet.
+
+Modes: (a) decode+preprocess only, (b) model forward only on pre-decoded tensors, (c) the
+full ``score`` pipeline on Ray, (d) a plain PyTorch DataLoader loop doing the same work,
+(e) a per-file loop as the papers' notebooks do (open, preprocess, predict one image).
+Also: agreement of the reduced-precision CPU path with fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxrscreen.io.sources import InputItem, list_inputs
+from cxrscreen.pipeline.config import ScoreConfig
+from cxrscreen.pipeline.stages import Classifier, Segmenter, decode_batch
+
+
+def prepare_inputs(source: str, n: int, work_dir: Path, shared: Path | None = None) -> Path:
+    """A folder of ``n`` inputs: 'phantoms' (generated), 'cxr' or 'fullres' (../shared/data,
+    replicated by symlink to reach ``n``)."""
+    out = work_dir / f"inputs-{source}-{n}"
+    if out.exists():
+        return out
+    if source == "phantoms":
+        from cxrscreen.data.synth import write_archive
+
+        write_archive(work_dir / f"phantoms-{n}", n, seed=0, size=512, formats=("png", "jpeg", "dicom"))
+        (work_dir / f"phantoms-{n}" / "images").rename(out)
+        return out
+    if shared is None or not (shared / source).exists():
+        raise FileNotFoundError(f"{source}: ../shared/data/{source} is not present")
+    files = sorted(p for p in (shared / source).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    out.mkdir(parents=True)
+    for i in range(n):
+        src = files[i % len(files)]
+        (out / f"{i:06d}{src.suffix}").symlink_to(src.resolve())
+    return out
+
+
+def _decode_chunk(args):
+    items, work_size = args
+    batch = {"key": np.array([k for k, _ in items], object), "path": np.array([p for _, p in items], object)}
+    out = decode_batch(batch, work_size=work_size)
+    return len(out["key"])
+
+
+def bench_decode(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> float:
+    """(a) images/s of read + decode + resize on ``cpus`` processes."""
+    chunks = [([(it.key, it.path) for it in items[i:i + 32]], cfg.work_size) for i in range(0, len(items), 32)]
+    with ProcessPoolExecutor(cpus) as pool:
+        list(pool.map(_decode_chunk, chunks[:cpus]))  # warm the workers
+        t0 = time.perf_counter()
+        n = sum(pool.map(_decode_chunk, chunks))
+    return n / (time.perf_counter() - t0)
+
+
+def _models(cfg: ScoreConfig, threads: int):
+    seg = Segmenter(cfg.segmenter, device="cpu", precision=cfg.precision, threads=threads) if cfg.segmenter else None
+    cls = Classifier(cfg.classifier, device="cpu", precision=cfg.precision, threads=threads)
+    return seg, cls
+
+
+def _run_models(batch: dict, seg, cls) -> dict:
+    batch = dict(batch)
+    if seg is not None:
+        batch = seg(batch)
+    return cls(batch)
+
+
+def bench_models(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> float:
+    """(b) images/s of segmentation + classification on pre-decoded uint8 tensors."""
+    seg, cls = _models(cfg, cpus)
+    batches = []
+    for i in range(0, len(items), cfg.batch_size):
+        chunk = items[i:i + cfg.batch_size]
+        batches.append(decode_batch({"key": np.array([it.key for it in chunk], object),
+                                     "path": np.array([it.path for it in chunk], object)}, cfg.work_size))
+    _run_models(batches[0], seg, cls)  # warm-up
+    t0 = time.perf_counter()
+    n = sum(len(_run_models(b, seg, cls)["key"]) for b in batches)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_pipeline(archive: Path, cfg: ScoreConfig) -> float:
+    """(c) images/s of the full Ray pipeline (Ray already started; actor start-up included)."""
+    from cxrscreen.pipeline.score import score_archive
+
+    out = Path(tempfile.mkdtemp(prefix="cxrbench-"))
+    try:
+        s = score_archive(archive, out, cfg, progress=False)
+        return s.scored / s.seconds
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+class _DecodeDataset(torch.utils.data.Dataset):
+    def __init__(self, items, work_size):
+        self.items, self.work_size = items, work_size
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        it = self.items[i]
+        b = decode_batch({"key": np.array([it.key], object), "path": np.array([it.path], object)}, self.work_size)
+        return {k: v[0] for k, v in b.items()}
+
+
+def _collate(rows):
+    return {k: np.stack([r[k] for r in rows]) if k == "image" else np.array([r[k] for r in rows], object)
+            for k in rows[0]}
+
+
+def bench_dataloader(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> float:
+    """(d) images/s of a DataLoader (cpus-1 decode workers) feeding the models in the main process."""
+    seg, cls = _models(cfg, cpus)
+    loader = torch.utils.data.DataLoader(_DecodeDataset(items, cfg.work_size), batch_size=cfg.batch_size,
+                                         num_workers=max(1, cpus - 1), collate_fn=_collate)
+    t0 = time.perf_counter()
+    n = 0
+    for batch in loader:
+        batch["status"] = batch["status"].astype(object)
+        n += len(_run_models(batch, seg, cls)["key"])
+    return n / (time.perf_counter() - t0)
+
+
+def bench_per_file(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> float:
+    """(e) images/s of the notebook loop: one file at a time, batch size 1."""
+    seg, cls = _models(cfg, cpus)
+    t0 = time.perf_counter()
+    for it in items:
+        b = decode_batch({"key": np.array([it.key], object), "path": np.array([it.path], object)}, cfg.work_size)
+        _run_models(b, seg, cls)
+    return len(items) / (time.perf_counter() - t0)
+
+
+def precision_agreement(items: list[InputItem], cfg: ScoreConfig, cpus: int, precision: str) -> dict:
+    """Max |p - p_fp32| and label agreement of ``precision`` vs fp32 on the same inputs."""
+    out = {}
+    for prec in ("fp32", precision):
+        seg, cls = _models(replace(cfg, precision=prec), cpus)
+        torch.manual_seed(0)
+        for m in (seg, cls):  # same random weights for both precisions
+            if m is not None:
+                for p in m.runtime.module.parameters():
+                    p.data = torch.randn_like(p) * 0.05
+        probs = []
+        for i in range(0, len(items), cfg.batch_size):
+            chunk = items[i:i + cfg.batch_size]
+            b = decode_batch({"key": np.array([it.key for it in chunk], object),
+                              "path": np.array([it.path for it in chunk], object)}, cfg.work_size)
+            r = _run_models(b, seg, cls)
+            probs.append(np.stack([r[f"prob_{c}"] for c in cls.classes], 1))
+        out[prec] = np.concatenate(probs)
+    a, b = out["fp32"], out[precision]
+    ok = ~np.isnan(a).any(1)
+    return {"max_abs_prob_diff": float(np.abs(a[ok] - b[ok]).max()),
+            "label_agreement": float((a[ok].argmax(1) == b[ok].argmax(1)).mean())}
+
+
+def machine_info() -> dict:
+    import pyarrow
+    import ray
+
+    return {"cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
+            "torch": torch.__version__, "ray": ray.__version__, "pyarrow": pyarrow.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def run_bench(source: str = "phantoms", n: int = 256, cfg: ScoreConfig = ScoreConfig(),
+              actors: tuple[int, ...] = (1,), batch_sizes: tuple[int, ...] = (16,),
+              per_file_n: int = 64, out: Path | None = None, shared: Path | None = None,
+              work_dir: Path | None = None, echo=print):
+    """Run every mode, return a polars DataFrame (and write it to ``out`` as Parquet)."""
+    import polars as pl
+
+    from cxrscreen.pipeline.score import init_ray
+
+    work = Path(work_dir or tempfile.mkdtemp(prefix="cxrbench-inputs-"))
+    archive = prepare_inputs(source, n, work, shared)
+    items = list(list_inputs(archive))
+    cpus = cfg.num_cpus or os.cpu_count() or 1
+    init_ray(cfg.address, cpus)
+    info = machine_info()
+    rows = []
+
+    def record(mode, ips, **kw):
+        row = dict(source=source, n=n, mode=mode, images_per_s=ips, classifier=cfg.classifier,
+                   segmenter=cfg.segmenter, precision=cfg.precision, batch_size=cfg.batch_size,
+                   actors=cfg.cls_actors, **info)
+        row.update(kw)
+        rows.append(row)
+        echo(f"{mode:<28} bs={row['batch_size']:<3} actors={row['actors']} {ips:8.1f} img/s")
+
+    record("a_decode_preprocess", bench_decode(items, cfg, cpus))
+    for bs in batch_sizes:
+        c = replace(cfg, batch_size=bs)
+        record("b_model_forward", bench_models(items, c, cpus), batch_size=bs)
+        for a in actors:
+            record("c_pipeline", bench_pipeline(archive, replace(c, cls_actors=a, seg_actors=a)),
+                   batch_size=bs, actors=a)
+        record("d_dataloader", bench_dataloader(items, c, cpus), batch_size=bs)
+    record("e_per_file", bench_per_file(items[:per_file_n], cfg, cpus), batch_size=1)
+    df = pl.DataFrame(rows)
+    if cfg.precision != "fp32":
+        agree = precision_agreement(items[:64], cfg, cpus, _effective_precision(cfg))
+        df = df.with_columns(**{k: pl.lit(v) for k, v in agree.items()})
+        echo(f"precision {_effective_precision(cfg)} vs fp32: {agree}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.write_parquet(out)
+    return df
+
+
+def _effective_precision(cfg: ScoreConfig) -> str:
+    from cxrscreen.runtime.torch_runtime import _cpu_has_fast_bf16
+
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if _cpu_has_fast_bf16() else "fp32"
+
+
+def ratios(df) -> dict:
+    """c/b, c/d, c/e from the best configuration of each mode."""
+    best = {m: df.filter(df["mode"] == m)["images_per_s"].max() for m in df["mode"].unique()}
+    c = best.get("c_pipeline", 0)
+    return {"c/b": c / best["b_model_forward"], "c/d": c / best["d_dataloader"], "c/e": c / best["e_per_file"]}
