@@ -1,3 +1,4 @@
+import hashlib
 import os
 import signal
 import subprocess
@@ -91,9 +92,13 @@ def test_new_and_changed_files_are_scored_on_resume(tmp_path, ray_2cpu):
     out = tmp_path / "out"
     assert score_archive(arch, out, ScoreConfig(**FAST), progress=False).ok == 6
     (arch / "new.png").write_bytes(encode_png(make_phantom("covid", 64, 99).image))
+    changed = encode_png(make_phantom("covid", 64, 100).image)
+    (arch / "0.png").write_bytes(changed)
     s = score_archive(arch, out, ScoreConfig(**FAST), progress=False)
-    assert (s.skipped, s.scored) == (6, 1)
-    assert sorted(pl.read_parquet(out / "*.parquet")["key"]) == sorted([f"{i}.png" for i in range(6)] + ["new.png"])
+    assert (s.skipped, s.scored) == (5, 2)
+    df = pl.read_parquet(out / "*.parquet")
+    assert sorted(df["key"]) == sorted([f"{i}.png" for i in range(6)] + ["new.png"])  # old row of 0.png gone
+    assert df.filter(pl.col("key") == "0.png")["sha256"][0] == hashlib.sha256(changed).hexdigest()
 
 
 def test_resource_plan_leaves_cpus_for_decoding():

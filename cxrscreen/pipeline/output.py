@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 from cxrscreen.pipeline.stages import DICOM_COLUMNS, PHI_COLUMNS
@@ -95,3 +96,21 @@ def completed(out_dir: str | Path) -> dict[str, str]:
     for tmp in out.glob(".part-*.tmp") if out.exists() else []:
         tmp.unlink()  # left by a killed run; its rows were never visible
     return done
+
+
+def drop_superseded(out_dir: str | Path, keys: set[str], keep_run: str) -> int:
+    """Remove rows of ``keys`` from part files of earlier runs (their input changed and was
+    re-scored by run ``keep_run``); each affected file is rewritten atomically. Returns rows dropped."""
+    dropped = 0
+    for f in sorted(Path(out_dir).glob("part-*.parquet")):
+        if not keys or f.name.startswith(f"part-{keep_run}-"):
+            continue
+        t = pq.read_table(f)
+        stale = pa.compute.is_in(t["key"], value_set=pa.array(sorted(keys), pa.string()))
+        n = pa.compute.sum(stale).as_py() or 0
+        if n:
+            tmp = f.with_name(f".{f.name}.tmp")
+            pq.write_table(t.filter(pa.compute.invert(stale)), tmp)
+            os.replace(tmp, f)
+            dropped += n
+    return dropped

@@ -15,7 +15,7 @@ import numpy as np
 
 from cxrscreen.io.sources import InputItem, archive_kind, list_inputs, parquet_files
 from cxrscreen.pipeline.config import ScoreConfig
-from cxrscreen.pipeline.output import PartWriter, batch_to_table, completed, output_schema
+from cxrscreen.pipeline.output import PartWriter, batch_to_table, completed, drop_superseded, output_schema
 from cxrscreen.pipeline.stages import Classifier, Segmenter, decode_batch
 
 log = logging.getLogger("cxrscreen")
@@ -140,16 +140,18 @@ def score_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: S
         compute=ray.data.ActorPoolStrategy(size=cfg.cls_actors), **pool)
     summary = ScoreSummary(inputs=n_inputs)
     bar = tqdm(total=max(n_pending, 0), unit="img", desc="score", disable=not progress, smoothing=0.1)
-    writer = None
+    writer, rescored = None, set()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
         if writer is None:
             classes = [k[5:] for k in batch if k.startswith("prob_")]
             writer = PartWriter(out_dir, output_schema(classes, cfg.include_phi), cfg.rows_per_file)
         writer.add(batch_to_table(batch, writer.schema))
+        rescored.update(k for k in batch["key"] if k in done)  # content changed since the last run
         _count(summary, batch)
         bar.update(len(batch["key"]))
     if writer is not None:
         writer.flush()
+        drop_superseded(out_dir, rescored, writer.run)
     bar.close()
     summary.skipped = n_inputs - summary.scored
     summary.seconds = time.perf_counter() - t0
