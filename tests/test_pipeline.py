@@ -103,7 +103,7 @@ def test_new_and_changed_files_are_scored_on_resume(tmp_path, ray_2cpu):
 
 def test_resource_plan_leaves_cpus_for_decoding():
     plan = plan_resources(ScoreConfig(), cpus=2, gpus=0)
-    assert plan.device == "cpu" and plan.actor_cpus * 2 <= 1.0 and plan.threads == 1
+    assert plan.device == "cpu" and plan.actor_cpus * 2 <= 1.0 and plan.threads == 2
     big = plan_resources(ScoreConfig(cls_actors=2, seg_actors=2), cpus=32, gpus=0)
     assert big.actor_cpus == 1.0 and big.threads == 8
     gpu = plan_resources(ScoreConfig(), cpus=16, gpus=1)
