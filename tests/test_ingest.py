@@ -38,3 +38,20 @@ def test_shared_cxr_subset(tmp_path):
     sub = df.filter(pl.col("split") == "val").head(50)
     back = read_shards(ingest(sub, tmp_path, progress=False)[0])
     assert back["sha256"].to_list() == sub["sha256"].to_list()  # manifest hashes match the bytes
+
+
+def test_shared_seg_manifest_masks_align():
+    import numpy as np
+
+    from cxrscreen.data.manifest import read_seg_manifest
+    from cxrscreen.io import read_bytes
+
+    df = read_seg_manifest(shared_path("seg", "manifest.csv"))
+    assert set(df["subset"]) == {"expert", "pseudo"} and (df["subset"] == "expert").sum() == 12
+    for row in df.filter(pl.col("subset") == "expert").head(3).iter_rows(named=True):
+        img = decode_image(read_bytes(row["file"])).pixels
+        mask = decode_image(read_bytes(row["mask_file"])).pixels > 0.5
+        assert img.shape == mask.shape == (256, 256)
+        assert abs(mask.mean() - row["mask_fraction"]) < 0.01
+    assert df.filter(pl.col("subset") == "pseudo")["cxr_split"].is_in(["train", "val"]).all()
+    assert np.isfinite(df["mask_fraction"].to_numpy()).all()

@@ -131,3 +131,67 @@ def test_killed_run_resumes_to_exactly_one_row_per_input(tmp_path):
     df = pl.read_parquet(out / "part-*.parquet")
     assert df.height == 200 and df["key"].n_unique() == 200
     assert f"{first} already done, {200 - first} ok" in res.stdout
+
+
+def test_lung_crop_classifies_the_box():
+    import torch
+
+    from cxrscreen.pipeline import Classifier
+    from cxrscreen.preprocess import crop_boxes
+
+    img = np.zeros((1, 64, 64), np.uint8)
+    img[:, :, 32:] = 255  # dark left half, bright right half
+    crop = crop_boxes(torch.from_numpy(img), np.array([[0.5, 0.0, 1.0, 1.0]], np.float32), 64, margin=0.0)
+    assert crop.shape == (1, 64, 64) and int(crop.min()) == 255  # the right half only
+    whole = crop_boxes(torch.from_numpy(img), np.full((1, 4), np.nan, np.float32), 64)
+    assert np.array_equal(whole.numpy(), img)  # no box: whole image
+
+    torch.manual_seed(0)
+    cls = Classifier("mobilenet_v3_small", device="cpu", precision="fp32", lung_crop=True)
+    plain = Classifier("mobilenet_v3_small", device="cpu", precision="fp32")
+    plain.runtime.module.load_state_dict(cls.runtime.module.state_dict())
+
+    def batch(image, box):
+        return {"key": np.array(["a"], object), "status": np.array(["ok"], object),
+                "error_type": np.array([None], object), "error_message": np.array([None], object),
+                "image": image, "lung_bbox": np.array([box], np.float32)}
+
+    cropped = cls(batch(img, [0.5, 0.0, 1.0, 1.0]))
+    bright = plain(batch(np.full((1, 64, 64), 255, np.uint8), [np.nan] * 4))
+    full = plain(batch(img, [0.5, 0.0, 1.0, 1.0]))
+    for c in CLASSES:
+        assert abs(cropped[f"prob_{c}"][0] - bright[f"prob_{c}"][0]) < 1e-3
+    assert max(abs(cropped[f"prob_{c}"][0] - full[f"prob_{c}"][0]) for c in CLASSES) > 1e-4
+
+
+@pytest.mark.timeout(300)
+def test_scores_on_an_existing_cluster_via_ray_address(tmp_path):
+    from cxrscreen.data.synth import write_archive
+
+    write_archive(tmp_path / "arch", 8, seed=1, size=64)
+    import socket
+
+    port = 6400 + os.getpid() % 500
+    env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{port}")
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
+                             "--include-dashboard", "false"], start_new_session=True, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        res = subprocess.run([sys.executable, "-m", "cxrscreen.cli", "score", str(tmp_path / "arch" / "images"),
+                              "-o", str(tmp_path / "out"), "--classifier", "mobilenet_v3_small"],
+                             capture_output=True, text=True, env=env, timeout=240)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "8 ok" in res.stdout
+        assert pl.read_parquet(tmp_path / "out" / "*.parquet").height == 8
+    finally:  # stop only this cluster (not `ray stop`, which would kill every local Ray)
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)

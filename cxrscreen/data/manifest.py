@@ -27,6 +27,16 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> pl.DataFr
     return df.with_columns((pl.lit(str(base.resolve()) + "/") + pl.col("path")).alias("file"))
 
 
+def read_seg_manifest(path: str | Path) -> pl.DataFrame:
+    """Read ``seg/manifest.csv`` (image ``path`` + ``mask_path``, ``subset`` expert/pseudo):
+    adds absolute ``file`` and ``mask_file``."""
+    path = Path(path)
+    df = pl.read_csv(path, schema_overrides={"patient_id": pl.Utf8}, infer_schema_length=10000)
+    base = str(path.parent.resolve()) + "/"
+    return df.with_columns((pl.lit(base) + pl.col("path")).alias("file"),
+                           (pl.lit(base) + pl.col("mask_path")).alias("mask_file"))
+
+
 def manifest_from_folder(folder: str | Path, label_map: dict[str, str] | None = None,
                          source: str | None = None) -> pl.DataFrame:
     """A manifest of a labeled folder tree (labels from sub-folder names, see DEFAULT_LABEL_MAP)."""

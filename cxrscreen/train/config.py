@@ -1,0 +1,60 @@
+"""Training settings (mapped from configs/train/*.yaml and configs/papers/*.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# task -> raw manifest label -> class (labels not listed are left out of that task)
+TASKS = {
+    "4class": {"covid": "covid", "normal": "normal", "viral_pneumonia": "viral_pneumonia",
+               "bacterial_pneumonia": "bacterial_pneumonia"},
+    "3class": {"covid": "covid", "normal": "normal", "viral_pneumonia": "viral_pneumonia"},
+    "binary": {"covid": "covid", "normal": "non_covid", "viral_pneumonia": "non_covid",
+               "bacterial_pneumonia": "non_covid", "lung_opacity": "non_covid", "pneumonia": "non_covid"},
+}
+
+
+@dataclass
+class AugmentConfig:
+    zoom: float = 0.05  # random scale in [1 - zoom, 1 + zoom]
+    shift: float = 0.05  # random translation, fraction of the side
+    rotate: float = 5.0  # degrees
+    hflip: bool = False  # chest radiographs are not left-right symmetric: off by default
+    intensity: float = 0.1  # random brightness/contrast jitter
+
+
+@dataclass
+class TrainConfig:
+    model: str = "resnet18"
+    model_kwargs: dict = field(default_factory=dict)
+    task: str = "4class"  # 4class | 3class | binary (see TASKS) ...
+    class_map: dict | None = None  # ... or an explicit raw label -> class map
+    data: str = "../shared/data/cxr/manifest.csv"  # manifest (CSV/Parquet) or labeled folder
+    input_size: int | None = None  # default: the registry's size for the model
+    in_channels: int = 1
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0  # L2 penalty (P1 uses 0.06 with SGD)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    balance: str = "weights"  # weights (class-weighted loss) | sampler (balanced sampling) | none
+    early_stopping_patience: int = 5  # epochs without a better validation macro-F1
+    cap_per_class: int | None = None  # P0 balances to 170 per class
+    split_seed: int = 0  # used only when the manifest has no split column
+    max_images_per_split: int | None = None  # quick runs: cap each split (seeded subset)
+    num_workers: int = 1  # Ray Train workers (DDP)
+    use_gpu: bool = False
+    threads_per_worker: int | None = None
+    seed: int = 0
+    out: str = "runs/model"
+    resume_from: str | None = None  # a checkpoint folder written by a previous run
+
+
+def class_map_for(cfg: TrainConfig) -> dict:
+    if cfg.class_map:
+        return dict(cfg.class_map)
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown task {cfg.task!r}; choose from {sorted(TASKS)} or give class_map")
+    return TASKS[cfg.task]
