@@ -148,6 +148,51 @@ def bench(source, num, config_path, classifier, segmenter, precision, actors, ba
     click.echo(" ".join(f"{k}={v:.2f}" for k, v in ratios(df).items()))
 
 
+@main.command()
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML train config.")
+@click.option("--model", help="Registry model name.")
+@click.option("--task", type=click.Choice(["4class", "3class", "binary"]))
+@click.option("--data", help="Manifest (CSV/Parquet) or labeled folder.")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--num-workers", type=int, help="Ray Train workers (DDP).")
+@click.option("--use-gpu/--no-gpu", default=None)
+@click.option("--resume-from", type=click.Path(exists=True, file_okay=False), help="Checkpoint folder to continue.")
+@click.option("-o", "--out", help="Output folder for the checkpoint.")
+def train(config_path, model, task, data, epochs, batch_size, num_workers, use_gpu, resume_from, out):
+    """Train a registry model with Ray Train (CPU or GPUs, 1..N workers)."""
+    from cxrscreen.config import load_config
+    from cxrscreen.train import TrainConfig, train as run_train
+
+    cfg = load_config(TrainConfig, config_path, model=model, task=task, data=data, epochs=epochs,
+                      batch_size=batch_size, num_workers=num_workers, use_gpu=use_gpu,
+                      resume_from=resume_from, out=out)
+    run_train(cfg, progress=click.echo)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", help="Manifest to evaluate on (default: the training data).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--target-sensitivity", default=0.99, show_default=True, help="COVID sensitivity the refer flag must reach on val.")
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), help="Write the metrics as JSON.")
+def evaluate(model_dir, data, split, target_sensitivity, out_path):
+    """Metrics of a trained classifier on a patient-level split (calibrated on val)."""
+    import json
+
+    from cxrscreen.evaluate.run import evaluate_model
+
+    res = evaluate_model(model_dir, data, split, target_sensitivity=target_sensitivity)
+    m = res["metrics"]
+    click.echo(f"{split}: n={m['n']} accuracy={m['accuracy']:.4f} macro-F1={m['macro_f1']:.4f} "
+               f"macro-AUC={m['macro_auc']:.4f} ECE={m['ece']:.4f} (T={res['temperature']:.2f})")
+    for c, v in m["per_class"].items():
+        click.echo(f"  {c:<22} P={v['precision']:.3f} R={v['recall']:.3f} F1={v['f1']:.3f} "
+                   f"spec={v['specificity']:.3f} AUC={v['auc']:.3f} n={v['support']}")
+    if out_path:
+        Path(out_path).write_text(json.dumps(res, indent=2))
+
+
 def _write_table(df, path: str) -> None:
     if str(path).endswith((".parquet", ".pq")):
         df.write_parquet(path)

@@ -117,7 +117,7 @@ def train_loop_per_worker(config: dict) -> None:
         stop = stale >= cfg.early_stopping_patience or epoch == cfg.epochs - 1
         checkpoint = None
         with tempfile.TemporaryDirectory() as tmp:
-            if ctx.get_world_rank() == 0 and improved:
+            if ctx.get_world_rank() == 0:  # every epoch; Ray keeps the best by val_macro_f1
                 info = ModelInfo(cfg.model, "classify", classes, size, cfg.in_channels, cfg.model_kwargs,
                                  temperature=fit_temperature(logits, data["val"][1]), metrics={"val": m})
                 save_checkpoint(tmp, _unwrap(model), info)
@@ -162,19 +162,22 @@ def train(cfg: TrainConfig, progress=print) -> Path:
         train_loop_per_worker, train_loop_config={"cfg": to_dict(cfg)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": min(1.0, threads)}),
-        run_config=ray.train.RunConfig(name=f"cxrscreen-{out.name}", storage_path=str(out / "ray")),
+        run_config=ray.train.RunConfig(
+            name=f"cxrscreen-{out.name}", storage_path=str(out / "ray"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_macro_f1",
+                                                         checkpoint_score_order="max")),
     )
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
-    best = result.checkpoint
-    if best is None:
+    if not result.best_checkpoints:
         raise RuntimeError("training produced no checkpoint")
+    best = max(result.best_checkpoints, key=lambda cm: cm[1]["val_macro_f1"])[0]
     with best.as_directory() as d:
         for name in ("model.safetensors", "model.json", "train_state.json"):
             shutil.copy(Path(d) / name, out / name)
     state = json.loads((out / "train_state.json").read_text())
-    hist = pl.DataFrame(json.loads(result.metrics["history"]))  # every epoch, not only the best
+    hist = pl.DataFrame(json.loads(result.metrics["history"]))  # the last report holds every epoch
     hist.write_parquet(out / "history.parquet")
     info = json.loads((out / "model.json").read_text())
     info["metrics"]["train_seconds"] = time.perf_counter() - t0
