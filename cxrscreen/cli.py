@@ -177,11 +177,21 @@ def train(config_path, model, task, data, epochs, batch_size, num_workers, use_g
 @click.option("--target-sensitivity", default=0.99, show_default=True, help="COVID sensitivity the refer flag must reach on val.")
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), help="Write the metrics as JSON.")
 def evaluate(model_dir, data, split, target_sensitivity, out_path):
-    """Metrics of a trained classifier on a patient-level split (calibrated on val)."""
+    """Metrics of a trained model: classifiers on a patient-level split (calibrated on val),
+    segmenters on the expert masks and the pseudo-mask validation split."""
     import json
 
-    from cxrscreen.evaluate.run import evaluate_model
+    from cxrscreen.evaluate.run import evaluate_model, evaluate_segmenter
 
+    if json.loads((Path(model_dir) / "model.json").read_text())["task"] == "segment":
+        res = evaluate_segmenter(model_dir, data)
+        for k, v in res.items():
+            if isinstance(v, dict):
+                click.echo(f"{k:<26} n={v['n']} Dice={v['dice']:.4f} IoU={v['iou']:.4f} "
+                           f"pixel-acc={v['pixel_accuracy']:.4f}")
+        if out_path:
+            Path(out_path).write_text(json.dumps(res, indent=2))
+        return
     res = evaluate_model(model_dir, data, split, target_sensitivity=target_sensitivity)
     m = res["metrics"]
     click.echo(f"{split}: n={m['n']} accuracy={m['accuracy']:.4f} macro-F1={m['macro_f1']:.4f} "
@@ -191,6 +201,18 @@ def evaluate(model_dir, data, split, target_sensitivity, out_path):
                    f"spec={v['specificity']:.3f} AUC={v['auc']:.3f} n={v['support']}")
     if out_path:
         Path(out_path).write_text(json.dumps(res, indent=2))
+
+
+@main.command("model-card")
+@click.argument("classifier_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--segmenter", "segmenter_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", "out_path", default="MODEL_CARD.md", show_default=True)
+def model_card(classifier_dir, segmenter_dir, out_path):
+    """Render MODEL_CARD.md from evaluated checkpoints (run `evaluate` on them first)."""
+    from cxrscreen.evaluate.card import render_model_card
+
+    Path(out_path).write_text(render_model_card(classifier_dir, segmenter_dir))
+    click.echo(f"wrote {out_path}")
 
 
 def _write_table(df, path: str) -> None:

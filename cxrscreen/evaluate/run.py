@@ -62,6 +62,7 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
     result["referred_fraction"] = float(referred.mean())
     caught = (probs.argmax(1) == pos) | referred
     result["sensitivity_with_referral"] = float(caught[y == pos].mean()) if (y == pos).any() else None
+    result["derived"] = derived_tasks(y, probs, classes)
     sources = test["source"].to_numpy()[ok] if "source" in test.columns else np.full(len(y), None)
     for s in sorted({str(x) for x in sources if x is not None}):
         m = sources == s
@@ -70,5 +71,59 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
         card = json.loads((model_dir / "model.json").read_text())
         card.update(temperature=temperature, refer_threshold=threshold)
         card.setdefault("metrics", {})[split] = result["metrics"]
+        card["evaluation"] = {k: v for k, v in result.items() if k != "metrics"}
         (model_dir / "model.json").write_text(json.dumps(card, indent=2))
     return result
+
+
+def derived_tasks(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    """3-class (covid/normal/viral, other images left out, probabilities renormalised) and
+    binary (covid vs rest) metrics read off a 4-class model's outputs."""
+    out = {}
+    three = [c for c in ("covid", "normal", "viral_pneumonia") if c in classes]
+    if len(three) == 3 and len(classes) > 3:
+        idx = [classes.index(c) for c in three]
+        keep = np.isin(y, idx)
+        p3 = probs[keep][:, idx]
+        remap = {old: new for new, old in enumerate(idx)}
+        out["3class"] = classification_metrics(np.array([remap[v] for v in y[keep]]),
+                                               p3 / p3.sum(1, keepdims=True), three)
+    if "covid" in classes and len(classes) > 2:
+        c = classes.index("covid")
+        pb = np.stack([probs[:, c], 1 - probs[:, c]], 1)
+        out["binary"] = classification_metrics((y != c).astype(int), pb, ["covid", "non_covid"])
+    return out
+
+
+def evaluate_segmenter(model_dir: str | Path, data: str | None = None) -> dict:
+    """Dice, IoU and pixel accuracy of a U-Net checkpoint, raw and after mask clean-up, on the
+    expert masks (ground truth, ``test``) and on the pseudo-mask validation split - labeled apart."""
+    from cxrscreen.masks import clean_mask
+    from cxrscreen.train.trainer import make_task
+
+    model_dir = Path(model_dir)
+    loaded = load_model(str(model_dir), "segment")
+    cfg = from_dict(TrainConfig, yaml.safe_load((model_dir / "train_config.yaml").read_text()))
+    if data:
+        cfg.data = data
+    task = make_task(cfg)
+    out = {"model": loaded.info.name, "data": str(cfg.data)}
+    for split, name in (("test", "expert_masks"), ("val", "pseudo_masks_val")):
+        images, masks = task.arrays(split)
+        if not len(images):
+            continue
+        logits = predict_logits(loaded.module, images, cfg, torch.device("cpu"))
+        truth = masks > 0
+        for variant, pred in (("raw", logits[:, 0] > 0),
+                              ("cleaned", np.stack([clean_mask(p) for p in logits[:, 0] > 0]))):
+            inter = (pred & truth).sum((1, 2))
+            union = (pred | truth).sum((1, 2))
+            total = pred.sum((1, 2)) + truth.sum((1, 2))
+            out[f"{name}_{variant}"] = {
+                "n": int(len(images)), "dice": float(((2 * inter + 1e-6) / (total + 1e-6)).mean()),
+                "iou": float(((inter + 1e-6) / (union + 1e-6)).mean()),
+                "pixel_accuracy": float((pred == truth).mean())}
+    card = json.loads((model_dir / "model.json").read_text())
+    card.setdefault("metrics", {}).update({k: v for k, v in out.items() if isinstance(v, dict)})
+    (model_dir / "model.json").write_text(json.dumps(card, indent=2))
+    return out

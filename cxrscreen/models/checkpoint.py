@@ -17,6 +17,7 @@ import torch.nn as nn
 from cxrscreen.models.registry import build_model, get_entry
 
 DEFAULT_CLASSES = ("covid", "normal", "viral_pneumonia", "bacterial_pneumonia")
+BUNDLED = Path(__file__).resolve().parents[1] / "weights"  # weights shipped with the package
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 
 
@@ -54,10 +55,13 @@ def save_checkpoint(out_dir: str | Path, module: nn.Module, info: ModelInfo) -> 
 
 
 def load_model(spec: str, task: str, classes: tuple[str, ...] = DEFAULT_CLASSES) -> LoadedModel:
-    """A registry name (random init) or a checkpoint folder / ``.safetensors`` file."""
+    """A checkpoint folder / ``.safetensors`` file, the name of bundled weights
+    (``cxrscreen/weights/<name>``), or a registry name (random init, ``weights_sha256="untrained"``)."""
     from safetensors.torch import load_file
 
     path = Path(spec)
+    if not path.exists() and (BUNDLED / spec / "model.json").exists():
+        path = BUNDLED / spec
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"{spec}: refusing a pickled checkpoint (unsafe to load); "
                          "convert it to safetensors with a model.json beside it")

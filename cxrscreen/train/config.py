@@ -38,6 +38,7 @@ class TrainConfig:
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 0.0  # L2 penalty (P1 uses 0.06 with SGD)
+    scheduler: str = "none"  # none | cosine (learning rate annealed to 0 over ``epochs``)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     balance: str = "weights"  # weights (class-weighted loss) | sampler (balanced sampling) | none
     early_stopping_patience: int = 5  # epochs without a better validation macro-F1

@@ -46,27 +46,48 @@ def load_images(files: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
     return images, ok
 
 
+def segmentation_splits(cfg: TrainConfig) -> pl.DataFrame:
+    """Image + mask rows with ``split``. For ../shared/data/seg: pseudo masks split as their cxr
+    image (train/val), the expert masks are ``test`` (the only ground truth; never trained on).
+    Other manifests (e.g. phantoms) keep their own ``split``."""
+    from cxrscreen.data.manifest import read_seg_manifest
+
+    df = read_seg_manifest(cfg.data)
+    if "subset" in df.columns:
+        split = pl.when(pl.col("subset") == "expert").then(pl.lit("test")).otherwise(pl.col("cxr_split"))
+        df = df.with_columns(split.alias("split"))
+    if cfg.max_images_per_split:
+        df = pl.concat([g.sample(min(len(g), cfg.max_images_per_split), seed=cfg.seed)
+                        for _, g in df.group_by("split", maintain_order=True)])
+    return df
+
+
 class ArrayDataset(Dataset):
-    """uint8 images + integer targets -> normalised float tensors, optionally augmented."""
+    """uint8 images + targets (class indices, or uint8 masks for segmentation) -> normalised
+    float tensors; with ``augment``, one random warp is applied to the image and its mask."""
 
     def __init__(self, images: np.ndarray, targets: np.ndarray, channels: int = 1,
                  augment: AugmentConfig | None = None):
-        self.images, self.targets = torch.from_numpy(images), torch.from_numpy(targets.astype(np.int64))
-        self.channels, self.augment = channels, augment
+        self.images, self.channels, self.augment = torch.from_numpy(images), channels, augment
+        self.masks = targets.ndim == 3
+        self.targets = torch.from_numpy(targets.astype(np.float32 if self.masks else np.int64))
 
     def __len__(self):
         return len(self.targets)
 
     def __getitem__(self, i):
         x = self.images[i].float().div(255.0)[None]
+        y = self.targets[i][None] if self.masks else self.targets[i]
         if self.augment is not None:
-            x = augment_image(x, self.augment)
+            x, m = augment_image(x, self.augment, y if self.masks else None)
+            y = (m > 0.5).float() if self.masks else y
         x = (x - MEAN) / STD
-        return x.expand(self.channels, -1, -1) if self.channels > 1 else x, self.targets[i]
+        return (x.expand(self.channels, -1, -1) if self.channels > 1 else x), y
 
 
-def augment_image(x: torch.Tensor, a: AugmentConfig) -> torch.Tensor:
-    """Random zoom / shift / rotation (one affine warp), flip, brightness and contrast."""
+def augment_image(x: torch.Tensor, a: AugmentConfig, mask: torch.Tensor | None = None):
+    """Random zoom / shift / rotation (one affine warp, shared with ``mask``), flip, brightness
+    and contrast (image only). Returns (image, mask)."""
     import math
 
     import torch.nn.functional as F
@@ -79,9 +100,12 @@ def augment_image(x: torch.Tensor, a: AugmentConfig) -> torch.Tensor:
                           [math.sin(angle) / scale, math.cos(angle) / scale, ty]], dtype=x.dtype)
     grid = F.affine_grid(theta[None], [1, *x.shape], align_corners=False)
     x = F.grid_sample(x[None], grid, padding_mode="border", align_corners=False)[0]
+    if mask is not None:
+        mask = F.grid_sample(mask[None], grid, padding_mode="zeros", align_corners=False)[0]
     if a.hflip and torch.rand(()) < 0.5:
         x = x.flip(-1)
+        mask = mask.flip(-1) if mask is not None else None
     if a.intensity:
         b, c = a.intensity * g[4].item(), 1 + a.intensity * torch.empty(()).uniform_(-1, 1).item()
         x = ((x - x.mean()) * c + x.mean() + b).clamp(0, 1)
-    return x
+    return x, mask

@@ -1,5 +1,6 @@
 """Ray Train loop: DDP over ``num_workers`` (CPU here, GPUs on a cluster), early stopping on
-validation macro-F1, safetensors checkpoints, resume, per-epoch history and train time."""
+the validation score (macro-F1 for classifiers, Dice for the U-Net), safetensors checkpoints,
+resume, per-epoch history and train time."""
 
 from __future__ import annotations
 
@@ -13,17 +14,18 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
+import torch.nn.functional as F
 import yaml
 
 from cxrscreen.config import to_dict
 from cxrscreen.evaluate.metrics import classification_metrics, fit_temperature, softmax
 from cxrscreen.models import build_model, get_entry
 from cxrscreen.models.checkpoint import ModelInfo, save_checkpoint
-from cxrscreen.train.config import AugmentConfig, TrainConfig
-from cxrscreen.train.data import ArrayDataset, labeled_splits, load_images
+from cxrscreen.train.config import TrainConfig
+from cxrscreen.train.data import ArrayDataset, labeled_splits, load_images, segmentation_splits
 
 
-def _loader(images, targets, cfg: TrainConfig, train: bool, sampler_weights=None):
+def make_loader(images, targets, cfg: TrainConfig, train: bool, sampler_weights=None):
     from torch.utils.data import DataLoader, WeightedRandomSampler
 
     ds = ArrayDataset(images, targets, cfg.in_channels, cfg.augment if train else None)
@@ -36,105 +38,187 @@ def _loader(images, targets, cfg: TrainConfig, train: bool, sampler_weights=None
 
 
 def predict_logits(model, images: np.ndarray, cfg: TrainConfig, device) -> np.ndarray:
+    """Model outputs for uint8 images, in batches, without gradients."""
     model.eval()
     out = []
     with torch.inference_mode():
-        for x, _ in _loader(images, np.zeros(len(images)), cfg, train=False):
+        for x, _ in make_loader(images, np.zeros(len(images)), cfg, train=False):
             out.append(model(x.to(device)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def dice_scores(logits: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per-image Dice of thresholded predictions (B, 1, H, W) vs uint8 masks (B, H, W)."""
+    pred = logits[:, 0] > 0
+    truth = masks > 0
+    inter = (pred & truth).sum((1, 2))
+    return (2 * inter + 1e-6) / (pred.sum((1, 2)) + truth.sum((1, 2)) + 1e-6)
+
+
+class ClassifyTask:
+    """Images + class indices; cross-entropy (class-weighted); score = validation macro-F1."""
+
+    kind = "classify"
+
+    def __init__(self, cfg: TrainConfig, size: int):
+        self.cfg, self.size = cfg, size
+        self.df, self.classes = labeled_splits(cfg)
+        self.outputs = len(self.classes)
+
+    def arrays(self, split: str):
+        part = self.df.filter(pl.col("split") == split)
+        images, ok = load_images(part["file"].to_list(), self.size)
+        index = {c: i for i, c in enumerate(self.classes)}
+        return images[ok], np.array([index[t] for t in part["target"]], np.int64)[ok]
+
+    def class_weights(self, targets) -> np.ndarray:
+        counts = np.bincount(targets, minlength=self.outputs).astype(float)
+        return counts.sum() / (self.outputs * np.maximum(counts, 1))
+
+    def loss_fn(self, targets, device):
+        w = self.class_weights(targets) if self.cfg.balance == "weights" else None
+        return torch.nn.CrossEntropyLoss(weight=None if w is None else torch.tensor(w, dtype=torch.float32,
+                                                                                      device=device))
+
+    def evaluate(self, logits, targets) -> tuple[dict, dict]:
+        m = classification_metrics(targets, softmax(logits), self.classes)
+        loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(targets)).item()
+        return {"val_loss": loss, "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
+                "val_score": m["macro_f1"]}, m
+
+    def info(self, logits, targets, metrics) -> ModelInfo:
+        return ModelInfo(self.cfg.model, "classify", self.classes, self.size, self.cfg.in_channels,
+                         self.cfg.model_kwargs, temperature=fit_temperature(logits, targets), metrics={"val": metrics})
+
+
+class SegmentTask:
+    """Images + lung masks; BCE + soft Dice; score = validation Dice."""
+
+    kind = "segment"
+    outputs = 1
+    classes = ["lung"]
+
+    def __init__(self, cfg: TrainConfig, size: int):
+        self.cfg, self.size = cfg, size
+        self.df = segmentation_splits(cfg)
+
+    def arrays(self, split: str):
+        part = self.df.filter(pl.col("split") == split)
+        images, ok = load_images(part["file"].to_list(), self.size)
+        masks, ok_m = load_images(part["mask_file"].to_list(), self.size)
+        keep = ok & ok_m
+        return images[keep], (masks[keep] > 127).astype(np.uint8)
+
+    def loss_fn(self, targets, device):
+        def loss(logits, masks):
+            p = torch.sigmoid(logits)
+            inter = (p * masks).sum((1, 2, 3))
+            dice = 1 - (2 * inter + 1) / (p.sum((1, 2, 3)) + masks.sum((1, 2, 3)) + 1)
+            return F.binary_cross_entropy_with_logits(logits, masks) + dice.mean()
+        return loss
+
+    def evaluate(self, logits, targets) -> tuple[dict, dict]:
+        d = dice_scores(logits, targets)
+        loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits[:, 0]),
+                                                  torch.from_numpy(targets.astype(np.float32))).item()
+        m = {"dice": float(d.mean()), "n": int(len(d))}
+        return {"val_loss": loss, "val_dice": m["dice"], "val_score": m["dice"]}, m
+
+    def info(self, logits, targets, metrics) -> ModelInfo:
+        return ModelInfo(self.cfg.model, "segment", self.classes, self.size, self.cfg.in_channels,
+                         self.cfg.model_kwargs, metrics={"val_pseudo_masks": metrics})
+
+
+def make_task(cfg: TrainConfig):
+    size = cfg.input_size or get_entry(cfg.model).input_size
+    return (SegmentTask if get_entry(cfg.model).task == "segment" else ClassifyTask)(cfg, size)
+
+
+def _optimizer(cfg: TrainConfig, params):
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer in ("adam", "adamw"):
+        cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs in every Ray Train worker: data, model (DDP), epochs, reports + checkpoints."""
     import ray.train
     import ray.train.torch as rtt
+    from safetensors.torch import load_file
 
     from cxrscreen.config import from_dict
 
     cfg = from_dict(TrainConfig, config["cfg"])
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    ctx = ray.train.get_context()
     if cfg.threads_per_worker:
         torch.set_num_threads(cfg.threads_per_worker)
-    size = cfg.input_size or get_entry(cfg.model).input_size
-    df, classes = labeled_splits(cfg)
-    index = {c: i for i, c in enumerate(classes)}
-    data = {}
-    for split in ("train", "val"):
-        part = df.filter(pl.col("split") == split)
-        images, ok = load_images(part["file"].to_list(), size)
-        data[split] = (images[ok], np.array([index[t] for t in part["target"]])[ok])
-    counts = np.bincount(data["train"][1], minlength=len(classes)).astype(float)
-    class_weights = counts.sum() / (len(classes) * np.maximum(counts, 1))
-    sampler_w = class_weights[data["train"][1]] if cfg.balance == "sampler" else None
-    train_loader = rtt.prepare_data_loader(_loader(*data["train"], cfg, True, sampler_w),
-                                           add_dist_sampler=sampler_w is None)
-    model = rtt.prepare_model(build_model(cfg.model, len(classes), cfg.in_channels, **cfg.model_kwargs))
+    task = make_task(cfg)
+    train_x, train_y = task.arrays("train")
+    val_x, val_y = task.arrays("val")
+    sampler_w = None
+    if task.kind == "classify" and cfg.balance == "sampler":
+        sampler_w = task.class_weights(train_y)[train_y]
+    loader = rtt.prepare_data_loader(make_loader(train_x, train_y, cfg, True, sampler_w),
+                                     add_dist_sampler=sampler_w is None)
+    model = rtt.prepare_model(build_model(cfg.model, task.outputs, cfg.in_channels, **cfg.model_kwargs))
     device = rtt.get_device()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer in ("adam", "adamw"):
-        cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-        opt = cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
-    weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if cfg.balance == "weights" else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
-    start_epoch, best_f1, stale, history = 0, -1.0, 0, []
+    opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    loss_fn = task.loss_fn(train_y, device)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs) if cfg.scheduler == "cosine" else None
+    start, best, stale, history = 0, -1.0, 0, []
     resume = ray.train.get_checkpoint()
-    resume_dir = Path(cfg.resume_from) if cfg.resume_from else None
-    if resume is not None or resume_dir is not None:
-        from safetensors.torch import load_file
-
-        with (resume.as_directory() if resume is not None else _nullpath(resume_dir)) as d:
+    if resume is not None or cfg.resume_from:
+        with resume.as_directory() if resume is not None else _as_path(cfg.resume_from) as d:
             _unwrap(model).load_state_dict(load_file(Path(d) / "model.safetensors"))
             state = json.loads((Path(d) / "train_state.json").read_text())
-        start_epoch, best_f1, stale, history = state["epoch"] + 1, state["best_f1"], state["stale"], state["history"]
-    for epoch in range(start_epoch, cfg.epochs):
-        if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
+        start, best, stale, history = state["epoch"] + 1, state["best"], state["stale"], state["history"]
+        for _ in range(start if sched else 0):
+            sched.step()
+    for epoch in range(start, cfg.epochs):
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
         model.train()
         t0, total, seen = time.perf_counter(), 0.0, 0
-        for x, y in train_loader:
+        for x, y in loader:
             loss = loss_fn(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             total, seen = total + loss.item() * len(y), seen + len(y)
         epoch_s = time.perf_counter() - t0
-        logits = predict_logits(_unwrap(model), data["val"][0], cfg, device)
-        m = classification_metrics(data["val"][1], softmax(logits), classes)
-        val_loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits),
-                                                           torch.from_numpy(data["val"][1])).item())
-        improved = m["macro_f1"] > best_f1
-        best_f1, stale = (m["macro_f1"], 0) if improved else (best_f1, stale + 1)
-        row = {"epoch": epoch, "train_loss": total / max(seen, 1), "val_loss": val_loss,
-               "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"], "epoch_seconds": epoch_s,
+        if sched is not None:
+            sched.step()
+        logits = predict_logits(_unwrap(model), val_x, cfg, device)
+        row_metrics, full = task.evaluate(logits, val_y)
+        improved = row_metrics["val_score"] > best
+        best, stale = (row_metrics["val_score"], 0) if improved else (best, stale + 1)
+        row = {"epoch": epoch, "train_loss": total / max(seen, 1), **row_metrics, "epoch_seconds": epoch_s,
                "improved": improved}
         history.append(row)
-        stop = stale >= cfg.early_stopping_patience or epoch == cfg.epochs - 1
-        checkpoint = None
         with tempfile.TemporaryDirectory() as tmp:
-            if ctx.get_world_rank() == 0:  # every epoch; Ray keeps the best by val_macro_f1
-                info = ModelInfo(cfg.model, "classify", classes, size, cfg.in_channels, cfg.model_kwargs,
-                                 temperature=fit_temperature(logits, data["val"][1]), metrics={"val": m})
-                save_checkpoint(tmp, _unwrap(model), info)
+            checkpoint = None
+            if ray.train.get_context().get_world_rank() == 0:  # every epoch; Ray keeps the best
+                save_checkpoint(tmp, _unwrap(model), task.info(logits, val_y, full))
                 (Path(tmp) / "train_state.json").write_text(json.dumps(
-                    {"epoch": epoch, "best_f1": best_f1, "stale": stale, "history": history}))
+                    {"epoch": epoch, "best": best, "stale": stale, "history": history}))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(dict(row, stop=stop, history=json.dumps(history)), checkpoint=checkpoint)
+            ray.train.report(dict(row, history=json.dumps(history)), checkpoint=checkpoint)
         if stale >= cfg.early_stopping_patience:
             break
 
 
-class _nullpath:
-    def __init__(self, p):
-        self.p = p
+class _as_path:
+    """``with _as_path(folder) as d`` mirrors ``Checkpoint.as_directory()`` for a plain folder."""
+
+    def __init__(self, path):
+        self.path = str(path)
 
     def __enter__(self):
-        return str(self.p)
+        return self.path
 
     def __exit__(self, *exc):
         return False
@@ -152,19 +236,22 @@ def train(cfg: TrainConfig, progress=print) -> Path:
 
     from cxrscreen.pipeline.score import init_ray
 
-    init_ray()
+    ray = init_ray()
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    threads = cfg.threads_per_worker or max(1, int(ray_cpus() // max(cfg.num_workers, 1)))
-    cfg = dataclasses.replace(cfg, threads_per_worker=threads)
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    threads = cfg.threads_per_worker or max(1, int(cpus // max(cfg.num_workers, 1)))
+    # Ray workers run in their own working directory: hand them absolute paths
+    cfg = dataclasses.replace(cfg, threads_per_worker=threads, data=str(Path(cfg.data).resolve()),
+                              resume_from=str(Path(cfg.resume_from).resolve()) if cfg.resume_from else None)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={"cfg": to_dict(cfg)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": min(1.0, threads)}),
         run_config=ray.train.RunConfig(
             name=f"cxrscreen-{out.name}", storage_path=str(out / "ray"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_macro_f1",
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_score",
                                                          checkpoint_score_order="max")),
     )
     result = trainer.fit()
@@ -172,7 +259,7 @@ def train(cfg: TrainConfig, progress=print) -> Path:
         raise RuntimeError(f"training failed: {result.error}")
     if not result.best_checkpoints:
         raise RuntimeError("training produced no checkpoint")
-    best = max(result.best_checkpoints, key=lambda cm: cm[1]["val_macro_f1"])[0]
+    best = max(result.best_checkpoints, key=lambda cm: cm[1]["val_score"])[0]
     with best.as_directory() as d:
         for name in ("model.safetensors", "model.json", "train_state.json"):
             shutil.copy(Path(d) / name, out / name)
@@ -180,19 +267,10 @@ def train(cfg: TrainConfig, progress=print) -> Path:
     hist = pl.DataFrame(json.loads(result.metrics["history"]))  # the last report holds every epoch
     hist.write_parquet(out / "history.parquet")
     info = json.loads((out / "model.json").read_text())
-    info["metrics"]["train_seconds"] = time.perf_counter() - t0
-    info["metrics"]["epochs_run"] = len(hist)
+    info["metrics"].update(train_seconds=time.perf_counter() - t0, epochs_run=len(hist),
+                           best_epoch=state["epoch"], workers=cfg.num_workers)
     (out / "model.json").write_text(json.dumps(info, indent=2))
     (out / "train_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    progress(f"best val macro-F1 {state['best_f1']:.3f} at epoch {state['epoch']}; "
+    progress(f"best validation score {state['best']:.4f} at epoch {state['epoch']}; "
              f"{info['metrics']['train_seconds']:.0f} s; checkpoint in {out}")
     return out
-
-
-def ray_cpus() -> float:
-    import ray
-
-    return ray.cluster_resources().get("CPU", 1.0)
-
-
-__all__ = ["train", "train_loop_per_worker", "AugmentConfig"]

@@ -1,0 +1,112 @@
+"""MODEL_CARD.md rendered from the evaluated checkpoints' model.json (no hand-copied numbers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _class_table(m: dict) -> list[str]:
+    rows = ["| class | precision | recall (sensitivity) | specificity | F1 | AUC | n |", "|---|---|---|---|---|---|---|"]
+    for c, v in m["per_class"].items():
+        rows.append(f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['specificity']:.3f} | "
+                    f"{v['f1']:.3f} | {v['auc']:.3f} | {v['support']} |")
+    rows.append(f"| **macro avg** | {m['macro_precision']:.3f} | {m['macro_recall']:.3f} | | {m['macro_f1']:.3f} | "
+                f"{m['macro_auc']:.3f} | {m['n']} |")
+    rows.append(f"| **weighted avg** | {m['weighted_precision']:.3f} | {m['weighted_recall']:.3f} | | "
+                f"{m['weighted_f1']:.3f} | | |")
+    return rows
+
+
+def _confusion(m: dict) -> list[str]:
+    cls = m["classes"]
+    rows = ["| true \\ predicted | " + " | ".join(cls) + " |", "|---" * (len(cls) + 1) + "|"]
+    rows += [f"| {c} | " + " | ".join(str(v) for v in r) + " |" for c, r in zip(cls, m["confusion_matrix"])]
+    return rows
+
+
+def render_model_card(classifier_dir: str | Path, segmenter_dir: str | Path | None = None) -> str:
+    cdir = Path(classifier_dir)
+    card = json.loads((cdir / "model.json").read_text())
+    cfg = yaml.safe_load((cdir / "train_config.yaml").read_text())
+    ev, test = card.get("evaluation", {}), card["metrics"].get("test")
+    if test is None:
+        raise ValueError(f"{cdir}: not evaluated yet (run `cxrscreen evaluate {cdir}`)")
+    m = card["metrics"]
+    lines = [
+        "# Model card: cxrscreen default models", "",
+        f"## Classifier `{cdir.name}` ({card['name']}, {len(card['classes'])} classes: {', '.join(card['classes'])})", "",
+        f"- **Data**: `{Path(cfg['data']).parent.name}/{Path(cfg['data']).name}` of ../shared/data (see its README: "
+        "provenance, licences, source bias). Patient-level train/val/test split from the manifest; "
+        "no patient in two splits (checked before training and evaluation).",
+        f"- **Training**: {cfg['epochs']} epochs max, batch {cfg['batch_size']}, {cfg['optimizer']} lr {cfg['lr']}, "
+        f"weight decay {cfg['weight_decay']}, scheduler {cfg.get('scheduler', 'none')}, class-balanced loss, "
+        f"augmentation {cfg['augment']}; input {card['input_size']} px, 1 channel; early stopping on val macro-F1. "
+        f"Best epoch {m.get('best_epoch')} of {m.get('epochs_run')} run; "
+        f"train time {m.get('train_seconds', 0) / 60:.1f} min on {m.get('workers', 1)} Ray Train worker(s), "
+        "CPU only (2 cores), no GPU.",
+        f"- **Weights**: `cxrscreen/weights/{cdir.name}/model.safetensors`, "
+        f"{(cdir / 'model.safetensors').stat().st_size / 2**20:.1f} MB, trained from scratch (no ImageNet).",
+        "",
+        f"### Test split (n = {test['n']}): accuracy {_pct(test['accuracy'])}, macro-F1 {test['macro_f1']:.3f}, "
+        f"macro AUROC {test['macro_auc']:.3f}", "",
+        *_class_table(test), "", *_confusion(test), "",
+        "### Calibration and referral", "",
+        f"- Temperature scaling fitted on val: T = {ev.get('temperature', card.get('temperature', 1)):.3f}; "
+        f"test ECE {ev.get('uncalibrated_ece', float('nan')):.4f} before, {test['ece']:.4f} after.",
+        f"- Refer threshold (chosen on val for {ev.get('refer_target', {}).get('class')} sensitivity >= "
+        f"{ev.get('refer_target', {}).get('sensitivity')}): top probability < {ev.get('refer_threshold', 0):.3f}. "
+        f"On test: {_pct(ev.get('referred_fraction'))} of images referred; sensitivity counting referrals "
+        f"{_pct(ev.get('sensitivity_with_referral'))}.", "",
+    ]
+    for name, title in (("3class", "3-class (covid / normal / viral pneumonia; bacterial images left out, "
+                                   "probabilities renormalised)"), ("binary", "binary (covid vs rest)")):
+        d = ev.get("derived", {}).get(name)
+        if d:
+            cv = d["per_class"]["covid"]
+            lines += [f"### {title}: test accuracy {_pct(d['accuracy'])} (n = {d['n']})", "",
+                      f"COVID sensitivity {_pct(cv['recall'])}, PPV {_pct(cv['precision'])}, "
+                      f"specificity {_pct(cv['specificity'])}, AUROC {cv['auc']:.3f}.", "",
+                      *_class_table(d), ""]
+    if ev.get("per_source"):
+        lines += ["### Per source (test split)", "", "| source | n | accuracy |", "|---|---|---|"]
+        lines += [f"| {s} | {v['n']} | {_pct(v['accuracy'])} |" for s, v in ev["per_source"].items()]
+        lines += [""]
+    lines += [
+        "### Known biases and limits", "",
+        "- Viral and bacterial pneumonia are all pediatric Kermany images from one hospital; COVID is (almost) all "
+        "adult web/hospital collections; normal is half pediatric Kermany, half adult RSNA. A model can separate "
+        "classes by source and age cues; the per-source table above and an external holdout are needed to judge "
+        "it. These numbers are **not** an estimate of clinical performance.",
+        "- COVID and adult-normal images have no patient ids: a few same-patient pairs across splits may remain "
+        "(the data README says so); near-identical images were removed by the curators.",
+        "- Trained on 224 px 8-bit PNGs; other sizes/windowing are resampled by cxrscreen before scoring.", "",
+    ]
+    if segmenter_dir:
+        sdir = Path(segmenter_dir)
+        s = json.loads((sdir / "model.json").read_text())
+        scfg = yaml.safe_load((sdir / "train_config.yaml").read_text())
+        sm = s["metrics"]
+        lines += [f"## Segmenter `{sdir.name}` (U-Net, encoder {scfg['model_kwargs'].get('encoder_name')}, "
+                  f"{s['input_size']} px)", "",
+                  "- **Data**: trained on ../shared/data/seg/pseudo (1044 thresholded U-Net masks on Kermany "
+                  "images of the cxr train split; validation = those of the cxr val split) - pseudo masks, not "
+                  "ground truth. Evaluated on the 12 COVID-QU-Ex **expert** masks (ground truth).",
+                  f"- **Training**: {sm.get('epochs_run')} epochs, {sm.get('train_seconds', 0) / 60:.1f} min on CPU; "
+                  f"`cxrscreen/weights/{sdir.name}/model.safetensors` "
+                  f"({(sdir / 'model.safetensors').stat().st_size / 2**20:.1f} MB).", "",
+                  "| evaluation set | masks | n | Dice | IoU | pixel accuracy |", "|---|---|---|---|---|---|"]
+        for key, label in (("expert_masks", "expert (ground truth)"), ("pseudo_masks_val", "pseudo (val split)")):
+            for variant in ("raw", "cleaned"):
+                v = sm.get(f"{key}_{variant}")
+                if v:
+                    lines.append(f"| {label} | {variant} | {v['n']} | {v['dice']:.4f} | {v['iou']:.4f} | "
+                                 f"{v['pixel_accuracy']:.4f} |")
+        lines += ["", "`cleaned` = two largest components kept and holes filled (what `score` stores).", ""]
+    return "\n".join(lines)

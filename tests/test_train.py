@@ -1,0 +1,74 @@
+import json
+
+import polars as pl
+import pytest
+
+from cxrscreen.data.synth import write_archive
+from cxrscreen.evaluate.run import evaluate_model
+from cxrscreen.models import load_model
+from cxrscreen.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def phantom_manifest(tmp_path_factory):
+    return write_archive(tmp_path_factory.mktemp("train"), 240, seed=4, size=64)
+
+
+def _cfg(manifest, out, **kw):
+    base = dict(model="cxrnet", data=str(manifest), input_size=64, epochs=8, batch_size=16, lr=3e-3,
+                out=str(out), early_stopping_patience=8)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ray_train_learns_phantoms(phantom_manifest, tmp_path, ray_2cpu, workers):
+    out = train(_cfg(phantom_manifest, tmp_path / "m", num_workers=workers))
+    for name in ("model.safetensors", "model.json", "train_config.yaml", "history.parquet"):
+        assert (out / name).exists()
+    hist = pl.read_parquet(out / "history.parquet")
+    assert hist["epoch"].to_list() == list(range(8))  # every epoch logged
+    assert (hist["epoch_seconds"] > 0).all()
+    card = json.loads((out / "model.json").read_text())
+    assert card["metrics"]["train_seconds"] > 0
+    assert card["metrics"]["val"]["macro_f1"] == pytest.approx(hist["val_macro_f1"].max())
+    assert hist["val_macro_f1"].max() >= 0.6  # chance is 0.25 (4 classes)
+    res = evaluate_model(out, split="test")  # patient-level test split of the phantoms
+    assert res["metrics"]["accuracy"] > 0.5 and res["metrics"]["n"] > 20
+    assert 0.05 < res["temperature"] < 20 and 0.0 <= res["refer_threshold"] <= 1.0 + 1e-6
+    assert res["sensitivity_with_referral"] >= 0.99 or res["refer_threshold"] > 0
+    assert load_model(str(out), "classify").info.refer_threshold == res["refer_threshold"]
+
+
+@pytest.mark.timeout(600)
+def test_resume_continues_from_checkpoint(phantom_manifest, tmp_path, ray_2cpu):
+    first = train(_cfg(phantom_manifest, tmp_path / "a", epochs=2))
+    resumed = train(_cfg(phantom_manifest, tmp_path / "b", epochs=4, resume_from=str(first)))
+    hist = pl.read_parquet(resumed / "history.parquet")
+    assert hist["epoch"].to_list() == [0, 1, 2, 3]
+    assert hist.head(2).equals(pl.read_parquet(first / "history.parquet"))
+
+
+def test_binary_and_3class_tasks(phantom_manifest):
+    from cxrscreen.train.data import labeled_splits
+
+    df, classes = labeled_splits(_cfg(phantom_manifest, "x", task="binary"))
+    assert classes == ["covid", "non_covid"] and len(df) == 240
+    df3, classes3 = labeled_splits(_cfg(phantom_manifest, "x", task="3class"))
+    assert classes3 == ["covid", "normal", "viral_pneumonia"] and set(df3["label"]) == set(classes3)
+
+
+@pytest.mark.timeout(600)
+def test_unet_trains_on_phantom_masks(phantom_manifest, tmp_path, ray_2cpu):
+    from cxrscreen.evaluate.run import evaluate_segmenter
+
+    cfg = _cfg(phantom_manifest, tmp_path / "unet", model="unet", epochs=4, lr=3e-3,
+               model_kwargs={"encoder_name": "resnet18", "decoder_channels": [32, 16, 8, 8, 4]})
+    out = train(cfg)
+    hist = pl.read_parquet(out / "history.parquet")
+    assert hist["val_dice"].max() > 0.8
+    res = evaluate_segmenter(out)
+    assert res["expert_masks_cleaned"]["n"] > 20  # phantoms: the test split plays the expert role
+    assert res["expert_masks_cleaned"]["dice"] > 0.8 and res["pseudo_masks_val_raw"]["iou"] > 0.6
+    assert load_model(str(out), "segment").info.task == "segment"
