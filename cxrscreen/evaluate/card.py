@@ -39,6 +39,8 @@ def render_model_card(classifier_dir: str | Path, segmenter_dir: str | Path | No
     if test is None:
         raise ValueError(f"{cdir}: not evaluated yet (run `cxrscreen evaluate {cdir}`)")
     m = card["metrics"]
+    if m.get("best_epoch") is None and (cdir / "train_state.json").exists():
+        m["best_epoch"] = json.loads((cdir / "train_state.json").read_text())["epoch"]
     lines = [
         "# Model card: cxrscreen default models", "",
         f"## Classifier `{cdir.name}` ({card['name']}, {len(card['classes'])} classes: {', '.join(card['classes'])})", "",

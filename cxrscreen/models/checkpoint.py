@@ -34,6 +34,7 @@ class ModelInfo:
     temperature: float = 1.0
     refer_threshold: float | None = None
     metrics: dict = field(default_factory=dict)
+    evaluation: dict = field(default_factory=dict)  # written by `cxrscreen evaluate`
 
 
 @dataclass

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 @dataclass
 class ScoreConfig:
-    classifier: str = "resnet18"  # registry name (untrained) or checkpoint folder
-    segmenter: str = "unet"  # registry name (untrained) or checkpoint folder; "" = no segmentation
+    classifier: str = "cxrnet-4class"  # bundled weights, checkpoint folder, or registry name (untrained)
+    segmenter: str = "unet-lungs"  # bundled weights, checkpoint folder, registry name; "" = none
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     batch_size: int = 16

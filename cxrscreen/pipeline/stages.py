@@ -136,7 +136,7 @@ class Segmenter(_ModelStage):
 
     task = "segment"
 
-    def __init__(self, spec: str = "unet", device: str = "auto", precision: str = "auto",
+    def __init__(self, spec: str = "unet-lungs", device: str = "auto", precision: str = "auto",
                  threads: int | None = None, mask_size: int = 256, threshold: float = 0.5):
         super().__init__(spec, device, precision, threads)
         self.mask_size, self.threshold = mask_size, threshold
@@ -171,7 +171,7 @@ class Classifier(_ModelStage):
 
     task = "classify"
 
-    def __init__(self, spec: str = "resnet18", device: str = "auto", precision: str = "auto",
+    def __init__(self, spec: str = "cxrnet-4class", device: str = "auto", precision: str = "auto",
                  threads: int | None = None, lung_crop: bool = False, refer_below: float = 0.6,
                  lung_fraction_range: tuple[float, float] = (0.05, 0.7)):
         super().__init__(spec, device, precision, threads)

@@ -242,6 +242,7 @@ def train(cfg: TrainConfig, progress=print) -> Path:
     t0 = time.perf_counter()
     cpus = ray.cluster_resources().get("CPU", 1.0)
     threads = cfg.threads_per_worker or max(1, int(cpus // max(cfg.num_workers, 1)))
+    saved = dataclasses.replace(cfg, threads_per_worker=threads)  # as the user wrote it
     # Ray workers run in their own working directory: hand them absolute paths
     cfg = dataclasses.replace(cfg, threads_per_worker=threads, data=str(Path(cfg.data).resolve()),
                               resume_from=str(Path(cfg.resume_from).resolve()) if cfg.resume_from else None)
@@ -270,7 +271,7 @@ def train(cfg: TrainConfig, progress=print) -> Path:
     info["metrics"].update(train_seconds=time.perf_counter() - t0, epochs_run=len(hist),
                            best_epoch=state["epoch"], workers=cfg.num_workers)
     (out / "model.json").write_text(json.dumps(info, indent=2))
-    (out / "train_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (out / "train_config.yaml").write_text(yaml.safe_dump(to_dict(saved), sort_keys=False))
     progress(f"best validation score {state['best']:.4f} at epoch {state['epoch']}; "
              f"{info['metrics']['train_seconds']:.0f} s; checkpoint in {out}")
     return out

@@ -1,0 +1,38 @@
+"""The shipped weights: safe to load, documented, and useful on real data."""
+
+import json
+
+import numpy as np
+import polars as pl
+
+from cxrscreen.io import InputItem
+from cxrscreen.models import load_model
+from cxrscreen.models.checkpoint import BUNDLED
+from cxrscreen.pipeline import ScoreConfig, score_items_local
+from tests.conftest import shared_path
+
+
+def test_bundled_weights_are_small_and_described():
+    total = sum(f.stat().st_size for f in BUNDLED.rglob("*.safetensors"))
+    assert 0 < total < 30 * 2**20
+    cls = load_model("cxrnet-4class", "classify")
+    assert cls.info.classes == ["covid", "normal", "viral_pneumonia", "bacterial_pneumonia"]
+    assert len(cls.weights_sha256) == 64 and cls.info.refer_threshold is not None
+    card = json.loads((BUNDLED / "cxrnet-4class" / "model.json").read_text())
+    assert card["metrics"]["test"]["n"] == 795  # evaluated on the shared test split
+    seg = load_model("unet-lungs", "segment")
+    assert seg.info.task == "segment" and "expert_masks_cleaned" in json.loads(
+        (BUNDLED / "unet-lungs" / "model.json").read_text())["metrics"]
+
+
+def test_default_pipeline_on_real_test_images():
+    from cxrscreen.data.manifest import read_manifest
+
+    df = read_manifest(shared_path("cxr", "manifest.csv")).filter(pl.col("split") == "test")
+    sample = pl.concat([g.head(10) for _, g in df.group_by("label", maintain_order=True)])
+    items = [InputItem(key=p, path=f) for p, f in zip(sample["path"], sample["file"])]
+    rows = [b for b in score_items_local(items, ScoreConfig(device="cpu"))]
+    labels = np.concatenate([b["label"] for b in rows])
+    fractions = np.concatenate([b["lung_fraction"] for b in rows])
+    assert (labels == sample["label"].to_numpy()).mean() >= 0.7  # 4 classes: chance is 0.25
+    assert np.median(fractions) > 0.15 and np.median(fractions) < 0.5  # real lungs, not noise
