@@ -13,7 +13,7 @@ from tests.conftest import shared_path
 
 
 def test_bundled_weights_are_small_and_described():
-    total = sum(f.stat().st_size for f in BUNDLED.rglob("*.safetensors"))
+    total = sum(f.stat().st_size for f in BUNDLED.glob("*/model.safetensors"))
     assert 0 < total < 30 * 2**20
     cls = load_model("cxrnet-4class", "classify")
     assert cls.info.classes == ["covid", "normal", "viral_pneumonia", "bacterial_pneumonia"]

@@ -85,8 +85,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
         if address:
             ray.init(address=address, **kwargs)
-        else:
-            ray.init(num_cpus=num_cpus, **kwargs)
+        else:  # "local": always a fresh embedded instance, never a stray `ray start` cluster
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

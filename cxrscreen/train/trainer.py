@@ -206,8 +206,10 @@ def train_loop_per_worker(config: dict) -> None:
                 (Path(tmp) / "train_state.json").write_text(json.dumps(
                     {"epoch": epoch, "best": best, "stale": stale, "history": history}))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(dict(row, history=json.dumps(history)), checkpoint=checkpoint)
-        if stale >= cfg.early_stopping_patience:
+            last = stale >= cfg.early_stopping_patience or epoch == cfg.epochs - 1
+            # the whole history rides on the last report only (Ray logs every report)
+            ray.train.report(dict(row, history=json.dumps(history) if last else ""), checkpoint=checkpoint)
+        if last:
             break
 
 
