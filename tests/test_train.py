@@ -39,6 +39,19 @@ def test_ray_train_learns_phantoms(phantom_manifest, tmp_path, ray_2cpu, workers
     assert 0.05 < res["temperature"] < 20 and 0.0 <= res["refer_threshold"] <= 1.0 + 1e-6
     assert res["sensitivity_with_referral"] >= 0.99 or res["refer_threshold"] > 0
     assert load_model(str(out), "classify").info.refer_threshold == res["refer_threshold"]
+    assert res["near_duplicates_train_test"] == 0
+    if workers == 1:  # a train image copied into the test split is refused as leakage
+        import shutil
+
+        df = pl.read_csv(phantom_manifest)
+        src = df.filter(pl.col("split") == "train").row(0, named=True)
+        shutil.copytree(phantom_manifest.parent / "images", tmp_path / "images")
+        shutil.copy(phantom_manifest.parent / src["path"], tmp_path / "images" / "leak.png")
+        leaky = pl.concat([df, pl.DataFrame([{**src, "path": "images/leak.png", "patient_id": "other",
+                                              "split": "test"}], schema=df.schema)])
+        leaky.write_csv(tmp_path / "leaky.csv")
+        with pytest.raises(ValueError, match="near-duplicate"):
+            evaluate_model(out, data=str(tmp_path / "leaky.csv"), update_card=False)
 
 
 @pytest.mark.timeout(600)

@@ -46,7 +46,8 @@ def render_model_card(classifier_dir: str | Path, segmenter_dir: str | Path | No
         f"## Classifier `{cdir.name}` ({card['name']}, {len(card['classes'])} classes: {', '.join(card['classes'])})", "",
         f"- **Data**: `{Path(cfg['data']).parent.name}/{Path(cfg['data']).name}` of ../shared/data (see its README: "
         "provenance, licences, source bias). Patient-level train/val/test split from the manifest; "
-        "no patient in two splits (checked before training and evaluation).",
+        "no patient in two splits (checked before training and evaluation); near-duplicate train/test "
+        f"image pairs (thumbnail cosine >= 0.99): {ev.get('near_duplicates_train_test', 'not checked')}.",
         f"- **Training**: {cfg['epochs']} epochs max, batch {cfg['batch_size']}, {cfg['optimizer']} lr {cfg['lr']}, "
         f"weight decay {cfg['weight_decay']}, scheduler {cfg.get('scheduler', 'none')}, class-balanced loss, "
         f"augmentation {cfg['augment']}; input {card['input_size']} px, 1 channel; early stopping on val macro-F1. "

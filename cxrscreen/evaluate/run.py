@@ -25,9 +25,12 @@ def _logits(model, df: pl.DataFrame, cfg: TrainConfig, size: int) -> tuple[np.nd
 
 def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = "test",
                    positive: str = "covid", target_sensitivity: float = 0.99,
-                   update_card: bool = True) -> dict:
+                   update_card: bool = True, allow_duplicates: bool = False) -> dict:
     """Metrics of ``model_dir`` on ``split``; temperature and refer threshold are fitted on
-    ``val`` and (with ``update_card``) stored in model.json for scoring."""
+    ``val`` and (with ``update_card``) stored in model.json for scoring. Refuses a split that
+    shares a patient with train, or (unless ``allow_duplicates``) a near-duplicate image."""
+    from cxrscreen.data.dedup import audit_duplicates
+
     model_dir = Path(model_dir)
     loaded = load_model(str(model_dir), "classify")
     cfg = from_dict(TrainConfig, yaml.safe_load((model_dir / "train_config.yaml").read_text()))
@@ -41,6 +44,11 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
     shared = sorted(set(test["patient_id"].drop_nulls()) & train_patients - {""})
     if shared:
         raise ValueError(f"leakage: {len(shared)} {split} patients are also in train, e.g. {shared[:3]}")
+    pairs = audit_duplicates(df.filter(pl.col("split").is_in(["train", split])))
+    cross = pairs.filter(pl.col("cross_split"))
+    if len(cross) and not allow_duplicates:
+        raise ValueError(f"leakage: {len(cross)} near-duplicate train/{split} image pairs, e.g. "
+                         f"{cross.select('path_a', 'path_b').rows()[:2]}; drop them (`cxrscreen audit --drop`)")
     index = {c: i for i, c in enumerate(classes)}
     size = loaded.info.input_size
     val = df.filter(pl.col("split") == "val")
@@ -56,7 +64,8 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
               "temperature": temperature, "refer_threshold": threshold,
               "refer_target": {"class": classes[pos], "sensitivity": target_sensitivity},
               "uncalibrated_ece": classification_metrics(y, softmax(logits), classes)["ece"],
-              "metrics": classification_metrics(y, probs, classes), "per_source": {}}
+              "metrics": classification_metrics(y, probs, classes), "per_source": {},
+              "near_duplicates_train_" + split: len(cross)}
     conf = probs.max(1)
     referred = conf < threshold
     result["referred_fraction"] = float(referred.mean())
