@@ -22,7 +22,7 @@ import torch
 
 from cxrscreen.io.sources import InputItem, list_inputs
 from cxrscreen.pipeline.config import ScoreConfig
-from cxrscreen.pipeline.stages import Classifier, Segmenter, decode_batch
+from cxrscreen.pipeline.stages import Classifier, Segmenter, decode_items
 
 
 def prepare_inputs(source: str, n: int, work_dir: Path, shared: Path | None = None) -> Path:
@@ -49,14 +49,12 @@ def prepare_inputs(source: str, n: int, work_dir: Path, shared: Path | None = No
 
 def _decode_chunk(args):
     items, work_size = args
-    batch = {"key": np.array([k for k, _ in items], object), "path": np.array([p for _, p in items], object)}
-    out = decode_batch(batch, work_size=work_size)
-    return len(out["key"])
+    return len(decode_items(items, work_size)["key"])
 
 
 def bench_decode(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> float:
     """(a) images/s of read + decode + resize on ``cpus`` processes."""
-    chunks = [([(it.key, it.path) for it in items[i:i + 32]], cfg.work_size) for i in range(0, len(items), 32)]
+    chunks = [(items[i:i + 32], cfg.work_size) for i in range(0, len(items), 32)]
     with ProcessPoolExecutor(cpus) as pool:
         list(pool.map(_decode_chunk, chunks[:cpus]))  # warm the workers
         t0 = time.perf_counter()
@@ -80,11 +78,8 @@ def _run_models(batch: dict, seg, cls) -> dict:
 def bench_models(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> float:
     """(b) images/s of segmentation + classification on pre-decoded uint8 tensors."""
     seg, cls = _models(cfg, cpus)
-    batches = []
-    for i in range(0, len(items), cfg.batch_size):
-        chunk = items[i:i + cfg.batch_size]
-        batches.append(decode_batch({"key": np.array([it.key for it in chunk], object),
-                                     "path": np.array([it.path for it in chunk], object)}, cfg.work_size))
+    batches = [decode_items(items[i:i + cfg.batch_size], cfg.work_size)
+               for i in range(0, len(items), cfg.batch_size)]
     _run_models(batches[0], seg, cls)  # warm-up
     t0 = time.perf_counter()
     n = sum(len(_run_models(b, seg, cls)["key"]) for b in batches)
@@ -112,9 +107,7 @@ class _DecodeDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        it = self.items[i]
-        b = decode_batch({"key": np.array([it.key], object), "path": np.array([it.path], object)}, self.work_size)
-        return {k: v[0] for k, v in b.items()}
+        return {k: v[0] for k, v in decode_items([self.items[i]], self.work_size).items()}
 
 
 def _collate(rows):
@@ -141,8 +134,7 @@ def bench_per_file(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> float
     seg, cls = _models(replace(cfg, precision="fp32"), cpus)
     t0 = time.perf_counter()
     for it in items:
-        b = decode_batch({"key": np.array([it.key], object), "path": np.array([it.path], object)}, cfg.work_size)
-        _run_models(b, seg, cls)
+        _run_models(decode_items([it], cfg.work_size), seg, cls)
     return len(items) / (time.perf_counter() - t0)
 
 
@@ -150,18 +142,11 @@ def precision_agreement(items: list[InputItem], cfg: ScoreConfig, cpus: int, pre
     """Max |p - p_fp32| and label agreement of ``precision`` vs fp32 on the same inputs."""
     out = {}
     for prec in ("fp32", precision):
+        torch.manual_seed(0)  # registry names: the same random init for both precisions
         seg, cls = _models(replace(cfg, precision=prec), cpus)
-        torch.manual_seed(0)
-        for m in (seg, cls):  # same random weights for both precisions
-            if m is not None:
-                for p in m.runtime.module.parameters():
-                    p.data = torch.randn_like(p) * 0.05
         probs = []
         for i in range(0, len(items), cfg.batch_size):
-            chunk = items[i:i + cfg.batch_size]
-            b = decode_batch({"key": np.array([it.key for it in chunk], object),
-                              "path": np.array([it.path for it in chunk], object)}, cfg.work_size)
-            r = _run_models(b, seg, cls)
+            r = _run_models(decode_items(items[i:i + cfg.batch_size], cfg.work_size), seg, cls)
             probs.append(np.stack([r[f"prob_{c}"] for c in cls.classes], 1))
         out[prec] = np.concatenate(probs)
     a, b = out["fp32"], out[precision]

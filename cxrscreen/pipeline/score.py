@@ -16,9 +16,7 @@ import numpy as np
 from cxrscreen.io.sources import InputItem, archive_kind, list_inputs, parquet_files
 from cxrscreen.pipeline.config import ScoreConfig
 from cxrscreen.pipeline.output import PartWriter, batch_to_table, completed, drop_superseded, output_schema
-from cxrscreen.pipeline.stages import Classifier, Segmenter, decode_batch
-
-log = logging.getLogger("cxrscreen")
+from cxrscreen.pipeline.stages import Classifier, Segmenter, decode_batch, decode_items
 
 
 @dataclass
@@ -201,8 +199,7 @@ def _count(summary: ScoreSummary, batch: dict) -> None:
 def score_items_local(items: Iterable[InputItem], cfg: ScoreConfig = ScoreConfig(),
                       segmenter: Segmenter | None = None, classifier: Classifier | None = None) -> Iterable[dict]:
     """The same stages without Ray, one batch at a time (for tests, notebooks and benchmarks)."""
-    device = "cuda" if cfg.device == "cuda" else ("cpu" if cfg.device == "cpu" else "auto")
-    kw = dict(device=device, precision=cfg.precision, threads=cfg.torch_threads)
+    kw = dict(device=cfg.device, precision=cfg.precision, threads=cfg.torch_threads)
     if segmenter is None and cfg.segmenter:
         segmenter = Segmenter(cfg.segmenter, mask_size=cfg.mask_size, **kw)
     if classifier is None:
@@ -211,10 +208,8 @@ def score_items_local(items: Iterable[InputItem], cfg: ScoreConfig = ScoreConfig
     buf: list[InputItem] = []
 
     def run(chunk):
-        batch = {"key": np.array([it.key for it in chunk], object),
-                 "path": np.array([it.path for it in chunk], object),
-                 "data": np.array([it.data for it in chunk], object)}
-        batch = decode_batch(batch, cfg.work_size, cfg.max_pixels, cfg.prefer_lut, cfg.include_phi)
+        batch = decode_items(chunk, cfg.work_size, max_pixels=cfg.max_pixels, prefer_lut=cfg.prefer_lut,
+                             include_phi=cfg.include_phi)
         if segmenter is not None:
             batch = segmenter(batch)
         return classifier(batch)

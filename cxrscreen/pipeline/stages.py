@@ -101,6 +101,12 @@ def decode_batch(batch: dict[str, np.ndarray], work_size: int = 256, max_pixels:
     return out
 
 
+def decode_items(items, work_size: int = 256, **options) -> dict[str, np.ndarray]:
+    """``decode_batch`` over a sequence of ``InputItem`` (path or bytes): a model-stage batch."""
+    return decode_batch({"key": _col([it.key for it in items]), "path": _col([it.path for it in items]),
+                         "data": _col([it.data for it in items])}, work_size, **options)
+
+
 class _ModelStage:
     """Shared set-up of the model actors: load once, pick device, precision and threads."""
 
