@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import nullcontext
 import shutil
 import tempfile
 import time
@@ -172,7 +173,7 @@ def train_loop_per_worker(config: dict) -> None:
     start, best, stale, history = 0, -1.0, 0, []
     resume = ray.train.get_checkpoint()
     if resume is not None or cfg.resume_from:
-        with resume.as_directory() if resume is not None else _as_path(cfg.resume_from) as d:
+        with resume.as_directory() if resume is not None else nullcontext(cfg.resume_from) as d:
             _unwrap(model).load_state_dict(load_file(Path(d) / "model.safetensors"))
             state = json.loads((Path(d) / "train_state.json").read_text())
         start, best, stale, history = state["epoch"] + 1, state["best"], state["stale"], state["history"]
@@ -211,19 +212,6 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(dict(row, history=json.dumps(history) if last else ""), checkpoint=checkpoint)
         if last:
             break
-
-
-class _as_path:
-    """``with _as_path(folder) as d`` mirrors ``Checkpoint.as_directory()`` for a plain folder."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __enter__(self):
-        return self.path
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _unwrap(model):
