@@ -3,7 +3,8 @@
 Modes: (a) decode+preprocess only, (b) model forward only on pre-decoded tensors, (c) the
 full ``score`` pipeline on Ray, (d) a plain PyTorch DataLoader loop doing the same work,
 (e) a per-file loop as the papers' notebooks do (open, preprocess, predict one image).
-Also: agreement of the reduced-precision CPU path with fp32.
+Also: model forward per runtime and precision (what ``--runtime auto`` picks from), and the
+agreement of the configured runtime/precision with the torch fp32 reference.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ def bench_decode(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> float:
 
 
 def _models(cfg: ScoreConfig, threads: int):
-    seg = Segmenter(cfg.segmenter, device="cpu", precision=cfg.precision, threads=threads) if cfg.segmenter else None
-    cls = Classifier(cfg.classifier, device="cpu", precision=cfg.precision, threads=threads)
+    kw = cfg.runtime_options("cpu", threads)
+    seg = Segmenter(**cfg.segmenter_options(), **kw) if cfg.segmenter else None
+    cls = Classifier(**cfg.classifier_options(), **kw)
     return seg, cls
 
 
@@ -131,28 +133,33 @@ def bench_dataloader(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> flo
 def bench_per_file(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> float:
     """(e) images/s of the notebook loop: one file at a time, batch size 1, fp32 (the
     papers' Keras notebooks call ``model.predict`` per image in full precision)."""
-    seg, cls = _models(replace(cfg, precision="fp32"), cpus)
+    seg, cls = _models(replace(cfg, precision="fp32", runtime="torch"), cpus)
     t0 = time.perf_counter()
     for it in items:
         _run_models(decode_items([it], cfg.work_size), seg, cls)
     return len(items) / (time.perf_counter() - t0)
 
 
-def precision_agreement(items: list[InputItem], cfg: ScoreConfig, cpus: int, precision: str) -> dict:
-    """Max |p - p_fp32| and label agreement of ``precision`` vs fp32 on the same inputs."""
+def agreement(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> dict:
+    """Max |p - p_ref|, label agreement and lung-mask Dice of ``cfg``'s runtime and precision
+    against the torch fp32 reference, on the same inputs."""
+    from cxrscreen.masks import decode_mask_png, dice
+
     out = {}
-    for prec in ("fp32", precision):
-        torch.manual_seed(0)  # registry names: the same random init for both precisions
-        seg, cls = _models(replace(cfg, precision=prec), cpus)
-        probs = []
-        for i in range(0, len(items), cfg.batch_size):
-            r = _run_models(decode_items(items[i:i + cfg.batch_size], cfg.work_size), seg, cls)
-            probs.append(np.stack([r[f"prob_{c}"] for c in cls.classes], 1))
-        out[prec] = np.concatenate(probs)
-    a, b = out["fp32"], out[precision]
+    for tag, c in (("ref", replace(cfg, precision="fp32", runtime="torch")), ("cfg", cfg)):
+        torch.manual_seed(0)  # registry names: the same random init for both
+        seg, cls = _models(c, cpus)
+        rows = [_run_models(decode_items(items[i:i + cfg.batch_size], cfg.work_size), seg, cls)
+                for i in range(0, len(items), cfg.batch_size)]
+        probs = np.concatenate([np.stack([r[f"prob_{k}"] for k in cls.classes], 1) for r in rows])
+        masks = [m for r in rows for m in r.get("lung_mask_png", [None] * len(r["key"]))]
+        out[tag] = (probs, masks, f"{cls.runtime.name}-{cls.runtime.precision}")
+    (a, ma, _), (b, mb, name) = out["ref"], out["cfg"]
     ok = ~np.isnan(a).any(1)
-    return {"max_abs_prob_diff": float(np.abs(a[ok] - b[ok]).max()),
-            "label_agreement": float((a[ok].argmax(1) == b[ok].argmax(1)).mean())}
+    dices = [dice(decode_mask_png(x), decode_mask_png(y)) for x, y in zip(ma, mb) if x is not None and y is not None]
+    return {"compared": name, "max_abs_prob_diff": float(np.abs(a[ok] - b[ok]).max()),
+            "label_agreement": float((a[ok].argmax(1) == b[ok].argmax(1)).mean()),
+            "min_mask_dice": float(min(dices)) if dices else float("nan")}
 
 
 def machine_info() -> dict:
@@ -184,13 +191,16 @@ def run_bench(source: str = "phantoms", n: int = 256, cfg: ScoreConfig = ScoreCo
 
     def record(mode, ips, **kw):
         row = dict(source=source, n=n, mode=mode, images_per_s=ips, classifier=cfg.classifier,
-                   segmenter=cfg.segmenter, precision=cfg.precision, batch_size=cfg.batch_size,
+                   segmenter=cfg.segmenter, runtime=cfg.runtime, precision=cfg.precision, batch_size=cfg.batch_size,
                    actors=cfg.cls_actors, **info)
         row.update(kw)
         rows.append(row)
         echo(f"{mode:<28} bs={row['batch_size']:<3} actors={row['actors']} {ips:8.1f} img/s")
 
     record("a_decode_preprocess", bench_decode(items, cfg, cpus))
+    for rt, prec in (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32")):
+        c = replace(cfg, runtime=rt, precision=prec)
+        record("b_model_forward_runtime", bench_models(items, c, cpus), runtime=rt, precision=prec)
     for bs in batch_sizes:
         c = replace(cfg, batch_size=bs)
         record("b_model_forward", bench_models(items, c, cpus), batch_size=bs)
@@ -201,22 +211,13 @@ def run_bench(source: str = "phantoms", n: int = 256, cfg: ScoreConfig = ScoreCo
         record("d_dataloader", bench_dataloader(items, c, cpus), batch_size=bs)
     record("e_per_file", bench_per_file(items[:per_file_n], cfg, cpus), batch_size=1)
     df = pl.DataFrame(rows)
-    if cfg.precision != "fp32":
-        agree = precision_agreement(items[:64], cfg, cpus, _effective_precision(cfg))
-        df = df.with_columns(**{k: pl.lit(v) for k, v in agree.items()})
-        echo(f"precision {_effective_precision(cfg)} vs fp32: {agree}")
+    agree = agreement(items[:64], cfg, cpus)
+    df = df.with_columns(**{k: pl.lit(v) for k, v in agree.items()})
+    echo(f"{agree['compared']} vs torch fp32: {agree}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         df.write_parquet(out)
     return df
-
-
-def _effective_precision(cfg: ScoreConfig) -> str:
-    from cxrscreen.runtime.torch_runtime import _cpu_has_fast_bf16
-
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "bf16" if _cpu_has_fast_bf16() else "fp32"
 
 
 def ratios(df) -> dict:

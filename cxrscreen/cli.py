@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from cxrscreen import __version__
+from cxrscreen.explain import METHODS
+from cxrscreen.runtime import RUNTIMES
 
 
 @click.group()
@@ -102,26 +104,51 @@ def audit(manifest, out_path, threshold, drop_path):
 @click.option("--batch-size", type=int)
 @click.option("--actors", type=int, help="Actors per model pool.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]))
+@click.option("--runtime", type=click.Choice(RUNTIMES), help="Model runtime (auto: fastest available).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="torch on CUDA: replay CUDA graphs.")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch runtime: torch.compile.")
+@click.option("--int8-calibration", type=click.Path(exists=True), help="TensorRT int8: images to calibrate on.")
 @click.option("--lung-crop/--no-lung-crop", default=None, help="Classify the lung bounding box.")
+@click.option("--cam", type=click.Choice(METHODS), help="Add a Grad-CAM heatmap (PNG) and its lung energy per row.")
 @click.option("--include-phi", is_flag=True, default=None, help="Write DICOM patient identifiers (off by default).")
 @click.option("--rows-per-file", type=int, help="Rows per output part file.")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")
 @click.option("--num-cpus", type=int, help="CPUs of the embedded local Ray.")
 def score(archive, out_dir, config_path, classifier, segmenter, batch_size, actors, device, precision,
-          lung_crop, include_phi, rows_per_file, address, num_cpus):
+          runtime, cuda_graphs, compile_, int8_calibration, lung_crop, cam, include_phi, rows_per_file, address, num_cpus):
     """Score every image of ARCHIVE (folder tree, list file or Parquet): one row per input."""
     from cxrscreen.config import load_config
     from cxrscreen.pipeline import ScoreConfig, score_archive
 
     cfg = load_config(ScoreConfig, config_path, classifier=classifier, segmenter=segmenter,
                       batch_size=batch_size, cls_actors=actors, seg_actors=actors, device=device,
-                      precision=precision, lung_crop=lung_crop, include_phi=include_phi,
+                      precision=precision, runtime=runtime, cuda_graphs=cuda_graphs, compile=compile_,
+                      int8_calibration=int8_calibration, lung_crop=lung_crop, cam=cam, include_phi=include_phi,
                       rows_per_file=rows_per_file, address=address, num_cpus=num_cpus)
     summary = score_archive(archive, out_dir, cfg)
     click.echo(str(summary))
     if summary.missing:
         raise click.ClickException(f"{len(summary.missing)} inputs have no output row, e.g. {summary.missing[:3]}")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(exists=True))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--classifier", default="cxrnet-4class", show_default=True, help="Checkpoint or bundled weights.")
+@click.option("--segmenter", default="unet-lungs", show_default=True, help="For the lung energy ('' = none).")
+@click.option("--method", type=click.Choice(METHODS), default="gradcam", show_default=True)
+@click.option("--limit", type=int, help="Explain only the first N inputs.")
+def explain(archive, out_dir, classifier, segmenter, method, limit):
+    """Grad-CAM heatmaps, overlays and CAM energy inside the lungs for the images of ARCHIVE."""
+    from cxrscreen.explain import explain_archive
+
+    df = explain_archive(archive, out_dir, classifier, segmenter, method, limit)
+    ok = df.filter(df["status"] == "ok")
+    click.echo(f"{len(df)} inputs, {len(ok)} explained -> {out_dir}/explanations.parquet, {out_dir}/overlays/")
+    if len(ok) and ok["cam_lung_energy"].null_count() < len(ok):
+        click.echo(f"CAM energy inside the lungs: mean {ok['cam_lung_energy'].mean():.3f}, "
+                   f"min {ok['cam_lung_energy'].min():.3f} (low values: the model looks outside the lungs)")
 
 
 @main.command()
@@ -131,18 +158,20 @@ def score(archive, out_dir, config_path, classifier, segmenter, batch_size, acto
 @click.option("--classifier", help="Registry name or checkpoint folder.")
 @click.option("--segmenter", help="Registry name or checkpoint folder ('' = none).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--runtime", type=click.Choice(RUNTIMES), help="Model runtime (auto: fastest available).")
 @click.option("--actors", default="1", show_default=True, help="Comma-separated actor counts for the pipeline.")
 @click.option("--batch-sizes", default="16", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--per-file-n", default=64, show_default=True, help="Inputs for the slow per-file loop.")
 @click.option("--shared", type=click.Path(file_okay=False), default="../shared/data", show_default=True)
 @click.option("-o", "--out", "out_path", default="benchmarks/results/bench.parquet", show_default=True)
-def bench(source, num, config_path, classifier, segmenter, precision, actors, batch_sizes, per_file_n, shared, out_path):
+def bench(source, num, config_path, classifier, segmenter, precision, runtime, actors, batch_sizes, per_file_n, shared, out_path):
     """Throughput of decode, model, full pipeline, DataLoader and per-file loops (to Parquet)."""
     from cxrscreen.bench import ratios, run_bench
     from cxrscreen.config import load_config
     from cxrscreen.pipeline import ScoreConfig
 
-    cfg = load_config(ScoreConfig, config_path, classifier=classifier, segmenter=segmenter, precision=precision)
+    cfg = load_config(ScoreConfig, config_path, classifier=classifier, segmenter=segmenter, precision=precision,
+                      runtime=runtime)
     df = run_bench(source, num, cfg, tuple(int(a) for a in actors.split(",")),
                    tuple(int(b) for b in batch_sizes.split(",")), per_file_n, Path(out_path), Path(shared),
                    echo=click.echo)

@@ -28,6 +28,29 @@ def lung_box(mask: np.ndarray) -> np.ndarray:
     return np.array([xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h], np.float32)
 
 
+def lung_side_boxes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes of the patient's right and left lung (PA/AP convention: the right lung is on the
+    image's left). Each component goes to the side of its centroid; a side without lung is NaN."""
+    labels, n = ndimage.label(mask)
+    sides = {"right": np.zeros_like(mask, bool), "left": np.zeros_like(mask, bool)}
+    for k in range(1, n + 1):
+        comp = labels == k
+        side = "right" if np.nonzero(comp)[1].mean() < mask.shape[1] / 2 else "left"
+        sides[side] |= comp
+    return lung_box(sides["right"]), lung_box(sides["left"])
+
+
+def decode_mask_png(data: bytes) -> np.ndarray:
+    """A boolean mask from ``mask_png`` bytes."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("L")) > 127
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks (1.0 when both are empty)."""
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
+
+
 def mask_png(mask: np.ndarray, size: int) -> bytes:
     """A 0/255 PNG of the mask at ``size`` x ``size`` (nearest neighbour)."""
     img = Image.fromarray(mask.astype(np.uint8) * 255)

@@ -7,10 +7,16 @@ from dataclasses import dataclass
 
 @dataclass
 class ScoreConfig:
+    """Every setting of ``cxrscreen score``; the ``*_options`` methods give the model actors' share."""
+
     classifier: str = "cxrnet-4class"  # bundled weights, checkpoint folder, or registry name (untrained)
     segmenter: str = "unet-lungs"  # bundled weights, checkpoint folder, registry name; "" = none
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 | int8 (TensorRT only)
+    int8_calibration: str | None = None  # int8: folder/list of images to calibrate on (a few hundred)
+    runtime: str = "auto"  # auto | torch | onnxruntime | tensorrt (auto: fastest available, see README)
+    cuda_graphs: bool = False  # torch runtime on CUDA: capture one CUDA graph per batch size
+    compile: bool = False  # torch runtime: torch.compile the models
     batch_size: int = 16
     seg_actors: int = 1
     cls_actors: int = 1
@@ -19,6 +25,8 @@ class ScoreConfig:
     work_size: int = 256  # decoded images travel as uint8 work_size x work_size
     lung_crop: bool = False  # classify the lung bounding box instead of the whole image
     mask_size: int = 256  # stored lung-mask PNG size
+    cam: str | None = None  # gradcam | gradcampp: add a heatmap of the predicted class per row
+    cam_size: int = 128  # stored heatmap PNG size
     refer_below: float = 0.6  # refer when the top probability is below this
     lung_fraction_min: float = 0.05  # refer when the lung area fraction is outside this range:
     lung_fraction_max: float = 0.7  # (probably not a frontal chest radiograph)
@@ -30,3 +38,16 @@ class ScoreConfig:
     key_column: str = "key"  # Parquet archives: key column (else file#row)
     address: str | None = None  # Ray cluster; None = RAY_ADDRESS or an embedded local Ray
     num_cpus: int | None = None  # embedded Ray only
+
+    def segmenter_options(self) -> dict:
+        return dict(spec=self.segmenter, mask_size=self.mask_size)
+
+    def classifier_options(self) -> dict:
+        return dict(spec=self.classifier, lung_crop=self.lung_crop, refer_below=self.refer_below, cam=self.cam,
+                    cam_size=self.cam_size, lung_fraction_range=(self.lung_fraction_min, self.lung_fraction_max))
+
+    def runtime_options(self, device: str | None = None, threads: int | None = None) -> dict:
+        """Keyword arguments of the Segmenter / Classifier runtimes."""
+        return dict(device=device or self.device, precision=self.precision, threads=threads or self.torch_threads,
+                    runtime=self.runtime, cuda_graphs=self.cuda_graphs, compile=self.compile,
+                    **({"int8_calibration": self.int8_calibration} if self.precision == "int8" else {}))

@@ -23,6 +23,8 @@ def output_schema(classes: list[str], include_phi: bool = False) -> pa.Schema:
         *[(f"prob_{c}", pa.float32()) for c in classes],
         ("label", s), ("max_prob", pa.float32()), ("refer", pa.bool_()), ("refer_reason", s),
         ("lung_mask_png", pa.binary()), ("lung_fraction", pa.float32()), ("lung_bbox", pa.list_(pa.float32(), 4)),
+        ("lung_bbox_right", pa.list_(pa.float32(), 4)), ("lung_bbox_left", pa.list_(pa.float32(), 4)),
+        ("cam_png", pa.binary()), ("cam_method", s), ("cam_lung_energy", pa.float32()),
         ("format", s), ("width", pa.int64()), ("height", pa.int64()), ("pixel_spacing_mm", pa.float64()),
         *[(c, s) for c in DICOM_COLUMNS.values()],
         *[(c, s) for c in (PHI_COLUMNS.values() if include_phi else ())],

@@ -136,17 +136,14 @@ def score_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: S
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.batch_size, 20_000)))
     ds = ds.map_batches(decode_batch, fn_kwargs=decode_kwargs, batch_size=cfg.batch_size,
                         batch_format="numpy", num_cpus=1)
-    model_kwargs = dict(device=plan.device, precision=cfg.precision, threads=plan.threads)
+    model_kwargs = cfg.runtime_options(plan.device, plan.threads)
     pool = dict(batch_size=cfg.batch_size, batch_format="numpy", num_cpus=plan.actor_cpus,
                 num_gpus=plan.actor_gpus or None)
     if cfg.segmenter:
-        ds = ds.map_batches(Segmenter, fn_constructor_kwargs=dict(spec=cfg.segmenter, mask_size=cfg.mask_size,
-                                                                  **model_kwargs),
+        ds = ds.map_batches(Segmenter, fn_constructor_kwargs=dict(**cfg.segmenter_options(), **model_kwargs),
                             compute=ray.data.ActorPoolStrategy(size=cfg.seg_actors), **pool)
-    ds = ds.map_batches(Classifier, fn_constructor_kwargs=dict(
-        spec=cfg.classifier, lung_crop=cfg.lung_crop, refer_below=cfg.refer_below,
-        lung_fraction_range=(cfg.lung_fraction_min, cfg.lung_fraction_max), **model_kwargs),
-        compute=ray.data.ActorPoolStrategy(size=cfg.cls_actors), **pool)
+    ds = ds.map_batches(Classifier, fn_constructor_kwargs=dict(**cfg.classifier_options(), **model_kwargs),
+                        compute=ray.data.ActorPoolStrategy(size=cfg.cls_actors), **pool)
     summary = ScoreSummary(inputs=n_inputs)
     bar = tqdm(total=max(n_pending, 0), unit="img", desc="score", disable=not progress, smoothing=0.1)
     writer, rescored = None, set()
@@ -199,12 +196,11 @@ def _count(summary: ScoreSummary, batch: dict) -> None:
 def score_items_local(items: Iterable[InputItem], cfg: ScoreConfig = ScoreConfig(),
                       segmenter: Segmenter | None = None, classifier: Classifier | None = None) -> Iterable[dict]:
     """The same stages without Ray, one batch at a time (for tests, notebooks and benchmarks)."""
-    kw = dict(device=cfg.device, precision=cfg.precision, threads=cfg.torch_threads)
+    kw = cfg.runtime_options()
     if segmenter is None and cfg.segmenter:
-        segmenter = Segmenter(cfg.segmenter, mask_size=cfg.mask_size, **kw)
+        segmenter = Segmenter(**cfg.segmenter_options(), **kw)
     if classifier is None:
-        classifier = Classifier(cfg.classifier, lung_crop=cfg.lung_crop, refer_below=cfg.refer_below,
-                                lung_fraction_range=(cfg.lung_fraction_min, cfg.lung_fraction_max), **kw)
+        classifier = Classifier(**cfg.classifier_options(), **kw)
     buf: list[InputItem] = []
 
     def run(chunk):

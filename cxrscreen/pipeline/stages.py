@@ -16,7 +16,7 @@ import torch
 from cxrscreen import __version__
 from cxrscreen.io.decode import DecodeOptions, decode_image, read_bytes
 from cxrscreen.io.errors import ImageError
-from cxrscreen.masks import clean_mask, lung_box, mask_png
+from cxrscreen.masks import clean_mask, decode_mask_png, lung_box, lung_side_boxes, mask_png
 from cxrscreen.preprocess import crop_boxes, resize_uint8, to_model_input
 
 # decoded metadata key -> output column (no patient identifiers unless include_phi)
@@ -113,13 +113,29 @@ class _ModelStage:
     task = ""
 
     def __init__(self, spec: str, device: str = "auto", precision: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, runtime: str = "auto", **runtime_options):
         from cxrscreen.models import load_model
         from cxrscreen.runtime import make_runtime
 
         self.loaded = load_model(spec, self.task)
-        self.runtime = make_runtime(self.loaded.module, device, precision, threads)
         self.info = self.loaded.info
+        if runtime_options.get("int8_calibration"):
+            runtime_options["calibration"] = self._calibration_batches(runtime_options.pop("int8_calibration"))
+        self.runtime = make_runtime(self.loaded.module, device, precision, threads, runtime,
+                                    self.info.in_channels, self.info.input_size, **runtime_options)
+
+    def _calibration_batches(self, archive: str, n: int = 256, batch: int = 32) -> list[np.ndarray]:
+        """Model inputs of the first ``n`` decodable images of ``archive`` (INT8 calibration)."""
+        from cxrscreen.io.sources import list_inputs
+
+        items = list(list_inputs(archive))[:n]
+        out = []
+        for i in range(0, len(items), batch):
+            b = decode_items(items[i:i + batch])
+            imgs = torch.from_numpy(b["image"][b["status"] == "ok"])
+            if len(imgs):
+                out.append(to_model_input(imgs, self.info.input_size, self.info.in_channels).numpy())
+        return out
 
     def _forward(self, images: np.ndarray, ok: np.ndarray, size: int):
         """Model output for the ok rows (None if there are none), or raise."""
@@ -138,13 +154,13 @@ class _ModelStage:
 
 
 class Segmenter(_ModelStage):
-    """U-Net lung segmentation: adds ``lung_mask_png``, ``lung_fraction``, ``lung_bbox``."""
+    """U-Net lung segmentation: adds ``lung_mask_png``, ``lung_fraction``, ``lung_bbox`` and the
+    patient's ``lung_bbox_right`` / ``lung_bbox_left``."""
 
     task = "segment"
 
-    def __init__(self, spec: str = "unet-lungs", device: str = "auto", precision: str = "auto",
-                 threads: int | None = None, mask_size: int = 256, threshold: float = 0.5):
-        super().__init__(spec, device, precision, threads)
+    def __init__(self, spec: str = "unet-lungs", mask_size: int = 256, threshold: float = 0.5, **runtime_options):
+        super().__init__(spec, **runtime_options)
         self.mask_size, self.threshold = mask_size, threshold
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -154,6 +170,7 @@ class Segmenter(_ModelStage):
         masks = np.full(n, None, object)
         frac = np.full(n, np.nan, np.float32)
         boxes = np.full((n, 4), np.nan, np.float32)
+        right, left = boxes.copy(), boxes.copy()
         try:
             logits = self._forward(batch["image"], ok, self.info.input_size)
             if logits is not None:
@@ -161,26 +178,34 @@ class Segmenter(_ModelStage):
                 for j, i in enumerate(np.nonzero(ok)[0]):
                     m = clean_mask(probs[j] > self.threshold)
                     masks[i], frac[i], boxes[i] = mask_png(m, self.mask_size), m.mean(), lung_box(m)
+                    right[i], left[i] = lung_side_boxes(m)
         except Exception as e:  # noqa: BLE001 - one bad batch must not abort the archive
             self._fail(batch, ok, e)
-        batch.update(lung_mask_png=masks, lung_fraction=frac, lung_bbox=boxes,
+        batch.update(lung_mask_png=masks, lung_fraction=frac, lung_bbox=boxes, lung_bbox_right=right, lung_bbox_left=left,
                      segmenter=_col([self.info.name] * n), segmenter_sha256=_col([self.loaded.weights_sha256] * n),
                      t_segment_ms=np.full(n, (time.perf_counter() - t0) * 1000 / max(n, 1), np.float32))
         return batch
 
 
 class Classifier(_ModelStage):
-    """Classification with temperature-scaled softmax, label, confidence and ``refer`` flag.
+    """Classification with temperature-scaled softmax, label, confidence and ``refer`` flag;
+    with ``cam`` ("gradcam" / "gradcampp") also a heatmap of the predicted class (``cam_png``,
+    ``cam_size`` px) and the fraction of its energy inside the lung mask (``cam_lung_energy``).
 
     The ``image`` column is dropped from the output: it is not needed downstream.
     """
 
     task = "classify"
 
-    def __init__(self, spec: str = "cxrnet-4class", device: str = "auto", precision: str = "auto",
-                 threads: int | None = None, lung_crop: bool = False, refer_below: float = 0.6,
-                 lung_fraction_range: tuple[float, float] = (0.05, 0.7)):
-        super().__init__(spec, device, precision, threads)
+    def __init__(self, spec: str = "cxrnet-4class", lung_crop: bool = False, refer_below: float = 0.6,
+                 lung_fraction_range: tuple[float, float] = (0.05, 0.7), cam: str | None = None,
+                 cam_size: int = 128, **runtime_options):
+        super().__init__(spec, **runtime_options)
+        self.cam, self.cam_size = None, cam_size
+        if cam:
+            from cxrscreen.explain import GradCAM
+
+            self.cam = GradCAM(self.loaded.module, self.info.in_channels, self.info.input_size, cam)
         self.lung_crop, self.lung_fraction_range = lung_crop, lung_fraction_range
         self.refer_below = self.info.refer_threshold if self.info.refer_threshold is not None else refer_below
         self.classes = list(self.info.classes)
@@ -197,6 +222,8 @@ class Classifier(_ModelStage):
             logits = self._forward(images, ok, self.info.input_size)
             if logits is not None:
                 probs[ok] = torch.softmax(logits / self.info.temperature, dim=1).cpu().numpy()
+                if self.cam is not None:
+                    self._add_cams(batch, images, ok)
         except Exception as e:  # noqa: BLE001
             self._fail(batch, ok, e)
         ok = batch["status"] == "ok"
@@ -210,6 +237,28 @@ class Classifier(_ModelStage):
                      cxrscreen_version=_col([__version__] * n),
                      t_classify_ms=np.full(n, (time.perf_counter() - t0) * 1000 / max(n, 1), np.float32))
         return batch
+
+    def _add_cams(self, batch: dict, images: np.ndarray, ok: np.ndarray) -> None:
+        """Grad-CAM of the predicted class (fp32, on the module's device) for the ok rows."""
+        from cxrscreen.explain import energy_inside, heatmap_png
+
+        n = len(ok)
+        pngs, energy = np.full(n, None, object), np.full(n, np.nan, np.float32)
+        device = next(self.loaded.module.parameters()).device
+        x = to_model_input(torch.from_numpy(np.ascontiguousarray(images[ok])).to(device),
+                           self.info.input_size, self.info.in_channels)
+        heat, _, _ = self.cam(x)
+        small = torch.nn.functional.interpolate(torch.from_numpy(heat)[:, None], size=(self.cam_size,) * 2,
+                                                mode="bilinear", align_corners=False)[:, 0].numpy()
+        for j, i in enumerate(np.nonzero(ok)[0]):
+            pngs[i] = heatmap_png(small[j])
+            mask_bytes = batch.get("lung_mask_png", np.full(n, None, object))[i]
+            if mask_bytes is not None:
+                mask = torch.from_numpy(decode_mask_png(mask_bytes).astype(np.uint8) * 255)
+                if self.lung_crop:  # the heatmap is in the coordinates of the crop
+                    mask = crop_boxes(mask[None], batch["lung_bbox"][i:i + 1], mask.shape[-1])[0]
+                energy[i] = energy_inside(heat[j], mask.numpy() > 127)
+        batch.update(cam_png=pngs, cam_lung_energy=energy, cam_method=_col([self.cam.method] * n))
 
     def _refer(self, batch, ok) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.lung_fraction_range

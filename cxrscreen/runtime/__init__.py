@@ -1,10 +1,62 @@
-"""Runtimes: run a model on a batch behind one interface (torch now; TensorRT on GPU)."""
+"""Runtimes: run a model on a batch behind one interface.
 
-from cxrscreen.runtime.torch_runtime import TorchRuntime, pick_device
+Every runtime is a callable ``float (B, C, H, W) tensor -> float32 output tensor`` with
+``name``, ``device`` (where inputs should be prepared) and ``precision`` attributes:
+``TorchRuntime`` (CPU/CUDA), ``OnnxRuntime`` (exported ONNX, CPU) and ``TensorRTRuntime``
+(CUDA, needs the ``tensorrt`` extra).
+"""
 
-__all__ = ["TorchRuntime", "pick_device", "make_runtime"]
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+__all__ = ["make_runtime", "RUNTIMES"]
+
+RUNTIMES = ("auto", "torch", "onnxruntime", "tensorrt")
+log = logging.getLogger(__name__)
 
 
-def make_runtime(module, device: str = "auto", precision: str = "auto", threads: int | None = None):
-    """The runtime for ``module`` on ``device`` ("auto", "cpu", "cuda")."""
-    return TorchRuntime(module, pick_device(device), precision, threads)
+def _available(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def make_runtime(module, device: str = "auto", precision: str = "auto", threads: int | None = None,
+                 runtime: str = "auto", in_channels: int = 1, size: int = 224,
+                 cuda_graphs: bool = False, compile: bool = False, **tensorrt_options):
+    """The runtime for ``module`` on ``device`` ("auto", "cpu", "cuda").
+
+    ``runtime="auto"`` picks the fastest one available (benchmarks/README.md): TensorRT on a
+    GPU when it imports, else torch fp16; onnxruntime on CPU (fp32, faster than torch bf16
+    there) unless a reduced precision was asked for. If the ONNX export of a model fails,
+    "auto" falls back to torch with a warning.
+    """
+    from cxrscreen.runtime.torch_runtime import TorchRuntime, pick_device
+
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
+    dev = pick_device(device)
+    if runtime == "auto":
+        if dev.type == "cuda":
+            runtime = "tensorrt" if _available("tensorrt") else "torch"
+        else:
+            runtime = "onnxruntime" if _available("onnxruntime") and precision in ("auto", "fp32") else "torch"
+        try:
+            return make_runtime(module, device, precision, threads, runtime, in_channels, size,
+                                cuda_graphs, compile, **tensorrt_options)
+        except Exception as e:  # noqa: BLE001 - auto must always give a working runtime
+            if runtime == "torch":
+                raise
+            log.warning("runtime %s unavailable for %s (%s); using torch", runtime, type(module).__name__, e)
+            runtime = "torch"
+    if runtime == "onnxruntime":
+        from cxrscreen.runtime.onnxruntime_runtime import OnnxRuntime
+
+        if precision not in ("auto", "fp32"):
+            raise ValueError("the onnxruntime runtime runs fp32 only")
+        return OnnxRuntime(module, in_channels, size, dev, threads)
+    if runtime == "tensorrt":
+        from cxrscreen.runtime.tensorrt_runtime import TensorRTRuntime
+
+        return TensorRTRuntime(module, in_channels, size, dev, precision, **tensorrt_options)
+    return TorchRuntime(module, dev, precision, threads, cuda_graphs, compile)

@@ -1,0 +1,114 @@
+"""Every runtime against the torch fp32 reference: probabilities and lung masks."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from cxrscreen.io import list_inputs
+from cxrscreen.masks import decode_mask_png, dice
+from cxrscreen.models.registry import build_model
+from cxrscreen.pipeline import ScoreConfig, score_items_local
+from cxrscreen.runtime import make_runtime
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+PROB_TOL = 1e-4  # max |p - p_ref| of an fp32 runtime
+MASK_DICE = 0.99  # min Dice of a runtime's lung mask against the reference mask
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CXRSCREEN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _score(items, **cfg):
+    batches = list(score_items_local(items, ScoreConfig(**{"device": "cpu", "batch_size": 16, **cfg})))
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def _compare(ref, out, tol=PROB_TOL, min_dice=MASK_DICE):
+    ok = ref["status"] == "ok"
+    assert ok.sum() >= 10 and (out["status"] == ref["status"]).all()
+    probs = [c for c in ref if c.startswith("prob_")]
+    diff = max(np.abs(ref[c][ok] - out[c][ok]).max() for c in probs)
+    assert diff < tol, diff
+    assert (ref["label"][ok] == out["label"][ok]).all()
+    dices = [dice(decode_mask_png(a), decode_mask_png(b)) for a, b in zip(ref["lung_mask_png"][ok], out["lung_mask_png"][ok])]
+    assert min(dices) > min_dice, min(dices)
+
+
+def test_onnxruntime_matches_torch_fp32_on_the_shipped_models(mixed_archive):
+    items = list(list_inputs(mixed_archive[0]))[:24]
+    ref = _score(items, runtime="torch", precision="fp32")
+    _compare(ref, _score(items, runtime="onnxruntime"))
+
+
+@pytest.mark.parametrize("name,size", [("p0_cnn_lstm", 128), ("p2_small_cnn", 224), ("resnet18", 224)])
+def test_onnx_export_of_registry_models_keeps_dynamic_batch(name, size):
+    torch.manual_seed(0)
+    module = build_model(name, 4, 1).eval()
+    ort_rt = make_runtime(module, "cpu", runtime="onnxruntime", size=size)
+    ref = make_runtime(module, "cpu", "fp32", runtime="torch")
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, size, size)
+        p_ref, p = torch.softmax(ref(x), 1), torch.softmax(ort_rt(x), 1)
+        assert p.shape == (batch, 4) and (p - p_ref).abs().max() < PROB_TOL
+
+
+def test_auto_picks_onnxruntime_on_cpu_and_falls_back_to_torch(monkeypatch, caplog):
+    module = build_model("cxrnet", 4, 1)
+    assert make_runtime(module, "cpu").name == "onnxruntime"
+    assert make_runtime(module, "cpu", "bf16").name == "torch"  # reduced precision: torch autocast
+
+    def broken(*a, **k):
+        raise RuntimeError("export failed")
+
+    monkeypatch.setattr("cxrscreen.runtime.onnx_export.export_onnx", broken)
+    with caplog.at_level(logging.WARNING):
+        rt = make_runtime(module, "cpu")
+    assert rt.name == "torch" and "export failed" in caplog.text
+    with pytest.raises(RuntimeError, match="export failed"):
+        make_runtime(module, "cpu", runtime="onnxruntime")
+
+
+def test_bad_runtime_requests_are_refused():
+    module = build_model("cxrnet", 4, 1)
+    with pytest.raises(ValueError, match="expected one of"):
+        make_runtime(module, "cpu", runtime="tflite")
+    with pytest.raises(ValueError, match="fp32 only"):
+        make_runtime(module, "cpu", "bf16", runtime="onnxruntime")
+
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    module = build_model("p0_cnn_lstm", 4, 1).eval()
+    x = torch.randn(3, 1, 128, 128)
+    eager = make_runtime(module, "cpu", "fp32", runtime="torch")(x)
+    compiled = make_runtime(module, "cpu", "fp32", runtime="torch", compile=True)(x)
+    assert (torch.softmax(eager, 1) - torch.softmax(compiled, 1)).abs().max() < PROB_TOL
+
+
+def test_tensorrt_without_the_package_says_how_to_get_it():
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here: the GPU tests below cover it")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"cxrscreen\[tensorrt\]"):
+        make_runtime(build_model("cxrnet", 4, 1), "cpu", runtime="tensorrt")
+
+
+@CUDA
+def test_cuda_graphs_match_eager_on_gpu(mixed_archive):
+    items = list(list_inputs(mixed_archive[0]))[:24]
+    ref = _score(items, device="cuda", runtime="torch", precision="fp16")
+    _compare(ref, _score(items, device="cuda", runtime="torch", precision="fp16", cuda_graphs=True), tol=1e-3)
+
+
+@CUDA
+def test_tensorrt_matches_torch_fp32(mixed_archive):
+    pytest.importorskip("tensorrt", reason="tensorrt is not installed (pip install 'cxrscreen[tensorrt]')")
+    items = list(list_inputs(mixed_archive[0]))[:24]
+    ref = _score(items, device="cuda", runtime="torch", precision="fp32")
+    _compare(ref, _score(items, device="cuda", runtime="tensorrt", precision="fp16"), tol=0.02, min_dice=0.97)
