@@ -233,6 +233,42 @@ def evaluate(model_dir, data, split, target_sensitivity, out_path):
         Path(out_path).write_text(json.dumps(res, indent=2))
 
 
+@main.command()
+@click.argument("model_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--data", help="Manifest to evaluate on (default: the first model's training data).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--segmenter", default="unet-lungs", show_default=True, help="For lung masks and CAM energy ('' = none).")
+@click.option("--seg-data", help="Segmentation manifest for image/expert/predicted triplets.")
+@click.option("--loso", multiple=True, type=click.Path(exists=True, dir_okay=False), help="loso.parquet files to include.")
+@click.option("--samples", default=8, show_default=True, help="Sample images per model.")
+def report(model_dirs, out_dir, data, split, segmenter, seg_data, loso, samples):
+    """HTML report + comparison table (Parquet, Markdown) of one or more trained classifiers."""
+    from cxrscreen.evaluate.report import build_report
+
+    path = build_report(list(model_dirs), out_dir, data, split, segmenter or None, seg_data, list(loso), samples)
+    click.echo(f"report: {path}; comparison: {Path(out_dir) / 'comparison.md'}")
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML train config.")
+@click.option("--model", help="Registry model name.")
+@click.option("--data", help="Manifest with a source column.")
+@click.option("--epochs", type=int)
+@click.option("--lung-crop", help="Segmenter: train and test on lung boxes.")
+@click.option("--sources", help="Comma-separated sources to hold out (default: each source in turn).")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+def loso(config_path, model, data, epochs, lung_crop, sources, out_dir):
+    """Leave-one-source-out: train without each source, test on it (writes loso.parquet)."""
+    from cxrscreen.config import load_config
+    from cxrscreen.evaluate.source_shift import leave_one_source_out
+    from cxrscreen.train import TrainConfig
+
+    cfg = load_config(TrainConfig, config_path, model=model, data=data, epochs=epochs, lung_crop=lung_crop)
+    df = leave_one_source_out(cfg, out_dir, sources.split(",") if sources else None, progress=click.echo)
+    click.echo(str(df))
+
+
 @main.command("model-card")
 @click.argument("classifier_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--segmenter", "segmenter_dir", type=click.Path(exists=True, file_okay=False))

@@ -108,6 +108,11 @@ def heatmap_png(cam: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def heatmap_from_png(data: bytes) -> np.ndarray:
+    """The [0, 1] heatmap of ``heatmap_png`` bytes."""
+    return np.asarray(Image.open(io.BytesIO(data)), np.float32) / 255.0
+
+
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """RGB uint8 overlay of a heatmap (jet colours) on a grayscale uint8 image of any size."""
     import matplotlib
@@ -164,7 +169,7 @@ def explain_archive(archive, out_dir, classifier: str = "cxrnet-4class", segment
         images = batch["image"].copy()
         batch = cls(batch)
         for j in np.nonzero(batch["status"] == "ok")[0]:
-            cam = np.asarray(Image.open(io.BytesIO(batch["cam_png"][j]))) / 255.0
+            cam = heatmap_from_png(batch["cam_png"][j])
             mask = batch.get("lung_mask_png", [None] * len(images))[j]
             mask = None if mask is None else decode_mask_png(mask)
             name = str(batch["key"][j]).replace("/", "__")

@@ -2,6 +2,7 @@ import json
 
 import polars as pl
 import pytest
+import torch
 
 from cxrscreen.data.synth import write_archive
 from cxrscreen.evaluate.run import evaluate_model
@@ -61,6 +62,14 @@ def test_resume_continues_from_checkpoint(phantom_manifest, tmp_path, ray_2cpu):
     hist = pl.read_parquet(resumed / "history.parquet")
     assert hist["epoch"].to_list() == [0, 1, 2, 3]
     assert hist.head(2).equals(pl.read_parquet(first / "history.parquet"))
+    # Adam's moments and step count carry over: the saved (best) epoch's step count counts the
+    # epochs run before the resume too, which a fresh optimizer would not
+    steps, epochs = [], []
+    for d in (first, resumed):
+        steps.append(torch.load(d / "optimizer.pt", weights_only=True)["state"][0]["step"].item())
+        epochs.append(json.loads((d / "train_state.json").read_text())["epoch"] + 1)
+    per_epoch = steps[0] / epochs[0]
+    assert epochs[1] > 2 and steps[1] == per_epoch * epochs[1]
 
 
 def test_binary_and_3class_tasks(phantom_manifest):

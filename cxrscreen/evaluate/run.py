@@ -19,16 +19,18 @@ from cxrscreen.train.trainer import predict_logits
 
 
 def _logits(model, df: pl.DataFrame, cfg: TrainConfig, size: int) -> tuple[np.ndarray, np.ndarray]:
-    images, ok = load_images(df["file"].to_list(), size)
+    images, ok = load_images(df["file"].to_list(), size, cfg.lung_crop)
     return predict_logits(model, images[ok], cfg, torch.device("cpu")), ok
 
 
 def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = "test",
                    positive: str = "covid", target_sensitivity: float = 0.99,
-                   update_card: bool = True, allow_duplicates: bool = False) -> dict:
+                   update_card: bool = True, allow_duplicates: bool = False, predictions: bool = False) -> dict:
     """Metrics of ``model_dir`` on ``split``; temperature and refer threshold are fitted on
     ``val`` and (with ``update_card``) stored in model.json for scoring. Refuses a split that
-    shares a patient with train, or (unless ``allow_duplicates``) a near-duplicate image."""
+    shares a patient with train, or (unless ``allow_duplicates``) a near-duplicate image.
+    With ``predictions``, ``result["predictions"]`` holds the evaluated rows (file, label,
+    source) with ``y`` and calibrated ``probs``."""
     from cxrscreen.data.dedup import audit_duplicates
 
     model_dir = Path(model_dir)
@@ -76,11 +78,13 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
     for s in sorted({str(x) for x in sources if x is not None}):
         m = sources == s
         result["per_source"][s] = {"n": int(m.sum()), "accuracy": float((probs[m].argmax(1) == y[m]).mean())}
+    if predictions:
+        result["predictions"] = {"rows": test.filter(pl.Series(ok)), "y": y, "probs": probs}
     if update_card:
         card = json.loads((model_dir / "model.json").read_text())
         card.update(temperature=temperature, refer_threshold=threshold)
         card.setdefault("metrics", {})[split] = result["metrics"]
-        card["evaluation"] = {k: v for k, v in result.items() if k != "metrics"}
+        card["evaluation"] = {k: v for k, v in result.items() if k not in ("metrics", "predictions")}
         (model_dir / "model.json").write_text(json.dumps(card, indent=2))
     return result
 

@@ -35,6 +35,7 @@ class ModelInfo:
     refer_threshold: float | None = None
     metrics: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)  # written by `cxrscreen evaluate`
+    lung_crop: str | None = None  # trained on lung boxes found by this segmenter: score the same way
 
 
 @dataclass

@@ -206,7 +206,8 @@ class Classifier(_ModelStage):
             from cxrscreen.explain import GradCAM
 
             self.cam = GradCAM(self.loaded.module, self.info.in_channels, self.info.input_size, cam)
-        self.lung_crop, self.lung_fraction_range = lung_crop, lung_fraction_range
+        self.lung_crop = lung_crop or bool(self.info.lung_crop)  # a crop-trained model is always fed crops
+        self.lung_fraction_range = lung_fraction_range
         self.refer_below = self.info.refer_threshold if self.info.refer_threshold is not None else refer_below
         self.classes = list(self.info.classes)
 
@@ -217,7 +218,10 @@ class Classifier(_ModelStage):
         probs = np.full((n, len(self.classes)), np.nan, np.float32)
         images = batch.pop("image")
         try:
-            if self.lung_crop and "lung_bbox" in batch:
+            if self.lung_crop:
+                if "lung_bbox" not in batch:
+                    raise ValueError("lung crop asked for (or the model was trained on lung crops) "
+                                     "but no segmenter ran: give a segmenter")
                 images = crop_boxes(torch.from_numpy(images), batch["lung_bbox"], images.shape[-1]).numpy()
             logits = self._forward(images, ok, self.info.input_size)
             if logits is not None:

@@ -43,6 +43,9 @@ class TrainConfig:
     balance: str = "weights"  # weights (class-weighted loss) | sampler (balanced sampling) | none
     early_stopping_patience: int = 5  # epochs without a better validation macro-F1
     cap_per_class: int | None = None  # P0 balances to 170 per class
+    sources: list[str] | None = None  # keep only images of these manifest sources ...
+    exclude_sources: list[str] | None = None  # ... and/or leave these out (leave-one-source-out)
+    lung_crop: str | None = None  # segmenter (e.g. unet-lungs): train and score on the lung box
     split_seed: int = 0  # used only when the manifest has no split column
     max_images_per_split: int | None = None  # quick runs: cap each split (seeded subset)
     num_workers: int = 1  # Ray Train workers (DDP)

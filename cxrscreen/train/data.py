@@ -11,7 +11,7 @@ from cxrscreen.data.manifest import load_manifest
 from cxrscreen.data.splits import leaking_groups, patient_split
 from cxrscreen.io.decode import decode_image, read_bytes
 from cxrscreen.io.errors import ImageError
-from cxrscreen.preprocess import MEAN, STD, resize_uint8
+from cxrscreen.preprocess import MEAN, STD, crop_boxes, resize_uint8
 from cxrscreen.train.config import AugmentConfig, TrainConfig, class_map_for
 
 
@@ -19,6 +19,10 @@ def labeled_splits(cfg: TrainConfig) -> tuple[pl.DataFrame, list[str]]:
     """Manifest rows mapped to the task's classes, with a patient-level ``split``."""
     df = load_manifest(cfg.data)
     cmap = class_map_for(cfg)
+    if cfg.sources:
+        df = df.filter(pl.col("source").is_in(cfg.sources))
+    if cfg.exclude_sources:
+        df = df.filter(~pl.col("source").is_in(cfg.exclude_sources))
     df = df.filter(pl.col("label").is_in(list(cmap))).with_columns(
         pl.col("label").replace_strict(cmap, default=None).alias("target"))
     if df["split"].null_count() > 0 or cfg.cap_per_class:
@@ -34,16 +38,33 @@ def labeled_splits(cfg: TrainConfig) -> tuple[pl.DataFrame, list[str]]:
     return df, classes
 
 
-def load_images(files: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode and resize every file to uint8 ``size`` x ``size``; returns (images, ok mask)."""
-    images = np.zeros((len(files), size, size), np.uint8)
+def load_images(files: list[str], size: int, lung_crop: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and resize every file to uint8 ``size`` x ``size``; returns (images, ok mask).
+    With ``lung_crop`` (a segmenter), each image is cropped to its lung box first."""
+    work = 256 if lung_crop else size
+    images = np.zeros((len(files), work, work), np.uint8)
     ok = np.ones(len(files), bool)
     for i, f in enumerate(files):
         try:
-            images[i] = resize_uint8(decode_image(read_bytes(f), name=f).pixels, size)
+            images[i] = resize_uint8(decode_image(read_bytes(f), name=f).pixels, work)
         except ImageError:
             ok[i] = False
-    return images, ok
+    return (lung_crops(images, lung_crop, size) if lung_crop else images), ok
+
+
+def lung_crops(images: np.ndarray, segmenter: str, size: int, batch: int = 32) -> np.ndarray:
+    """uint8 images cropped to the lung box the segmenter finds (whole image if none), ``size`` px."""
+    from cxrscreen.pipeline.stages import Segmenter
+
+    seg = Segmenter(segmenter, device="cpu")
+    out = []
+    for i in range(0, len(images), batch):
+        chunk = images[i:i + batch]
+        n = len(chunk)
+        b = seg({"key": np.arange(n).astype(object), "status": np.full(n, "ok", object),
+                 "error_type": np.full(n, None, object), "error_message": np.full(n, None, object), "image": chunk})
+        out.append(crop_boxes(torch.from_numpy(chunk), b["lung_bbox"], size).numpy())
+    return np.concatenate(out) if out else np.zeros((0, size, size), np.uint8)
 
 
 def segmentation_splits(cfg: TrainConfig) -> pl.DataFrame:

@@ -68,7 +68,7 @@ class ClassifyTask:
 
     def arrays(self, split: str):
         part = self.df.filter(pl.col("split") == split)
-        images, ok = load_images(part["file"].to_list(), self.size)
+        images, ok = load_images(part["file"].to_list(), self.size, self.cfg.lung_crop)
         index = {c: i for i, c in enumerate(self.classes)}
         return images[ok], np.array([index[t] for t in part["target"]], np.int64)[ok]
 
@@ -89,7 +89,8 @@ class ClassifyTask:
 
     def info(self, logits, targets, metrics) -> ModelInfo:
         return ModelInfo(self.cfg.model, "classify", self.classes, self.size, self.cfg.in_channels,
-                         self.cfg.model_kwargs, temperature=fit_temperature(logits, targets), metrics={"val": metrics})
+                         self.cfg.model_kwargs, temperature=fit_temperature(logits, targets), metrics={"val": metrics},
+                         lung_crop=self.cfg.lung_crop)
 
 
 class SegmentTask:
@@ -176,6 +177,8 @@ def train_loop_per_worker(config: dict) -> None:
         with resume.as_directory() if resume is not None else nullcontext(cfg.resume_from) as d:
             _unwrap(model).load_state_dict(load_file(Path(d) / "model.safetensors"))
             state = json.loads((Path(d) / "train_state.json").read_text())
+            if (Path(d) / "optimizer.pt").exists():  # tensors and numbers only: weights_only is safe
+                opt.load_state_dict(torch.load(Path(d) / "optimizer.pt", weights_only=True, map_location=device))
         start, best, stale, history = state["epoch"] + 1, state["best"], state["stale"], state["history"]
         for _ in range(start if sched else 0):
             sched.step()
@@ -204,6 +207,7 @@ def train_loop_per_worker(config: dict) -> None:
             checkpoint = None
             if ray.train.get_context().get_world_rank() == 0:  # every epoch; Ray keeps the best
                 save_checkpoint(tmp, _unwrap(model), task.info(logits, val_y, full))
+                torch.save(opt.state_dict(), Path(tmp) / "optimizer.pt")
                 (Path(tmp) / "train_state.json").write_text(json.dumps(
                     {"epoch": epoch, "best": best, "stale": stale, "history": history}))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -252,7 +256,7 @@ def train(cfg: TrainConfig, progress=print) -> Path:
         raise RuntimeError("training produced no checkpoint")
     best = max(result.best_checkpoints, key=lambda cm: cm[1]["val_score"])[0]
     with best.as_directory() as d:
-        for name in ("model.safetensors", "model.json", "train_state.json"):
+        for name in ("model.safetensors", "model.json", "train_state.json", "optimizer.pt"):
             shutil.copy(Path(d) / name, out / name)
     state = json.loads((out / "train_state.json").read_text())
     hist = pl.DataFrame(json.loads(result.metrics["history"]))  # the last report holds every epoch

@@ -1,0 +1,252 @@
+"""One self-contained HTML report (and its figures as PNG files) comparing trained models.
+
+Sections: data (class distribution per split), the comparison table (also written as
+Parquet and Markdown), and per model: training curves, confusion matrix, ROC curves,
+reliability diagram, sample predictions, Grad-CAM overlays with the CAM energy inside the
+lungs, k-means of pixels and of the model's embeddings; lung segmentation (expert-mask
+metrics and image / expert mask / predicted mask triplets); leave-one-source-out tables,
+lung crop vs whole image side by side.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from cxrscreen.evaluate import plots
+
+class _Page:
+    """Collects sections of HTML and writes every figure to ``plots/`` as well."""
+
+    def __init__(self, out: Path):
+        self.out, self.parts = out, []
+        (out / "plots").mkdir(parents=True, exist_ok=True)
+
+    def h(self, level: int, text: str) -> None:
+        self.parts.append(f"<h{level}>{html.escape(text)}</h{level}>")
+
+    def p(self, text: str) -> None:
+        self.parts.append(f"<p>{html.escape(text)}</p>")
+
+    def figure(self, name: str, png: bytes, caption: str) -> None:
+        (self.out / "plots" / f"{name}.png").write_bytes(png)
+        b64 = base64.b64encode(png).decode()
+        self.parts.append(f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(caption)}">'
+                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+    def table(self, df: pl.DataFrame) -> None:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in df.columns)
+        body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in df.iter_rows())
+        self.parts.append(f"<table><tr>{head}</tr>{body}</table>")
+
+    def write(self, title: str) -> Path:
+        style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
+                 "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}"
+                 "figure{display:inline-block;margin:6px;vertical-align:top}img{max-width:100%}"
+                 "figcaption{font-size:11px;color:#555}")
+        page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(self.parts)}</body></html>")
+        path = self.out / "report.html"
+        path.write_text(page)
+        return path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "" if np.isnan(v) else f"{v:.4g}"
+    return html.escape("" if v is None else str(v))
+
+
+def inference_images_per_s(module: torch.nn.Module, size: int, in_channels: int, batch: int = 32) -> float:
+    """Model forward images/s (torch fp32, this machine's CPU threads, after one warm-up)."""
+    x = torch.randn(batch, in_channels, size, size)
+    module.eval()
+    with torch.inference_mode():
+        module(x)
+        t0 = time.perf_counter()
+        module(x)
+    return batch / (time.perf_counter() - t0)
+
+
+def _cam_rows(model_dir: Path, files: list[str], segmenter: str | None, method: str = "gradcam"):
+    """Segmenter + classifier with Grad-CAM on ``files``: the output batch and the input images."""
+    from cxrscreen.io.sources import InputItem
+    from cxrscreen.pipeline.stages import Classifier, Segmenter, decode_items
+
+    batch = decode_items([InputItem(key=Path(f).name, path=f) for f in files])
+    images = batch["image"].copy()
+    if segmenter:
+        batch = Segmenter(segmenter, device="cpu", runtime="torch")(batch)
+    batch = Classifier(str(model_dir), device="cpu", runtime="torch", cam=method, cam_size=images.shape[-1])(batch)
+    return batch, images
+
+
+def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | None, samples: int,
+                   kmeans_images: int, seed: int) -> dict:
+    """Figures of one model; returns its comparison-table row."""
+    from cxrscreen.evaluate.kmeans import embeddings, kmeans_crosstab, pixel_features
+    from cxrscreen.explain import heatmap_from_png, triplet
+    from cxrscreen.masks import decode_mask_png
+    from cxrscreen.models import load_model
+    from cxrscreen.train.data import load_images
+
+    loaded = load_model(str(model_dir), "classify")
+    info, tag = loaded.info, model_dir.name
+    m, pred = res["metrics"], res.pop("predictions")
+    rows, y, probs, classes = pred["rows"], pred["y"], pred["probs"], m["classes"]
+    page.h(2, f"Model {tag} ({info.name}{', lung crop' if info.lung_crop else ''})")
+    page.p(f"{res['split']} split of {res['data']}: n={m['n']}, accuracy {m['accuracy']:.4f}, macro-F1 "
+           f"{m['macro_f1']:.4f}, macro AUROC {m['macro_auc']:.4f}, ECE {m['ece']:.4f} (temperature "
+           f"{res['temperature']:.2f} fitted on val).")
+    if (model_dir / "history.parquet").exists():
+        page.figure(f"{tag}-training", plots.training_curves(pl.read_parquet(model_dir / "history.parquet").to_dict(
+            as_series=False)), f"{tag}: training curves")
+    page.figure(f"{tag}-confusion", plots.confusion(np.array(m["confusion_matrix"]), classes), f"{tag}: confusion matrix")
+    page.figure(f"{tag}-roc", plots.roc_curves(y, probs, classes), f"{tag}: ROC curves, one vs rest")
+    page.figure(f"{tag}-reliability", plots.reliability(y, probs), f"{tag}: reliability diagram (after temperature scaling)")
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(rows), min(samples, len(rows)), replace=False))
+    files = [rows["file"][int(i)] for i in pick]
+    batch, images = _cam_rows(model_dir, files, segmenter)
+    titles = [f"true {classes[y[i]]}\npred {classes[probs[i].argmax()]} {probs[i].max():.2f}" for i in pick]
+    page.figure(f"{tag}-samples", plots.image_grid(list(images), titles), f"{tag}: sample test predictions")
+    ok = batch["status"] == "ok"
+    energy = batch["cam_lung_energy"][ok]
+    trip = [triplet(images[j], decode_mask_png(batch["lung_mask_png"][j]) if segmenter else None,
+                    heatmap_from_png(batch["cam_png"][j])) for j in np.nonzero(ok)[0]]
+    page.figure(f"{tag}-gradcam", plots.image_grid(trip, [f"{t.splitlines()[0]}, CAM in lungs {e:.2f}" for t, e in
+                                                          zip(np.array(titles)[ok], energy)], cols=2),
+                f"{tag}: image / lung mask / Grad-CAM of the predicted class")
+    km_pick = np.sort(rng.choice(len(rows), min(kmeans_images, len(rows)), replace=False))
+    km_rows = rows[km_pick.tolist()]
+    km_images, km_ok = load_images(km_rows["file"].to_list(), info.input_size, info.lung_crop)
+    labels = [c for c, k in zip(km_rows["target"].to_list(), km_ok) if k]
+    kmeans = {}
+    for name, feats in (("pixels", pixel_features(km_images[km_ok])),
+                        ("embeddings", embeddings(loaded.module, km_images[km_ok], info.input_size, info.in_channels))):
+        km = kmeans_crosstab(feats, labels, seed=seed)
+        kmeans[name] = km
+        page.figure(f"{tag}-kmeans-{name}", plots.crosstab(km["crosstab"], f"k-means of {name}: purity "
+                    f"{km['purity']:.2f}, ARI {km['adjusted_rand']:.2f}"), f"{tag}: k-means of {name} vs labels")
+        page.figure(f"{tag}-kmeans-{name}-counts", plots.count_plot(km["cluster_sizes"], f"cluster sizes ({name})"),
+                    f"{tag}: images per cluster ({name})")
+    per_class = m["per_class"].get("covid", {})
+    three = res.get("derived", {}).get("3class", {}) if len(classes) > 3 else m
+    return {"model": tag, "architecture": info.name, "lung_crop": info.lung_crop or "", "split": res["split"],
+            "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "macro_auc": m["macro_auc"],
+            "ece": m["ece"], "accuracy_3class": three.get("accuracy") if len(classes) >= 3 else None,
+            "covid_sensitivity": per_class.get("recall"), "covid_ppv": per_class.get("precision"),
+            "params": int(sum(p.numel() for p in loaded.module.parameters())),
+            "train_seconds": info.metrics.get("train_seconds"),
+            "inference_images_per_s": inference_images_per_s(loaded.module, info.input_size, info.in_channels),
+            "cam_lung_energy": float(np.nanmean(energy)) if segmenter and len(energy) else None,
+            "kmeans_pixels_ari": kmeans["pixels"]["adjusted_rand"],
+            "kmeans_embeddings_ari": kmeans["embeddings"]["adjusted_rand"]}
+
+
+def _segmentation_section(page: _Page, segmenter: str, seg_data: str | None, samples: int) -> None:
+    """Metrics of the segmenter (from its model.json) and image / expert / predicted triplets."""
+    from cxrscreen.data.manifest import read_seg_manifest
+    from cxrscreen.explain import triplet
+    from cxrscreen.masks import decode_mask_png
+    from cxrscreen.models import load_model
+    from cxrscreen.pipeline.stages import Segmenter
+    from cxrscreen.train.data import load_images
+
+    loaded = load_model(segmenter, "segment")
+    page.h(2, f"Lung segmentation ({loaded.info.name}, {loaded.info.input_size} px)")
+    metrics = {k: v for k, v in loaded.info.metrics.items() if isinstance(v, dict) and "dice" in v}
+    if metrics:
+        page.table(pl.DataFrame([{"evaluation set": k, **{m: v.get(m) for m in ("n", "dice", "iou", "pixel_accuracy")}}
+                                 for k, v in metrics.items()]))
+        page.p("expert_masks: Dice against the expert masks (ground truth); pseudo_masks_val: against "
+               "machine-made pseudo masks of the validation split (agreement, not accuracy).")
+    if not seg_data or not Path(seg_data).exists():
+        return
+    df = read_seg_manifest(seg_data)
+    if "subset" in df.columns:
+        df = df.filter(pl.col("subset") == "expert")
+    df = df.head(samples)
+    images, ok = load_images(df["file"].to_list(), 256)
+    truth, ok_m = load_images(df["mask_file"].to_list(), 256)
+    n = len(images)
+    batch = Segmenter(segmenter, device="cpu", runtime="torch")(
+        {"key": np.arange(n).astype(object), "status": np.where(ok & ok_m, "ok", "error").astype(object),
+         "error_type": np.full(n, None, object), "error_message": np.full(n, None, object), "image": images})
+    panels, titles = [], []
+    for i in np.nonzero(ok & ok_m)[0]:
+        pred = decode_mask_png(batch["lung_mask_png"][i])
+        panels.append(np.concatenate([triplet(images[i], truth[i] > 127), triplet(images[i], pred)[:, 256:]], axis=1))
+        titles.append(f"{Path(df['file'][int(i)]).name}: image | expert mask | predicted mask")
+    if panels:
+        page.figure("segmentation-triplets", plots.image_grid(panels, titles, cols=2),
+                    "lung segmentation on expert-annotated images")
+
+
+def build_report(model_dirs: list[str | Path], out_dir: str | Path, data: str | None = None, split: str = "test",
+                 segmenter: str | None = "unet-lungs", seg_data: str | None = None,
+                 loso: list[str | Path] | None = None, samples: int = 8, kmeans_images: int = 600,
+                 seed: int = 0) -> Path:
+    """Evaluate every model on ``split`` (leakage checks included) and write ``report.html``,
+    ``plots/*.png``, ``comparison.parquet`` and ``comparison.md`` to ``out_dir``.
+    ``loso``: ``loso.parquet`` files written by ``leave_one_source_out`` (crop and whole image)."""
+    import yaml
+
+    from cxrscreen.config import from_dict
+    from cxrscreen.evaluate.run import evaluate_model
+    from cxrscreen.train.config import TrainConfig
+    from cxrscreen.train.data import labeled_splits
+
+    out = Path(out_dir)
+    page = _Page(out)
+    first = Path(model_dirs[0])
+    cfg = from_dict(TrainConfig, yaml.safe_load((first / "train_config.yaml").read_text()))
+    if data:
+        cfg.data = data
+    df, _ = labeled_splits(cfg)
+    page.h(2, "Data")
+    page.p(f"{cfg.data}: {len(df)} images, patient-level splits; sources: "
+           + ", ".join(f"{s} ({n})" for s, n in df.group_by("source").len().sort("source").iter_rows()))
+    counts = {s: dict(g.group_by("target").len().iter_rows()) for (s,), g in df.group_by("split", maintain_order=True)}
+    page.figure("class-distribution", plots.class_distribution(counts), "images per class and split")
+    sections, rows = [], []
+    for model_dir in map(Path, model_dirs):
+        res = evaluate_model(model_dir, data, split, update_card=False, predictions=True)
+        sub = _Page(out)
+        rows.append(_model_section(sub, model_dir, res, segmenter, samples, kmeans_images, seed))
+        sections.append(sub.parts)
+    table = pl.DataFrame(rows, infer_schema_length=None)
+    table.write_parquet(out / "comparison.parquet")
+    (out / "comparison.md").write_text(_markdown(table))
+    page.h(2, "Comparison")
+    page.p(f"Every model on the {split} split; inference images/s = torch fp32 model forward on this machine's "
+           "CPU, batch 32; cam_lung_energy = mean fraction of Grad-CAM energy inside the segmented lungs on "
+           "the sample images (low: the model looks outside the lungs).")
+    page.table(table)
+    if table["lung_crop"].n_unique() > 1:
+        page.h(3, "Lung crop vs whole image")
+        page.table(table.select("model", "architecture", "lung_crop", "accuracy", "macro_f1", "macro_auc",
+                                "cam_lung_energy").sort("architecture", "lung_crop"))
+    for parts in sections:
+        page.parts += parts
+    if segmenter:
+        _segmentation_section(page, segmenter, seg_data, samples)
+    if loso:
+        page.h(2, "Leave one source out")
+        page.p("Each row: a model trained without one source, tested on all of that source's images (classes "
+               "the fold never saw are left out) next to the same model's in-source test split.")
+        page.table(pl.concat([pl.read_parquet(p) for p in loso], how="diagonal_relaxed"))
+    return page.write("cxrscreen model report")
+
+
+def _markdown(df: pl.DataFrame) -> str:
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in df.iter_rows()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,97 @@
+"""Lung-crop training, leave-one-source-out and the HTML report, on phantoms from two 'sites'."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from cxrscreen.data.synth import write_archive
+from cxrscreen.evaluate.run import evaluate_model
+from cxrscreen.evaluate.source_shift import leave_one_source_out
+from cxrscreen.io import list_inputs
+from cxrscreen.pipeline.stages import Classifier, Segmenter, decode_items
+from cxrscreen.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def two_site_manifest(tmp_path_factory):
+    """Phantoms whose patients come from site_a or site_b (the manifest's source column)."""
+    path = write_archive(tmp_path_factory.mktemp("sites"), 200, seed=7, size=64)
+    df = pl.read_csv(path)
+    site = pl.when(pl.col("patient_id").str.slice(-1).cast(pl.Int32) % 2 == 0).then(pl.lit("site_a"))
+    df.with_columns(site.otherwise(pl.lit("site_b")).alias("source")).write_csv(path)
+    return path
+
+
+def _cfg(manifest, out, **kw):
+    return TrainConfig(**{**dict(model="cxrnet", data=str(manifest), input_size=64, epochs=6, batch_size=16,
+                                 lr=3e-3, out=str(out), early_stopping_patience=6), **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(two_site_manifest, tmp_path_factory, ray_2cpu):
+    root = tmp_path_factory.mktemp("models")
+    full = train(_cfg(two_site_manifest, root / "full"))
+    crop = train(_cfg(two_site_manifest, root / "crop", lung_crop="unet-lungs"))
+    return full, crop
+
+
+def test_crop_trained_model_is_always_fed_lung_crops(trained, two_site_manifest):
+    _, crop = trained
+    assert json.loads((crop / "model.json").read_text())["lung_crop"] == "unet-lungs"
+    items = list(list_inputs(two_site_manifest.parent / "images"))[:8]
+    cls = Classifier(str(crop), device="cpu", runtime="torch")
+    assert cls.lung_crop
+    no_seg = cls(decode_items(items))  # no lung boxes: a clear error, not silently uncropped
+    assert (no_seg["status"] == "error").all() and "segmenter" in no_seg["error_message"][0]
+    with_seg = cls(Segmenter(device="cpu", runtime="torch")(decode_items(items)))
+    assert (with_seg["status"] == "ok").all()
+
+
+def test_sources_can_be_kept_or_left_out(two_site_manifest):
+    from cxrscreen.train.data import labeled_splits
+
+    only_a, _ = labeled_splits(_cfg(two_site_manifest, "x", sources=["site_a"]))
+    not_a, _ = labeled_splits(_cfg(two_site_manifest, "x", exclude_sources=["site_a"]))
+    assert set(only_a["source"]) == {"site_a"} and set(not_a["source"]) == {"site_b"}
+    assert len(only_a) + len(not_a) == 200
+
+
+def test_leave_one_source_out(two_site_manifest, tmp_path, ray_2cpu):
+    df = leave_one_source_out(_cfg(two_site_manifest, tmp_path, epochs=4), tmp_path, sources=["site_a"],
+                              progress=lambda *_: None)
+    manifest = pl.read_csv(two_site_manifest)
+    row = df.row(0, named=True)
+    assert row["held_out"] == "site_a" and row["held_out_n"] == (manifest["source"] == "site_a").sum()
+    assert row["train_images"] == len(manifest.filter((pl.col("source") == "site_b") & (pl.col("split") == "train")))
+    assert 0 <= row["held_out_accuracy"] <= 1 and row["in_source_test_n"] > 0
+    assert pl.read_parquet(tmp_path / "loso.parquet").equals(df)
+
+
+def test_report_compares_models_with_every_figure(trained, two_site_manifest, tmp_path):
+    from cxrscreen.evaluate.report import build_report
+
+    full, crop = trained
+    loso = tmp_path / "loso.parquet"
+    pl.DataFrame({"held_out": ["site_a"], "held_out_accuracy": [0.5]}).write_parquet(loso)
+    page = build_report([full, crop], tmp_path / "report", seg_data=str(two_site_manifest), loso=[loso],
+                        samples=4, kmeans_images=60)
+    text = page.read_text()
+    for section in ("Data", "Comparison", "Lung crop vs whole image", "Model full", "Model crop",
+                    "Lung segmentation", "Leave one source out"):
+        assert f">{section}" in text
+    plots = {p.name for p in (tmp_path / "report" / "plots").glob("*.png")}
+    for tag in ("full", "crop"):
+        for fig in ("training", "confusion", "roc", "reliability", "samples", "gradcam", "kmeans-pixels",
+                    "kmeans-embeddings", "kmeans-pixels-counts"):
+            assert f"{tag}-{fig}.png" in plots
+    assert {"class-distribution.png", "segmentation-triplets.png"} <= plots
+    assert text.count("data:image/png;base64,") == len(plots)  # self-contained: every figure embedded
+    table = pl.read_parquet(tmp_path / "report" / "comparison.parquet")
+    assert table["model"].to_list() == ["full", "crop"] and table["lung_crop"].to_list() == ["", "unet-lungs"]
+    acc = evaluate_model(full, update_card=False)["metrics"]["accuracy"]
+    assert table["accuracy"][0] == pytest.approx(acc)
+    assert (table["params"] > 0).all() and (table["inference_images_per_s"] > 0).all()
+    assert (table["train_seconds"] > 0).all() and table["cam_lung_energy"].is_between(0, 1).all()
+    assert (tmp_path / "report" / "comparison.md").read_text().startswith("| model | architecture |")
