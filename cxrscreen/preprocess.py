@@ -29,19 +29,14 @@ def to_model_input(images: torch.Tensor, size: int, channels: int = 1) -> torch.
 
 def crop_boxes(images: torch.Tensor, boxes: np.ndarray, size: int, margin: float = 0.05) -> torch.Tensor:
     """Crop each uint8 image (B, H, W) to its normalised box [x0, y0, x1, y1] (+margin), resized
-    to ``size``; rows whose box is NaN keep the whole image. Returns uint8 (B, size, size)."""
-    out = []
+    to ``size``, in one batched ``roi_align`` on the images' device (each output pixel averages
+    the input pixels it covers); rows whose box is NaN keep the whole image. Returns uint8."""
+    from torchvision.ops import roi_align
+
+    b = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4))
+    b = torch.where(torch.isnan(b).any(1, keepdim=True), torch.tensor([0.0, 0.0, 1.0, 1.0]), b)
+    b = torch.cat([(b[:, :2] - margin).clamp(0, 1), (b[:, 2:] + margin).clamp(0, 1)], 1)
     h, w = images.shape[-2:]
-    for img, box in zip(images, boxes):
-        if np.isnan(box).any():
-            crop = img
-        else:
-            x0, y0, x1, y1 = box
-            x0, y0 = max(0.0, x0 - margin), max(0.0, y0 - margin)
-            x1, y1 = min(1.0, x1 + margin), min(1.0, y1 + margin)
-            crop = img[int(y0 * h):max(int(y0 * h) + 1, int(np.ceil(y1 * h))),
-                       int(x0 * w):max(int(x0 * w) + 1, int(np.ceil(x1 * w)))]
-        crop = F.interpolate(crop[None, None].float(), size=(size, size), mode="bilinear",
-                             antialias=True, align_corners=False)
-        out.append(crop[0, 0].round().clamp(0, 255).to(torch.uint8))
-    return torch.stack(out) if out else images.new_zeros((0, size, size))
+    rois = torch.cat([torch.arange(len(b), dtype=torch.float32)[:, None], b * torch.tensor([w, h, w, h])], 1)
+    out = roi_align(images[:, None].float(), rois.to(images.device), (size, size), sampling_ratio=-1, aligned=True)
+    return out[:, 0].round().clamp(0, 255).to(torch.uint8)

@@ -10,7 +10,7 @@ from cxrscreen.train import TrainConfig
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("path", sorted((CONFIGS / "papers").glob("*.yaml")) + [CONFIGS / "train" / "default.yaml"],
+@pytest.mark.parametrize("path", sorted((CONFIGS / "papers").glob("*.yaml")) + sorted((CONFIGS / "train").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_train_configs_load_and_name_registry_models(path):
     cfg = load_config(TrainConfig, path)
