@@ -108,6 +108,8 @@ def audit(manifest, out_path, threshold, drop_path):
 @click.option("--runtime", type=click.Choice(RUNTIMES), help="Model runtime (auto: fastest available).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="torch on CUDA: replay CUDA graphs.")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch runtime: torch.compile.")
+@click.option("--decode-jpeg-on-device", is_flag=True, default=None,
+              help="Pass JPEGs as bytes to the model actor, decoded there in batch (nvJPEG on GPU).")
 @click.option("--int8-calibration", type=click.Path(exists=True), help="TensorRT int8: images to calibrate on.")
 @click.option("--lung-crop/--no-lung-crop", default=None, help="Classify the lung bounding box.")
 @click.option("--cam", type=click.Choice(METHODS), help="Add a Grad-CAM heatmap (PNG) and its lung energy per row.")
@@ -116,7 +118,7 @@ def audit(manifest, out_path, threshold, drop_path):
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")
 @click.option("--num-cpus", type=int, help="CPUs of the embedded local Ray.")
 def score(archive, out_dir, config_path, classifier, segmenter, batch_size, actors, device, precision,
-          runtime, cuda_graphs, compile_, int8_calibration, lung_crop, cam, include_phi, rows_per_file, address, num_cpus):
+          runtime, cuda_graphs, compile_, decode_jpeg_on_device, int8_calibration, lung_crop, cam, include_phi, rows_per_file, address, num_cpus):
     """Score every image of ARCHIVE (folder tree, list file or Parquet): one row per input."""
     from cxrscreen.config import load_config
     from cxrscreen.pipeline import ScoreConfig, score_archive
@@ -124,7 +126,7 @@ def score(archive, out_dir, config_path, classifier, segmenter, batch_size, acto
     cfg = load_config(ScoreConfig, config_path, classifier=classifier, segmenter=segmenter,
                       batch_size=batch_size, cls_actors=actors, seg_actors=actors, device=device,
                       precision=precision, runtime=runtime, cuda_graphs=cuda_graphs, compile=compile_,
-                      int8_calibration=int8_calibration, lung_crop=lung_crop, cam=cam, include_phi=include_phi,
+                      decode_jpeg_on_device=decode_jpeg_on_device, int8_calibration=int8_calibration, lung_crop=lung_crop, cam=cam, include_phi=include_phi,
                       rows_per_file=rows_per_file, address=address, num_cpus=num_cpus)
     summary = score_archive(archive, out_dir, cfg)
     click.echo(str(summary))

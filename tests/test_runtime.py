@@ -10,6 +10,7 @@ from cxrscreen.io import list_inputs
 from cxrscreen.masks import decode_mask_png, dice
 from cxrscreen.models.registry import build_model
 from cxrscreen.pipeline import ScoreConfig, score_items_local
+from cxrscreen.pipeline.stages import decode_items
 from cxrscreen.runtime import make_runtime
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
@@ -112,3 +113,29 @@ def test_tensorrt_matches_torch_fp32(mixed_archive):
     items = list(list_inputs(mixed_archive[0]))[:24]
     ref = _score(items, device="cuda", runtime="torch", precision="fp32")
     _compare(ref, _score(items, device="cuda", runtime="tensorrt", precision="fp16"), tol=0.02, min_dice=0.97)
+
+
+def test_jpegs_decoded_on_the_model_device_match_host_decoding(mixed_archive):
+    """decode_jpeg_on_device: JPEGs travel as bytes and the first model actor decodes them in one
+    torchvision.io.decode_jpeg call (nvJPEG on CUDA; here on CPU); broken JPEGs stay error rows."""
+    archive, bad = mixed_archive
+    items = list(list_inputs(archive))
+    host = _score(items, runtime="torch", precision="fp32", batch_size=len(items))
+    dev = _score(items, runtime="torch", precision="fp32", batch_size=len(items), decode_jpeg_on_device=True)
+    assert dict(zip(dev["key"], dev["error_type"])) == dict(zip(host["key"], host["error_type"]))
+    jpeg = np.array([k.endswith(".jpg") for k in host["key"]]) & (host["status"] == "ok")
+    assert jpeg.sum() >= 5
+    _compare(host, dev, tol=0.02, min_dice=0.97)  # resize filters differ slightly (PIL vs torch)
+    deferred = decode_items(items, defer_jpeg=True)["jpeg_bytes"]
+    assert sum(d is not None for d in deferred) == jpeg.sum()  # every good JPEG took the device path
+
+
+def test_jpeg_cut_inside_the_scan_is_not_deferred(tmp_path):
+    from cxrscreen.data.synth import encode_jpeg, make_phantom
+
+    data = encode_jpeg(make_phantom("covid", 128, 1).image)
+    (tmp_path / "cut.jpg").write_bytes(data[: int(len(data) * 0.7)])  # header intact, scan cut
+    (tmp_path / "whole.jpg").write_bytes(data)
+    batch = decode_items(list(list_inputs(tmp_path)), defer_jpeg=True)
+    assert dict(zip(batch["key"], batch["error_type"])) == {"cut.jpg": "truncated", "whole.jpg": None}
+    assert [d is not None for d in batch["jpeg_bytes"]] == [False, True]

@@ -46,9 +46,10 @@ class DecodeOptions:
 
 @dataclass
 class Decoded:
-    """A decoded image: ``pixels`` float32 HxW in [0, 1] (0 = black), plus metadata."""
+    """A decoded image: ``pixels`` float32 HxW in [0, 1] (0 = black), plus metadata. ``pixels``
+    is None for a JPEG left to a model actor to decode on its device (``deferrable_jpeg``)."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray | None
     format: str
     meta: dict = field(default_factory=dict)
 
@@ -87,6 +88,20 @@ def decode_image(data: bytes, options: DecodeOptions = DecodeOptions(), name: st
 
 
 # --------------------------------------------------------------------------- raster
+
+
+def deferrable_jpeg(data: bytes, options: DecodeOptions = DecodeOptions()) -> tuple[int, int] | None:
+    """(width, height) when ``data`` is a JPEG a model actor may decode itself (complete, header
+    readable, no EXIF rotation, 8-bit L/RGB, within ``max_pixels``); None sends it the normal way."""
+    if not data.startswith(b"\xff\xd8\xff") or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None  # not a JPEG, or cut short (the normal path reports it as truncated)
+    try:
+        img = Image.open(io.BytesIO(data))
+        ok = img.format == "JPEG" and img.mode in ("L", "RGB") and img.getexif().get(0x0112, 1) == 1
+    except Exception:  # noqa: BLE001 - the normal path reports what is wrong
+        return None
+    w, h = img.size
+    return (w, h) if ok and w * h <= options.max_pixels else None
 
 
 def _decode_raster(data: bytes, options: DecodeOptions) -> Decoded:

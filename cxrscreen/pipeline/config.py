@@ -23,6 +23,7 @@ class ScoreConfig:
     actor_cpus: float | None = None  # CPUs reserved per model actor; None = sized from the cluster
     torch_threads: int | None = None  # per actor; None = sized from the cluster
     work_size: int = 256  # decoded images travel as uint8 work_size x work_size
+    decode_jpeg_on_device: bool = False  # JPEGs travel as bytes, decoded in batch by the model actor (nvJPEG on GPU)
     lung_crop: bool = False  # classify the lung bounding box instead of the whole image
     mask_size: int = 256  # stored lung-mask PNG size
     cam: str | None = None  # gradcam | gradcampp: add a heatmap of the predicted class per row
@@ -38,6 +39,11 @@ class ScoreConfig:
     key_column: str = "key"  # Parquet archives: key column (else file#row)
     address: str | None = None  # Ray cluster; None = RAY_ADDRESS or an embedded local Ray
     num_cpus: int | None = None  # embedded Ray only
+
+    def decode_options(self) -> dict:
+        """Keyword arguments of ``decode_batch`` / ``decode_items`` (besides the work size)."""
+        return dict(max_pixels=self.max_pixels, prefer_lut=self.prefer_lut, include_phi=self.include_phi,
+                    defer_jpeg=self.decode_jpeg_on_device)
 
     def segmenter_options(self) -> dict:
         return dict(spec=self.segmenter, mask_size=self.mask_size)

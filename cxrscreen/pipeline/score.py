@@ -113,8 +113,7 @@ def score_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: S
     plan = plan_resources(cfg, res.get("CPU", 1), res.get("GPU", 0))
     done = completed(out_dir)
     kind = archive_kind(archive)
-    decode_kwargs = dict(work_size=cfg.work_size, max_pixels=cfg.max_pixels, prefer_lut=cfg.prefer_lut,
-                         include_phi=cfg.include_phi)
+    decode_kwargs = dict(work_size=cfg.work_size, **cfg.decode_options())
     if kind == "parquet":
         files = [str(f) for f in parquet_files(Path(archive))]
         input_keys = _parquet_keys(files, cfg.key_column, cfg.image_column)
@@ -204,8 +203,7 @@ def score_items_local(items: Iterable[InputItem], cfg: ScoreConfig = ScoreConfig
     buf: list[InputItem] = []
 
     def run(chunk):
-        batch = decode_items(chunk, cfg.work_size, max_pixels=cfg.max_pixels, prefer_lut=cfg.prefer_lut,
-                             include_phi=cfg.include_phi)
+        batch = decode_items(chunk, cfg.work_size, **cfg.decode_options())
         if segmenter is not None:
             batch = segmenter(batch)
         return classifier(batch)

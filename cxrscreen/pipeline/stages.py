@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from cxrscreen import __version__
-from cxrscreen.io.decode import DecodeOptions, decode_image, read_bytes
+from cxrscreen.io.decode import Decoded, DecodeOptions, decode_image, deferrable_jpeg, read_bytes
 from cxrscreen.io.errors import ImageError
 from cxrscreen.masks import clean_mask, decode_mask_png, lung_box, lung_side_boxes, mask_png
 from cxrscreen.preprocess import crop_boxes, resize_uint8, to_model_input
@@ -38,11 +38,13 @@ def _col(values, dtype=object) -> np.ndarray:
 
 def decode_batch(batch: dict[str, np.ndarray], work_size: int = 256, max_pixels: int = 80_000_000,
                  prefer_lut: bool = True, include_phi: bool = False,
-                 done: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+                 done: dict[str, str] | None = None, defer_jpeg: bool = False) -> dict[str, np.ndarray]:
     """Read + hash + decode + resize each row; failures become error rows, never exceptions.
 
     Input columns: ``key``, and ``path`` or ``data`` (bytes); optional ``expected_sha`` (or
     the ``done`` map): a row whose content hash equals it was scored before and is dropped.
+    With ``defer_jpeg``, plain JPEGs are not decoded here but passed on as ``jpeg_bytes`` for
+    the first model actor to decode in one batch on its device (nvJPEG on a GPU).
     """
     opts = DecodeOptions(max_pixels=max_pixels, prefer_lut=prefer_lut, include_phi=include_phi)
     meta_cols = dict(DICOM_COLUMNS, **(PHI_COLUMNS if include_phi else {}))
@@ -53,7 +55,7 @@ def decode_batch(batch: dict[str, np.ndarray], work_size: int = 256, max_pixels:
     rows: dict[str, list] = {c: [] for c in (
         "key", "source_path", "sha256", "status", "error_type", "error_message", "format",
         "width", "height", "pixel_spacing_mm", "t_decode_ms", *meta_cols.values())}
-    images = []
+    images, jpeg = [], []
     for i in range(n):
         t0 = time.perf_counter()
         key, path = str(batch["key"][i]), paths[i]
@@ -70,7 +72,10 @@ def decode_batch(batch: dict[str, np.ndarray], work_size: int = 256, max_pixels:
         prior = expected[i] if expected[i] is not None else (done or {}).get(key)
         if prior is not None and prior == sha:
             continue  # scored in an earlier run with identical content
-        if err is None:
+        size = deferrable_jpeg(data, opts) if err is None and defer_jpeg else None
+        if size is not None:
+            dec = Decoded(None, "jpeg", {"width": size[0], "height": size[1]})
+        elif err is None:
             try:
                 dec = decode_image(data, opts, name=str(path or key))
             except ImageError as e:
@@ -90,7 +95,8 @@ def decode_batch(batch: dict[str, np.ndarray], work_size: int = 256, max_pixels:
         rows["pixel_spacing_mm"].append(meta.get("pixel_spacing_mm", np.nan))
         for src, dst in meta_cols.items():
             rows[dst].append(meta.get(src))
-        images.append(resize_uint8(dec.pixels, work_size) if dec is not None
+        jpeg.append(data if size is not None else None)
+        images.append(resize_uint8(dec.pixels, work_size) if dec is not None and dec.pixels is not None
                       else np.zeros((work_size, work_size), np.uint8))
         rows["t_decode_ms"].append((time.perf_counter() - t0) * 1000)
     out = {k: _col(v) for k, v in rows.items()}
@@ -98,6 +104,8 @@ def decode_batch(batch: dict[str, np.ndarray], work_size: int = 256, max_pixels:
                   ("t_decode_ms", np.float32)):
         out[k] = np.asarray(rows[k], dtype=dt)
     out["image"] = np.stack(images) if images else np.zeros((0, work_size, work_size), np.uint8)
+    if defer_jpeg:
+        out["jpeg_bytes"] = _col(jpeg)
     return out
 
 
@@ -141,8 +149,46 @@ class _ModelStage:
         """Model output for the ok rows (None if there are none), or raise."""
         if not ok.any():
             return None
-        x = torch.from_numpy(np.ascontiguousarray(images[ok])).to(self.runtime.device)
-        return self.runtime(to_model_input(x, size, self.info.in_channels))
+        return self.runtime(to_model_input(self._to_device(images[ok]), size, self.info.in_channels))
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """Host array -> tensor on the runtime's device (pinned memory, non-blocking copy on CUDA)."""
+        x = torch.from_numpy(np.ascontiguousarray(array))
+        if self.runtime.device.type == "cuda":
+            x = x.pin_memory()
+        return x.to(self.runtime.device, non_blocking=True)
+
+    def _decode_jpegs(self, batch: dict) -> None:
+        """Decode the ``jpeg_bytes`` rows (``decode_batch(defer_jpeg=True)``) in one
+        ``torchvision.io.decode_jpeg`` call on the runtime's device, resize them there to the
+        batch's work size and put them into ``image``; rows that fail become error rows."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        data = batch.pop("jpeg_bytes", None)
+        if data is None:
+            return
+        rows = [i for i, d in enumerate(data) if d is not None and batch["status"][i] == "ok"]
+        if not rows:
+            return
+        device = self.runtime.device
+        encoded = [torch.frombuffer(bytearray(data[i]), dtype=torch.uint8) for i in rows]
+        try:
+            decoded = decode_jpeg(encoded, mode=ImageReadMode.GRAY, device=device)
+        except RuntimeError:  # one bad file fails the batched call: decode one by one
+            decoded = []
+            for i, enc in zip(rows, encoded):
+                try:
+                    decoded.append(decode_jpeg(enc, mode=ImageReadMode.GRAY, device=device))
+                except RuntimeError as e:
+                    decoded.append(None)
+                    batch["status"][i], batch["error_type"][i] = "error", "decode_failed"
+                    batch["error_message"][i] = f"jpeg: {e}"
+        size = batch["image"].shape[-1]
+        for i, img in zip(rows, decoded):
+            if img is not None:
+                resized = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode="bilinear",
+                                                          antialias=True, align_corners=False)
+                batch["image"][i] = resized[0, 0].round().clamp(0, 255).to(torch.uint8).cpu().numpy()
 
     @staticmethod
     def _fail(batch: dict, ok: np.ndarray, exc: Exception) -> None:
@@ -165,6 +211,7 @@ class Segmenter(_ModelStage):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
+        self._decode_jpegs(batch)
         n = len(batch["key"])
         ok = batch["status"] == "ok"
         masks = np.full(n, None, object)
@@ -213,6 +260,7 @@ class Classifier(_ModelStage):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
+        self._decode_jpegs(batch)
         n = len(batch["key"])
         ok = batch["status"] == "ok"
         probs = np.full((n, len(self.classes)), np.nan, np.float32)
@@ -248,9 +296,8 @@ class Classifier(_ModelStage):
 
         n = len(ok)
         pngs, energy = np.full(n, None, object), np.full(n, np.nan, np.float32)
-        device = next(self.loaded.module.parameters()).device
-        x = to_model_input(torch.from_numpy(np.ascontiguousarray(images[ok])).to(device),
-                           self.info.input_size, self.info.in_channels)
+        x = to_model_input(self._to_device(images[ok]), self.info.input_size, self.info.in_channels)
+        x = x.to(next(self.loaded.module.parameters()).device)
         heat, _, _ = self.cam(x)
         small = torch.nn.functional.interpolate(torch.from_numpy(heat)[:, None], size=(self.cam_size,) * 2,
                                                 mode="bilinear", align_corners=False)[:, 0].numpy()
