@@ -64,7 +64,7 @@ def bench_decode(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> float:
 
 
 def _models(cfg: ScoreConfig, threads: int):
-    kw = cfg.runtime_options("cpu", threads)
+    kw = cfg.runtime_options(threads=threads)
     seg = Segmenter(**cfg.segmenter_options(), **kw) if cfg.segmenter else None
     cls = Classifier(**cfg.classifier_options(), **kw)
     return seg, cls
@@ -78,14 +78,38 @@ def _run_models(batch: dict, seg, cls) -> dict:
 
 
 def bench_models(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> float:
-    """(b) images/s of segmentation + classification on pre-decoded uint8 tensors."""
+    """(b) images/s of segmentation + classification on pre-decoded uint8 images, or with
+    ``cfg.decode_jpeg_on_device`` from JPEG bytes in memory decoded by the model actor."""
     seg, cls = _models(cfg, cpus)
-    batches = [decode_items(items[i:i + cfg.batch_size], cfg.work_size)
-               for i in range(0, len(items), cfg.batch_size)]
-    _run_models(batches[0], seg, cls)  # warm-up
+    if cfg.decode_jpeg_on_device:  # bytes in memory: the timed part decodes them
+        items = [InputItem(it.key, data=Path(it.path).read_bytes()) if it.path else it for it in items]
+    chunks = [items[i:i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
+    decoded = None if cfg.decode_jpeg_on_device else [decode_items(c, cfg.work_size) for c in chunks]
+
+    def run(i):
+        b = decoded[i] if decoded else decode_items(chunks[i], cfg.work_size, defer_jpeg=True)
+        return len(_run_models(b, seg, cls)["key"])
+
+    run(0)  # warm-up (also captures CUDA graphs, builds engines)
     t0 = time.perf_counter()
-    n = sum(len(_run_models(b, seg, cls)["key"]) for b in batches)
+    n = sum(run(i) for i in range(len(chunks)))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)
+
+
+def runtime_grid(cuda: bool, batch_sizes: tuple[int, ...]) -> list[dict]:
+    """Model-forward settings compared by ``run_bench`` (what ``--runtime auto`` chooses from)."""
+    if not cuda:
+        return [dict(runtime=rt, precision=p, batch_size=batch_sizes[0])
+                for rt, p in (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"))]
+    import importlib.util
+
+    grid = [dict(runtime="torch", precision=p, cuda_graphs=g, batch_size=bs)
+            for bs in batch_sizes for p in ("fp32", "fp16") for g in (False, True)]
+    if importlib.util.find_spec("tensorrt"):
+        grid += [dict(runtime="tensorrt", precision="fp16", batch_size=bs) for bs in batch_sizes]
+    return grid
 
 
 def bench_pipeline(archive: Path, cfg: ScoreConfig) -> tuple[float, float]:
@@ -163,30 +187,38 @@ def agreement(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> dict:
 
 
 def machine_info() -> dict:
-    import pyarrow
-    import ray
+    import importlib.metadata
 
+    import pyarrow
+
+    try:
+        ray_version = importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        ray_version = ""
     return {"cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
-            "torch": torch.__version__, "ray": ray.__version__, "pyarrow": pyarrow.__version__,
+            "torch": torch.__version__, "ray": ray_version, "pyarrow": pyarrow.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def run_bench(source: str = "phantoms", n: int = 256, cfg: ScoreConfig = ScoreConfig(),
               actors: tuple[int, ...] = (1,), batch_sizes: tuple[int, ...] = (16,),
               per_file_n: int = 64, out: Path | None = None, shared: Path | None = None,
-              work_dir: Path | None = None, echo=print):
-    """Run every mode, return a polars DataFrame (and write it to ``out`` as Parquet)."""
+              work_dir: Path | None = None, echo=print, use_ray: bool = True):
+    """Run every mode, return a polars DataFrame (and write it to ``out`` as Parquet).
+    Without ``use_ray`` (a GPU machine that has no ray) the Ray pipeline mode is skipped."""
     import polars as pl
-
-    from cxrscreen.pipeline.score import init_ray
 
     work = Path(work_dir or tempfile.mkdtemp(prefix="cxrbench-inputs-"))
     archive = prepare_inputs(source, n, work, shared)
     items = list(list_inputs(archive))
     cpus = cfg.num_cpus or os.cpu_count() or 1
-    init_ray(cfg.address, cpus)
+    if use_ray:
+        from cxrscreen.pipeline.score import init_ray
+
+        init_ray(cfg.address, cpus)
     info = machine_info()
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
     rows = []
 
     def record(mode, ips, **kw):
@@ -198,19 +230,22 @@ def run_bench(source: str = "phantoms", n: int = 256, cfg: ScoreConfig = ScoreCo
         echo(f"{mode:<28} bs={row['batch_size']:<3} actors={row['actors']} {ips:8.1f} img/s")
 
     record("a_decode_preprocess", bench_decode(items, cfg, cpus))
-    for rt, prec in (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32")):
-        c = replace(cfg, runtime=rt, precision=prec)
-        record("b_model_forward_runtime", bench_models(items, c, cpus), runtime=rt, precision=prec)
+    for setting in runtime_grid(cuda, batch_sizes):
+        record("b_model_forward_runtime", bench_models(items, replace(cfg, **setting), cpus), **setting)
+    jpegs = [it for it in items if str(it.path or "").lower().endswith((".jpg", ".jpeg"))]
+    if jpegs:
+        record("b_jpeg_bytes_decoded_by_actor", bench_models(jpegs, replace(cfg, decode_jpeg_on_device=True), cpus),
+               n=len(jpegs))
     for bs in batch_sizes:
         c = replace(cfg, batch_size=bs)
         record("b_model_forward", bench_models(items, c, cpus), batch_size=bs)
-        for a in actors:
+        for a in actors if use_ray else ():
             overall, steady = bench_pipeline(archive, replace(c, cls_actors=a, seg_actors=a))
             record("c_pipeline", overall, batch_size=bs, actors=a)
             record("c_pipeline_steady", steady, batch_size=bs, actors=a)
         record("d_dataloader", bench_dataloader(items, c, cpus), batch_size=bs)
     record("e_per_file", bench_per_file(items[:per_file_n], cfg, cpus), batch_size=1)
-    df = pl.DataFrame(rows)
+    df = pl.DataFrame(rows, infer_schema_length=None)
     agree = agreement(items[:64], cfg, cpus)
     df = df.with_columns(**{k: pl.lit(v) for k, v in agree.items()})
     echo(f"{agree['compared']} vs torch fp32: {agree}")
@@ -221,11 +256,13 @@ def run_bench(source: str = "phantoms", n: int = 256, cfg: ScoreConfig = ScoreCo
 
 
 def ratios(df) -> dict:
-    """c/b, c/d, c/e from the best configuration of each mode."""
+    """c/b, c/d, c/e from the best configuration of each mode (none without the pipeline mode)."""
     best = {m: df.filter(df["mode"] == m)["images_per_s"].max() for m in df["mode"].unique()}
     out = {}
     for name in ("c_pipeline", "c_pipeline_steady"):
-        c, tag = best.get(name, 0), "" if name == "c_pipeline" else " steady"
+        if name not in best:
+            continue
+        c, tag = best[name], "" if name == "c_pipeline" else " steady"
         out.update({f"c/b{tag}": c / best["b_model_forward"], f"c/d{tag}": c / best["d_dataloader"],
                     f"c/e{tag}": c / best["e_per_file"]})
     return out

@@ -164,19 +164,22 @@ def explain(archive, out_dir, classifier, segmenter, method, limit):
 @click.option("--actors", default="1", show_default=True, help="Comma-separated actor counts for the pipeline.")
 @click.option("--batch-sizes", default="16", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--per-file-n", default=64, show_default=True, help="Inputs for the slow per-file loop.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--no-ray", is_flag=True, help="Skip the Ray pipeline mode (a machine without ray).")
 @click.option("--shared", type=click.Path(file_okay=False), default="../shared/data", show_default=True)
 @click.option("-o", "--out", "out_path", default="benchmarks/results/bench.parquet", show_default=True)
-def bench(source, num, config_path, classifier, segmenter, precision, runtime, actors, batch_sizes, per_file_n, shared, out_path):
+def bench(source, num, config_path, classifier, segmenter, precision, runtime, actors, batch_sizes, per_file_n,
+          device, no_ray, shared, out_path):
     """Throughput of decode, model, full pipeline, DataLoader and per-file loops (to Parquet)."""
     from cxrscreen.bench import ratios, run_bench
     from cxrscreen.config import load_config
     from cxrscreen.pipeline import ScoreConfig
 
     cfg = load_config(ScoreConfig, config_path, classifier=classifier, segmenter=segmenter, precision=precision,
-                      runtime=runtime)
+                      runtime=runtime, device=device)
     df = run_bench(source, num, cfg, tuple(int(a) for a in actors.split(",")),
                    tuple(int(b) for b in batch_sizes.split(",")), per_file_n, Path(out_path), Path(shared),
-                   echo=click.echo)
+                   echo=click.echo, use_ray=not no_ray)
     click.echo(" ".join(f"{k}={v:.2f}" for k, v in ratios(df).items()))
 
 

@@ -1,0 +1,26 @@
+"""`cxrscreen bench` end to end on a few phantoms (speed is measured in benchmarks/, not here)."""
+
+import polars as pl
+import pytest
+
+from cxrscreen.bench import ratios, run_bench
+from cxrscreen.pipeline import ScoreConfig
+
+
+@pytest.mark.timeout(600)
+def test_bench_writes_every_mode_and_the_runtime_agreement(tmp_path):
+    out = tmp_path / "bench.parquet"
+    df = run_bench("phantoms", 24, ScoreConfig(num_cpus=2, device="cpu"), batch_sizes=(8,), per_file_n=4,
+                   out=out, work_dir=tmp_path, echo=lambda *_: None, use_ray=False)
+    assert pl.read_parquet(out).equals(df)
+    modes = set(df["mode"])
+    assert {"a_decode_preprocess", "b_model_forward_runtime", "b_jpeg_bytes_decoded_by_actor", "b_model_forward",
+            "d_dataloader", "e_per_file"} <= modes and "c_pipeline" not in modes
+    assert (df["images_per_s"] > 0).all()
+    runtimes = df.filter(pl.col("mode") == "b_model_forward_runtime")
+    assert sorted(zip(runtimes["runtime"], runtimes["precision"])) == [
+        ("onnxruntime", "fp32"), ("torch", "bf16"), ("torch", "fp32")]
+    # the configured default (auto -> onnxruntime fp32 on CPU) against the torch fp32 reference
+    assert df["compared"][0] == "onnxruntime-fp32"
+    assert df["max_abs_prob_diff"][0] < 1e-4 and df["label_agreement"][0] == 1.0 and df["min_mask_dice"][0] > 0.99
+    assert ratios(df) == {}  # no pipeline mode without Ray
