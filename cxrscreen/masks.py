@@ -3,41 +3,49 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
 
-def clean_mask(mask: np.ndarray) -> np.ndarray:
-    """Keep the two largest 4-connected components of a boolean mask and fill their holes."""
-    labels, n = ndimage.label(mask)
-    if n > 2:
-        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-        keep = 1 + np.argsort(sizes)[-2:]
-        mask = np.isin(labels, keep)
-    return ndimage.binary_fill_holes(mask)
+@dataclass
+class LungRegions:
+    """A cleaned lung mask and its measurements (boxes normalised [x0, y0, x1, y1], NaN if empty)."""
+
+    mask: np.ndarray
+    fraction: float
+    box: np.ndarray
+    right: np.ndarray  # the patient's right lung: the image's left half (PA/AP convention)
+    left: np.ndarray
 
 
-def lung_box(mask: np.ndarray) -> np.ndarray:
-    """Normalised [x0, y0, x1, y1] of the mask (NaN when empty)."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return np.full(4, np.nan, np.float32)
+def lung_regions(mask: np.ndarray) -> LungRegions:
+    """Keep the two largest 4-connected components of a boolean mask, fill their holes, and
+    measure area fraction, the overall box and one box per lung - with one labelling pass.
+    Each component goes to the side its box centre lies on."""
     h, w = mask.shape
-    return np.array([xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h], np.float32)
-
-
-def lung_side_boxes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes of the patient's right and left lung (PA/AP convention: the right lung is on the
-    image's left). Each component goes to the side of its centroid; a side without lung is NaN."""
     labels, n = ndimage.label(mask)
-    sides = {"right": np.zeros_like(mask, bool), "left": np.zeros_like(mask, bool)}
-    for k in range(1, n + 1):
-        comp = labels == k
-        side = "right" if np.nonzero(comp)[1].mean() < mask.shape[1] / 2 else "left"
-        sides[side] |= comp
-    return lung_box(sides["right"]), lung_box(sides["left"])
+    nan = np.full(4, np.nan, np.float32)
+    if n == 0:
+        return LungRegions(np.zeros_like(mask, bool), 0.0, nan, nan.copy(), nan.copy())
+    keep = np.argsort(np.bincount(labels.ravel())[1:])[-2:] + 1
+    lut = np.zeros(n + 1, bool)
+    lut[keep] = True
+    cleaned = ndimage.binary_fill_holes(lut[labels])  # holes lie inside a component: boxes unchanged
+    slices = ndimage.find_objects(labels)
+    boxes = {"right": [], "left": []}
+    for k in keep:
+        ys, xs = slices[k - 1]
+        box = np.array([xs.start / w, ys.start / h, xs.stop / w, ys.stop / h], np.float32)
+        boxes["right" if (box[0] + box[2]) / 2 < 0.5 else "left"].append(box)
+
+    def union(bs):
+        return nan.copy() if not bs else np.concatenate([np.min(bs, 0)[:2], np.max(bs, 0)[2:]]).astype(np.float32)
+
+    return LungRegions(cleaned, float(cleaned.mean()), union(boxes["right"] + boxes["left"]),
+                       union(boxes["right"]), union(boxes["left"]))
 
 
 def decode_mask_png(data: bytes) -> np.ndarray:

@@ -111,7 +111,7 @@ def derived_tasks(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
 def evaluate_segmenter(model_dir: str | Path, data: str | None = None) -> dict:
     """Dice, IoU and pixel accuracy of a U-Net checkpoint, raw and after mask clean-up, on the
     expert masks (ground truth, ``test``) and on the pseudo-mask validation split - labeled apart."""
-    from cxrscreen.masks import clean_mask
+    from cxrscreen.masks import lung_regions
     from cxrscreen.train.trainer import make_task
 
     model_dir = Path(model_dir)
@@ -128,7 +128,7 @@ def evaluate_segmenter(model_dir: str | Path, data: str | None = None) -> dict:
         logits = predict_logits(loaded.module, images, cfg, torch.device("cpu"))
         truth = masks > 0
         for variant, pred in (("raw", logits[:, 0] > 0),
-                              ("cleaned", np.stack([clean_mask(p) for p in logits[:, 0] > 0]))):
+                              ("cleaned", np.stack([lung_regions(p).mask for p in logits[:, 0] > 0]))):
             inter = (pred & truth).sum((1, 2))
             union = (pred | truth).sum((1, 2))
             total = pred.sum((1, 2)) + truth.sum((1, 2))

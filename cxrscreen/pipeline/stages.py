@@ -16,7 +16,7 @@ import torch
 from cxrscreen import __version__
 from cxrscreen.io.decode import Decoded, DecodeOptions, decode_image, deferrable_jpeg, read_bytes
 from cxrscreen.io.errors import ImageError
-from cxrscreen.masks import clean_mask, decode_mask_png, lung_box, lung_side_boxes, mask_png
+from cxrscreen.masks import decode_mask_png, lung_regions, mask_png
 from cxrscreen.preprocess import crop_boxes, resize_uint8, to_model_input
 
 # decoded metadata key -> output column (no patient identifiers unless include_phi)
@@ -223,9 +223,9 @@ class Segmenter(_ModelStage):
             if logits is not None:
                 probs = torch.sigmoid(logits[:, 0]).cpu().numpy()
                 for j, i in enumerate(np.nonzero(ok)[0]):
-                    m = clean_mask(probs[j] > self.threshold)
-                    masks[i], frac[i], boxes[i] = mask_png(m, self.mask_size), m.mean(), lung_box(m)
-                    right[i], left[i] = lung_side_boxes(m)
+                    r = lung_regions(probs[j] > self.threshold)
+                    masks[i], frac[i], boxes[i], right[i], left[i] = (mask_png(r.mask, self.mask_size), r.fraction,
+                                                                      r.box, r.right, r.left)
         except Exception as e:  # noqa: BLE001 - one bad batch must not abort the archive
             self._fail(batch, ok, e)
         batch.update(lung_mask_png=masks, lung_fraction=frac, lung_bbox=boxes, lung_bbox_right=right, lung_bbox_left=left,

@@ -1,0 +1,45 @@
+"""Lung-mask post-processing: two largest components, holes filled, fraction and boxes."""
+
+import numpy as np
+import pytest
+
+from cxrscreen.data.synth import make_phantom
+from cxrscreen.masks import decode_mask_png, dice, lung_regions, mask_png
+
+
+def test_two_largest_components_kept_holes_filled_and_boxed_per_side():
+    m = np.zeros((100, 100), bool)
+    m[20:80, 10:40] = True  # image left = the patient's right lung
+    m[30:70, 60:90] = True  # image right = the patient's left lung
+    m[40:45, 20:25] = False  # a hole
+    m[90:93, 50:53] = True  # a speck
+    r = lung_regions(m)
+    assert r.mask[42, 22] and not r.mask[91, 51]  # hole filled, speck gone
+    assert r.fraction == pytest.approx((60 * 30 + 40 * 30) / 10000)
+    np.testing.assert_allclose(r.right, [0.10, 0.20, 0.40, 0.80])
+    np.testing.assert_allclose(r.left, [0.60, 0.30, 0.90, 0.70])
+    np.testing.assert_allclose(r.box, [0.10, 0.20, 0.90, 0.80])
+
+
+def test_one_lung_or_none():
+    m = np.zeros((50, 50), bool)
+    m[10:40, 30:45] = True
+    r = lung_regions(m)
+    assert np.isnan(r.right).all() and not np.isnan(r.left).any()
+    empty = lung_regions(np.zeros((50, 50), bool))
+    assert empty.fraction == 0 and np.isnan(empty.box).all() and not empty.mask.any()
+
+
+def test_phantom_lungs_are_boxed_on_the_right_side():
+    p = make_phantom("normal", 128, seed=2)
+    r = lung_regions(p.lung_mask.astype(bool))
+    assert dice(r.mask, p.lung_mask.astype(bool)) > 0.97  # the phantom masks are clean already
+    assert r.right[2] <= 0.5 <= r.left[0]
+
+
+def test_mask_png_round_trip():
+    m = np.zeros((64, 64), bool)
+    m[8:40, 4:30] = True
+    back = decode_mask_png(mask_png(m, 128))
+    assert back.shape == (128, 128) and dice(back[::2, ::2], m) == 1.0
+    assert dice(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0
