@@ -277,12 +277,14 @@ def loso(config_path, model, data, epochs, lung_crop, sources, out_dir):
 @main.command("model-card")
 @click.argument("classifier_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--segmenter", "segmenter_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--comparison", type=click.Path(exists=True, dir_okay=False), help="A report's comparison.parquet.")
+@click.option("--loso", multiple=True, type=click.Path(exists=True, dir_okay=False), help="loso.parquet files.")
 @click.option("-o", "--out", "out_path", default="MODEL_CARD.md", show_default=True)
-def model_card(classifier_dir, segmenter_dir, out_path):
+def model_card(classifier_dir, segmenter_dir, comparison, loso, out_path):
     """Render MODEL_CARD.md from evaluated checkpoints (run `evaluate` on them first)."""
     from cxrscreen.evaluate.card import render_model_card
 
-    Path(out_path).write_text(render_model_card(classifier_dir, segmenter_dir))
+    Path(out_path).write_text(render_model_card(classifier_dir, segmenter_dir, comparison, list(loso)))
     click.echo(f"wrote {out_path}")
 
 

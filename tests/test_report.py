@@ -95,3 +95,17 @@ def test_report_compares_models_with_every_figure(trained, two_site_manifest, tm
     assert (table["params"] > 0).all() and (table["inference_images_per_s"] > 0).all()
     assert (table["train_seconds"] > 0).all() and table["cam_lung_energy"].is_between(0, 1).all()
     assert (tmp_path / "report" / "comparison.md").read_text().startswith("| model | architecture |")
+
+
+def test_model_card_includes_comparison_and_loso(trained, two_site_manifest, tmp_path):
+    from cxrscreen.evaluate.card import render_model_card
+    from cxrscreen.evaluate.report import build_report
+
+    full, crop = trained
+    evaluate_model(full)  # the card needs test metrics in model.json
+    build_report([full, crop], tmp_path, segmenter=None, samples=2, kmeans_images=40)
+    loso = tmp_path / "loso.parquet"
+    pl.DataFrame({"held_out": ["site_a"], "held_out_accuracy": [0.625]}).write_parquet(loso)
+    card = render_model_card(full, comparison=tmp_path / "comparison.parquet", loso=[loso])
+    assert "## Models compared" in card and "| full | cxrnet |" in card and "| crop | cxrnet | unet-lungs |" in card
+    assert "## Source shift" in card and "| site_a | 0.625 |" in card

@@ -31,7 +31,10 @@ def _confusion(m: dict) -> list[str]:
     return rows
 
 
-def render_model_card(classifier_dir: str | Path, segmenter_dir: str | Path | None = None) -> str:
+def render_model_card(classifier_dir: str | Path, segmenter_dir: str | Path | None = None,
+                      comparison: str | Path | None = None, loso: list[str | Path] | None = None) -> str:
+    """MODEL_CARD.md text; ``comparison``: a report's ``comparison.parquet`` (other models, lung
+    crop vs whole image, CAM lung energy); ``loso``: ``loso.parquet`` files (source shift)."""
     cdir = Path(classifier_dir)
     card = json.loads((cdir / "model.json").read_text())
     cfg = yaml.safe_load((cdir / "train_config.yaml").read_text())
@@ -112,4 +115,41 @@ def render_model_card(classifier_dir: str | Path, segmenter_dir: str | Path | No
                     lines.append(f"| {label} | {variant} | {v['n']} | {v['dice']:.4f} | {v['iou']:.4f} | "
                                  f"{v['pixel_accuracy']:.4f} |")
         lines += ["", "`cleaned` = two largest components kept and holes filled (what `score` stores).", ""]
+    if comparison:
+        lines += _comparison_section(comparison)
+    if loso:
+        lines += _loso_section(loso)
     return "\n".join(lines)
+
+
+def markdown_table(df) -> list[str]:
+    """Lines of a Markdown table of a polars frame (floats to 4 significant digits)."""
+    def fmt(v):
+        return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    return ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns),
+            *["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.iter_rows()]]
+
+
+def _comparison_section(path) -> list[str]:
+    import polars as pl
+
+    df = pl.read_parquet(path)
+    cols = [c for c in ("model", "architecture", "lung_crop", "n", "accuracy", "macro_f1", "macro_auc",
+                        "accuracy_3class", "covid_sensitivity", "covid_ppv", "params", "train_seconds",
+                        "inference_images_per_s", "cam_lung_energy") if c in df.columns]
+    return ["## Models compared (`cxrscreen report`, test split of each model's task)", "",
+            *markdown_table(df.select(cols)), "",
+            "`accuracy_3class`: covid / normal / viral (a 4-class model's probabilities renormalised over those "
+            "three); `cam_lung_energy`: mean share of Grad-CAM energy inside the segmented lungs on the report's "
+            "sample images; `inference_images_per_s`: torch fp32 model forward, batch 32, this 2-core CPU.", ""]
+
+
+def _loso_section(paths) -> list[str]:
+    import polars as pl
+
+    df = pl.concat([pl.read_parquet(p) for p in paths], how="diagonal_relaxed")
+    return ["## Source shift: leave one source out (`cxrscreen loso`)", "",
+            "Each row: trained without one source (shorter schedule, see configs/train/loso.yaml), tested on all "
+            "images of that source whose class the fold saw, next to the same fold's in-source test split.", "",
+            *markdown_table(df), ""]

@@ -21,6 +21,7 @@ import polars as pl
 import torch
 
 from cxrscreen.evaluate import plots
+from cxrscreen.evaluate.card import markdown_table
 
 class _Page:
     """Collects sections of HTML and writes every figure to ``plots/`` as well."""
@@ -114,6 +115,7 @@ def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | Non
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(rows), min(samples, len(rows)), replace=False))
     files = [rows["file"][int(i)] for i in pick]
+    segmenter = segmenter or info.lung_crop  # a crop-trained model needs its lung boxes
     batch, images = _cam_rows(model_dir, files, segmenter)
     titles = [f"true {classes[y[i]]}\npred {classes[probs[i].argmax()]} {probs[i].max():.2f}" for i in pick]
     page.figure(f"{tag}-samples", plots.image_grid(list(images), titles), f"{tag}: sample test predictions")
@@ -224,7 +226,7 @@ def build_report(model_dirs: list[str | Path], out_dir: str | Path, data: str | 
         sections.append(sub.parts)
     table = pl.DataFrame(rows, infer_schema_length=None)
     table.write_parquet(out / "comparison.parquet")
-    (out / "comparison.md").write_text(_markdown(table))
+    (out / "comparison.md").write_text("\n".join(markdown_table(table)) + "\n")
     page.h(2, "Comparison")
     page.p(f"Every model on the {split} split; inference images/s = torch fp32 model forward on this machine's "
            "CPU, batch 32; cam_lung_energy = mean fraction of Grad-CAM energy inside the segmented lungs on "
@@ -244,9 +246,3 @@ def build_report(model_dirs: list[str | Path], out_dir: str | Path, data: str | 
                "the fold never saw are left out) next to the same model's in-source test split.")
         page.table(pl.concat([pl.read_parquet(p) for p in loso], how="diagonal_relaxed"))
     return page.write("cxrscreen model report")
-
-
-def _markdown(df: pl.DataFrame) -> str:
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in df.iter_rows()]
-    return "\n".join(lines) + "\n"
