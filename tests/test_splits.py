@@ -50,3 +50,11 @@ def test_shared_manifest_split_is_patient_level():
     assert len(df) == 5300 and leaking_groups(df) == []
     resplit = patient_split(df.drop("split"), seed=0)
     assert leaking_groups(resplit) == [] and len(resplit) == 5300
+
+
+def test_cap_drops_a_leading_patient_larger_than_the_cap():
+    big = [(f"big{i}", "a", "p_big") for i in range(200)]  # one patient above the cap: never kept
+    df = _frame(big + [(f"img{i}", "ab"[i % 2], f"p{i}") for i in range(400)])
+    out = patient_split(df, seed=0, cap_per_class=100)
+    assert "p_big" not in out["patient_id"].to_list()
+    assert dict(out.group_by("label").len().iter_rows()) == {"a": 100, "b": 100}

@@ -67,7 +67,7 @@ def patient_split(df: pl.DataFrame, fractions: tuple[float, ...] = (0.7, 0.15, 0
             for i in unit_rows[u]:
                 assign[i] = names[k]
                 keep[i] = True
-    out = df.with_columns(pl.Series("split", assign, dtype=pl.Utf8)).filter(pl.Series(keep))
+    out = df.with_columns(pl.Series("split", assign.tolist(), dtype=pl.Utf8)).filter(pl.Series(keep))
     return out.drop("_unit")
 
 
