@@ -230,7 +230,7 @@ def train(cfg: TrainConfig, progress=print) -> Path:
 
     from cxrscreen.pipeline.score import init_ray
 
-    ray = init_ray()
+    init_ray()
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
