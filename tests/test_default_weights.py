@@ -36,3 +36,16 @@ def test_default_pipeline_on_real_test_images():
     fractions = np.concatenate([b["lung_fraction"] for b in rows])
     assert (labels == sample["label"].to_numpy()).mean() >= 0.7  # 4 classes: chance is 0.25
     assert np.median(fractions) > 0.15 and np.median(fractions) < 0.5  # real lungs, not noise
+
+
+def test_model_card_is_rendered_from_the_shipped_evaluation():
+    """MODEL_CARD.md is exactly what `cxrscreen model-card` renders from the shipped files
+    (no hand-copied numbers)."""
+    from pathlib import Path
+
+    from cxrscreen.evaluate.card import render_model_card
+
+    ev = BUNDLED / "evaluation"
+    card = render_model_card(BUNDLED / "cxrnet-4class", BUNDLED / "unet-lungs", ev / "comparison.parquet",
+                             sorted(ev.glob("loso-*.parquet")))
+    assert (Path(__file__).resolve().parents[1] / "MODEL_CARD.md").read_text() == card

@@ -15,10 +15,11 @@ from cxrscreen.train import TrainConfig, train
 
 @pytest.fixture(scope="module")
 def two_site_manifest(tmp_path_factory):
-    """Phantoms whose patients come from site_a or site_b (the manifest's source column)."""
+    """Phantoms whose patients come from site_a or site_b (the manifest's source column), each
+    site with every class (the phantom plan cycles the classes over consecutive patients)."""
     path = write_archive(tmp_path_factory.mktemp("sites"), 200, seed=7, size=64)
     df = pl.read_csv(path)
-    site = pl.when(pl.col("patient_id").str.slice(-1).cast(pl.Int32) % 2 == 0).then(pl.lit("site_a"))
+    site = pl.when(pl.col("patient_id").str.slice(3).cast(pl.Int32) // 4 % 2 == 0).then(pl.lit("site_a"))
     df.with_columns(site.otherwise(pl.lit("site_b")).alias("source")).write_csv(path)
     return path
 
@@ -54,15 +55,23 @@ def test_sources_can_be_kept_or_left_out(two_site_manifest):
     only_a, _ = labeled_splits(_cfg(two_site_manifest, "x", sources=["site_a"]))
     not_a, _ = labeled_splits(_cfg(two_site_manifest, "x", exclude_sources=["site_a"]))
     assert set(only_a["source"]) == {"site_a"} and set(not_a["source"]) == {"site_b"}
+    assert set(only_a["label"]) == set(not_a["label"]) == {"covid", "normal", "viral_pneumonia", "bacterial_pneumonia"}
     assert len(only_a) + len(not_a) == 200
 
 
 def test_leave_one_source_out(two_site_manifest, tmp_path, ray_2cpu):
-    df = leave_one_source_out(_cfg(two_site_manifest, tmp_path, epochs=4), tmp_path, sources=["site_a"],
-                              progress=lambda *_: None)
+    # every viral pneumonia image comes from site_a: the fold without site_a never sees that class
     manifest = pl.read_csv(two_site_manifest)
+    manifest = manifest.with_columns(pl.when(pl.col("label") == "viral_pneumonia").then(pl.lit("site_a"))
+                                     .otherwise(pl.col("source")).alias("source"))
+    path = two_site_manifest.parent / "viral_at_site_a.csv"
+    manifest.write_csv(path)
+    df = leave_one_source_out(_cfg(path, tmp_path, epochs=4), tmp_path, sources=["site_a"], progress=lambda *_: None)
     row = df.row(0, named=True)
-    assert row["held_out"] == "site_a" and row["held_out_n"] == (manifest["source"] == "site_a").sum()
+    site_a = manifest.filter(pl.col("source") == "site_a")
+    viral = (site_a["label"] == "viral_pneumonia").sum()
+    assert row["held_out"] == "site_a" and row["held_out_unseen_class_images"] == viral > 0
+    assert row["held_out_n"] == len(site_a) - viral and "recall_viral_pneumonia" not in row
     assert row["train_images"] == len(manifest.filter((pl.col("source") == "site_b") & (pl.col("split") == "train")))
     assert 0 <= row["held_out_accuracy"] <= 1 and row["in_source_test_n"] > 0
     assert pl.read_parquet(tmp_path / "loso.parquet").equals(df)

@@ -48,7 +48,8 @@ def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[st
     rows = []
     for source in sources:
         fold_cfg = dataclasses.replace(cfg, exclude_sources=[source], out=str(out / f"without-{source}"))
-        fold_df, fold_classes = labeled_splits(fold_cfg)
+        fold_df, _ = labeled_splits(fold_cfg)
+        fold_classes = sorted(set(fold_df.filter(pl.col("split") == "train")["target"]))  # classes it learns
         progress(f"leave out {source}: train on {len(fold_df)} images of {sorted(fold_df['source'].unique())}")
         model_dir = train(fold_cfg, progress=progress)
         row = {"held_out": source, "model": cfg.model, "lung_crop": cfg.lung_crop or "",
