@@ -95,6 +95,7 @@ def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | Non
     from cxrscreen.explain import heatmap_from_png, triplet
     from cxrscreen.masks import decode_mask_png
     from cxrscreen.models import load_model
+    from cxrscreen.preprocess import crop_boxes
     from cxrscreen.train.data import load_images
 
     loaded = load_model(str(model_dir), "classify")
@@ -120,8 +121,13 @@ def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | Non
     page.figure(f"{tag}-samples", plots.image_grid(list(images), titles), f"{tag}: sample test predictions")
     ok = batch["status"] == "ok"
     energy = batch["cam_lung_energy"][ok]
-    trip = [triplet(images[j], decode_mask_png(batch["lung_mask_png"][j]) if segmenter else None,
-                    heatmap_from_png(batch["cam_png"][j])) for j in np.nonzero(ok)[0]]
+    masks = [decode_mask_png(m) if m is not None else None for m in batch.get("lung_mask_png", [None] * len(ok))]
+    if info.lung_crop:  # the heatmap is in the crop's frame: show the crop, and the mask cropped alike
+        boxes, side = batch["lung_bbox"], images.shape[-1]
+        images = crop_boxes(torch.from_numpy(images), boxes, side).numpy()
+        masks = [crop_boxes(torch.from_numpy(m[None].astype(np.uint8) * 255), boxes[j:j + 1], side)[0].numpy() > 127
+                 for j, m in enumerate(masks)]
+    trip = [triplet(images[j], masks[j], heatmap_from_png(batch["cam_png"][j])) for j in np.nonzero(ok)[0]]
     page.figure(f"{tag}-gradcam", plots.image_grid(trip, [f"{t.splitlines()[0]}, CAM in lungs {e:.2f}" for t, e in
                                                           zip(np.array(titles)[ok], energy)], cols=2),
                 f"{tag}: image / lung mask / Grad-CAM of the predicted class")
