@@ -10,7 +10,7 @@ from cxrscreen.pipeline import ScoreConfig
 @pytest.mark.timeout(600)
 def test_bench_writes_every_mode_and_the_runtime_agreement(tmp_path):
     out = tmp_path / "bench.parquet"
-    df = run_bench("phantoms", 24, ScoreConfig(num_cpus=2, device="cpu"), batch_sizes=(8,), per_file_n=4,
+    df = run_bench("phantoms", 24, ScoreConfig(num_cpus=2, device="cpu", precision="fp32"), batch_sizes=(8,), per_file_n=4,
                    out=out, work_dir=tmp_path, echo=lambda *_: None, use_ray=False)
     assert pl.read_parquet(out).equals(df)
     modes = set(df["mode"])
@@ -20,7 +20,7 @@ def test_bench_writes_every_mode_and_the_runtime_agreement(tmp_path):
     runtimes = df.filter(pl.col("mode") == "b_model_forward_runtime")
     assert sorted(zip(runtimes["runtime"], runtimes["precision"])) == [
         ("onnxruntime", "fp32"), ("torch", "bf16"), ("torch", "fp32")]
-    # the configured default (auto -> onnxruntime fp32 on CPU) against the torch fp32 reference
+    # the configured runtime (auto + fp32 -> onnxruntime) against the torch fp32 reference
     assert df["compared"][0] == "onnxruntime-fp32"
     assert df["max_abs_prob_diff"][0] < 1e-4 and df["label_agreement"][0] == 1.0 and df["min_mask_dice"][0] > 0.99
     assert ratios(df) == {}  # no pipeline mode without Ray

@@ -58,9 +58,13 @@ def test_onnx_export_of_registry_models_keeps_dynamic_batch(name, size):
         assert p.shape == (batch, 4) and (p - p_ref).abs().max() < PROB_TOL
 
 
-def test_auto_picks_onnxruntime_on_cpu_and_falls_back_to_torch(monkeypatch, caplog):
+def test_auto_picks_the_fastest_cpu_runtime_and_falls_back_to_torch(monkeypatch, caplog):
+    from cxrscreen.runtime.torch_runtime import cpu_has_fast_bf16
+
     module = build_model("cxrnet", 4, 1)
-    assert make_runtime(module, "cpu").name == "onnxruntime"
+    assert make_runtime(module, "cpu", "fp32").name == "onnxruntime"  # fp32: onnxruntime beats torch
+    auto = make_runtime(module, "cpu")
+    assert (auto.name, auto.precision) == (("torch", "bf16") if cpu_has_fast_bf16() else ("onnxruntime", "fp32"))
     assert make_runtime(module, "cpu", "bf16").name == "torch"  # reduced precision: torch autocast
 
     def broken(*a, **k):
@@ -68,7 +72,7 @@ def test_auto_picks_onnxruntime_on_cpu_and_falls_back_to_torch(monkeypatch, capl
 
     monkeypatch.setattr("cxrscreen.runtime.onnx_export.export_onnx", broken)
     with caplog.at_level(logging.WARNING):
-        rt = make_runtime(module, "cpu")
+        rt = make_runtime(module, "cpu", "fp32")
     assert rt.name == "torch" and "export failed" in caplog.text
     with pytest.raises(RuntimeError, match="export failed"):
         make_runtime(module, "cpu", runtime="onnxruntime")

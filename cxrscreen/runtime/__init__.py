@@ -27,11 +27,11 @@ def make_runtime(module, device: str = "auto", precision: str = "auto", threads:
     """The runtime for ``module`` on ``device`` ("auto", "cpu", "cuda").
 
     ``runtime="auto"`` picks the fastest one available (benchmarks/README.md): TensorRT on a
-    GPU when it imports, else torch fp16; onnxruntime on CPU (fp32, faster than torch bf16
-    there) unless a reduced precision was asked for. If the ONNX export of a model fails,
-    "auto" falls back to torch with a warning.
+    GPU when it imports, else torch fp16; on CPU torch bf16 where the CPU has fast bf16
+    (AVX512-BF16/AMX), else - and whenever fp32 is asked for - onnxruntime (faster than torch
+    fp32). If the ONNX export of a model fails, "auto" falls back to torch with a warning.
     """
-    from cxrscreen.runtime.torch_runtime import TorchRuntime, pick_device
+    from cxrscreen.runtime.torch_runtime import TorchRuntime, cpu_has_fast_bf16, pick_device
 
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
@@ -39,6 +39,8 @@ def make_runtime(module, device: str = "auto", precision: str = "auto", threads:
     if runtime == "auto":
         if dev.type == "cuda":
             runtime = "tensorrt" if _available("tensorrt") else "torch"
+        elif precision == "auto" and cpu_has_fast_bf16():
+            runtime = "torch"  # bf16 autocast: fastest on CPUs with AVX512-BF16/AMX
         else:
             runtime = "onnxruntime" if _available("onnxruntime") and precision in ("auto", "fp32") else "torch"
         try:

@@ -29,6 +29,9 @@ class OnnxRuntime:
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        # torch does the pre/post-processing in the same process: spinning ORT threads would
+        # steal its cores between batches
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = export_onnx(module, in_channels, size)
         self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
         self.device = torch.device("cpu")  # inputs are handed over as host arrays
