@@ -164,7 +164,7 @@ def _segmentation_section(page: _Page, segmenter: str, seg_data: str | None, sam
     from cxrscreen.explain import triplet
     from cxrscreen.masks import decode_mask_png
     from cxrscreen.models import load_model
-    from cxrscreen.pipeline.stages import Segmenter
+    from cxrscreen.pipeline.stages import Segmenter, image_batch
     from cxrscreen.train.data import load_images
 
     loaded = load_model(segmenter, "segment")
@@ -183,15 +183,14 @@ def _segmentation_section(page: _Page, segmenter: str, seg_data: str | None, sam
     df = df.head(samples)
     images, ok = load_images(df["file"].to_list(), 256)
     truth, ok_m = load_images(df["mask_file"].to_list(), 256)
-    n = len(images)
-    batch = Segmenter(segmenter, device="cpu", runtime="torch")(
-        {"key": np.arange(n).astype(object), "status": np.where(ok & ok_m, "ok", "error").astype(object),
-         "error_type": np.full(n, None, object), "error_message": np.full(n, None, object), "image": images})
+    good = ok & ok_m
+    images, truth, files = images[good], truth[good], [f for f, g in zip(df["file"], good) if g]
+    batch = Segmenter(segmenter, device="cpu", runtime="torch")(image_batch(images))
     panels, titles = [], []
-    for i in np.nonzero(ok & ok_m)[0]:
+    for i, f in enumerate(files):
         pred = decode_mask_png(batch["lung_mask_png"][i])
         panels.append(np.concatenate([triplet(images[i], truth[i] > 127), triplet(images[i], pred)[:, 256:]], axis=1))
-        titles.append(f"{Path(df['file'][int(i)]).name}: image | expert mask | predicted mask")
+        titles.append(f"{Path(f).name}: image | expert mask | predicted mask")
     if panels:
         page.figure("segmentation-triplets", plots.image_grid(panels, titles, cols=2),
                     "lung segmentation on expert-annotated images")

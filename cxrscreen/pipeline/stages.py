@@ -109,6 +109,13 @@ def decode_batch(batch: dict[str, np.ndarray], work_size: int = 256, max_pixels:
     return out
 
 
+def image_batch(images: np.ndarray) -> dict[str, np.ndarray]:
+    """A model-stage batch of already decoded uint8 images (B, H, W), every row ok."""
+    n = len(images)
+    return {"key": np.arange(n).astype(object), "status": np.full(n, "ok", object),
+            "error_type": np.full(n, None, object), "error_message": np.full(n, None, object), "image": images}
+
+
 def decode_items(items, work_size: int = 256, **options) -> dict[str, np.ndarray]:
     """``decode_batch`` over a sequence of ``InputItem`` (path or bytes): a model-stage batch."""
     return decode_batch({"key": _col([it.key for it in items]), "path": _col([it.path for it in items]),
@@ -145,11 +152,11 @@ class _ModelStage:
                 out.append(to_model_input(imgs, self.info.input_size, self.info.in_channels).numpy())
         return out
 
-    def _forward(self, images: np.ndarray, ok: np.ndarray, size: int):
-        """Model output for the ok rows (None if there are none), or raise."""
+    def _inputs(self, images: np.ndarray, ok: np.ndarray) -> torch.Tensor | None:
+        """Normalised model input of the ok rows on the runtime's device (None if there are none)."""
         if not ok.any():
             return None
-        return self.runtime(to_model_input(self._to_device(images[ok]), size, self.info.in_channels))
+        return to_model_input(self._to_device(images[ok]), self.info.input_size, self.info.in_channels)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         """Host array -> tensor on the runtime's device (pinned memory, non-blocking copy on CUDA)."""
@@ -219,9 +226,9 @@ class Segmenter(_ModelStage):
         boxes = np.full((n, 4), np.nan, np.float32)
         right, left = boxes.copy(), boxes.copy()
         try:
-            logits = self._forward(batch["image"], ok, self.info.input_size)
-            if logits is not None:
-                probs = torch.sigmoid(logits[:, 0]).cpu().numpy()
+            x = self._inputs(batch["image"], ok)
+            if x is not None:
+                probs = torch.sigmoid(self.runtime(x)[:, 0]).cpu().numpy()
                 for j, i in enumerate(np.nonzero(ok)[0]):
                     r = lung_regions(probs[j] > self.threshold)
                     masks[i], frac[i], boxes[i], right[i], left[i] = (mask_png(r.mask, self.mask_size), r.fraction,
@@ -271,11 +278,11 @@ class Classifier(_ModelStage):
                     raise ValueError("lung crop asked for (or the model was trained on lung crops) "
                                      "but no segmenter ran: give a segmenter")
                 images = crop_boxes(torch.from_numpy(images), batch["lung_bbox"], images.shape[-1]).numpy()
-            logits = self._forward(images, ok, self.info.input_size)
-            if logits is not None:
-                probs[ok] = torch.softmax(logits / self.info.temperature, dim=1).cpu().numpy()
+            x = self._inputs(images, ok)
+            if x is not None:
+                probs[ok] = torch.softmax(self.runtime(x) / self.info.temperature, dim=1).cpu().numpy()
                 if self.cam is not None:
-                    self._add_cams(batch, images, ok)
+                    self._add_cams(batch, x, ok)
         except Exception as e:  # noqa: BLE001
             self._fail(batch, ok, e)
         ok = batch["status"] == "ok"
@@ -290,20 +297,20 @@ class Classifier(_ModelStage):
                      t_classify_ms=np.full(n, (time.perf_counter() - t0) * 1000 / max(n, 1), np.float32))
         return batch
 
-    def _add_cams(self, batch: dict, images: np.ndarray, ok: np.ndarray) -> None:
-        """Grad-CAM of the predicted class (fp32, on the module's device) for the ok rows."""
+    def _add_cams(self, batch: dict, x: torch.Tensor, ok: np.ndarray) -> None:
+        """Grad-CAM of the predicted class (fp32, on the module's device) for the ok rows,
+        from their model input ``x``."""
         from cxrscreen.explain import energy_inside, heatmap_png
 
         n = len(ok)
         pngs, energy = np.full(n, None, object), np.full(n, np.nan, np.float32)
-        x = to_model_input(self._to_device(images[ok]), self.info.input_size, self.info.in_channels)
-        x = x.to(next(self.loaded.module.parameters()).device)
-        heat, _, _ = self.cam(x)
+        heat, _, _ = self.cam(x.to(next(self.loaded.module.parameters()).device))
         small = torch.nn.functional.interpolate(torch.from_numpy(heat)[:, None], size=(self.cam_size,) * 2,
                                                 mode="bilinear", align_corners=False)[:, 0].numpy()
+        mask_pngs = batch.get("lung_mask_png", np.full(n, None, object))
         for j, i in enumerate(np.nonzero(ok)[0]):
             pngs[i] = heatmap_png(small[j])
-            mask_bytes = batch.get("lung_mask_png", np.full(n, None, object))[i]
+            mask_bytes = mask_pngs[i]
             if mask_bytes is not None:
                 mask = torch.from_numpy(decode_mask_png(mask_bytes).astype(np.uint8) * 255)
                 if self.lung_crop:  # the heatmap is in the coordinates of the crop

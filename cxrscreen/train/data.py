@@ -54,15 +54,13 @@ def load_images(files: list[str], size: int, lung_crop: str | None = None) -> tu
 
 def lung_crops(images: np.ndarray, segmenter: str, size: int, batch: int = 32) -> np.ndarray:
     """uint8 images cropped to the lung box the segmenter finds (whole image if none), ``size`` px."""
-    from cxrscreen.pipeline.stages import Segmenter
+    from cxrscreen.pipeline.stages import Segmenter, image_batch
 
     seg = Segmenter(segmenter, device="cpu")
     out = []
     for i in range(0, len(images), batch):
         chunk = images[i:i + batch]
-        n = len(chunk)
-        b = seg({"key": np.arange(n).astype(object), "status": np.full(n, "ok", object),
-                 "error_type": np.full(n, None, object), "error_message": np.full(n, None, object), "image": chunk})
+        b = seg(image_batch(chunk))
         out.append(crop_boxes(torch.from_numpy(chunk), b["lung_bbox"], size).numpy())
     return np.concatenate(out) if out else np.zeros((0, size, size), np.uint8)
 
