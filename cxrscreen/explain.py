@@ -142,6 +142,37 @@ def triplet(image: np.ndarray, mask: np.ndarray | None = None, cam: np.ndarray |
     return np.concatenate(panels, axis=1)
 
 
+def explain_items(items, classifier, segmenter=None, work_size: int = 256) -> tuple[dict, np.ndarray]:
+    """Decode ``items`` (``InputItem``), segment, classify with Grad-CAM (a ``Classifier`` built
+    with ``cam``): the output batch and the decoded uint8 images it was computed from."""
+    from cxrscreen.pipeline.stages import decode_items
+
+    batch = decode_items(items, work_size)
+    if segmenter is not None:
+        batch = segmenter(batch)
+    images = batch["image"].copy()  # the classifier drops the column
+    return classifier(batch), images
+
+
+def overlays(batch: dict, images: np.ndarray, lung_crop: bool = False) -> list[tuple[int, np.ndarray]]:
+    """(row, image | lung mask | heatmap triplet) for the ok rows of an ``explain_items`` batch,
+    in the classifier's frame: a lung-crop classifier's heatmap is shown on the crop."""
+    from cxrscreen.preprocess import crop_boxes
+
+    masks = batch.get("lung_mask_png")
+    out = []
+    for i in np.nonzero(batch["status"] == "ok")[0]:
+        image = images[i]
+        mask = None if masks is None or masks[i] is None else decode_mask_png(masks[i])
+        if lung_crop:
+            box = batch["lung_bbox"][i:i + 1]
+            image = crop_boxes(torch.from_numpy(image[None]), box, image.shape[-1])[0].numpy()
+            if mask is not None:
+                mask = crop_boxes(torch.from_numpy(mask[None].astype(np.uint8) * 255), box, mask.shape[-1])[0].numpy() > 127
+        out.append((int(i), triplet(image, mask, heatmap_from_png(batch["cam_png"][i]))))
+    return out
+
+
 def explain_archive(archive, out_dir, classifier: str = "cxrnet-4class", segmenter: str = "unet-lungs",
                     method: str = "gradcam", limit: int | None = None, batch_size: int = 16):
     """Grad-CAM for the images of ``archive``: ``explanations.parquet`` (one row per input:
@@ -154,7 +185,7 @@ def explain_archive(archive, out_dir, classifier: str = "cxrnet-4class", segment
     from cxrscreen.io.sources import list_inputs
     from cxrscreen.pipeline.config import ScoreConfig
     from cxrscreen.pipeline.output import batch_to_table, output_schema
-    from cxrscreen.pipeline.stages import Classifier, Segmenter, decode_items
+    from cxrscreen.pipeline.stages import Classifier, Segmenter
 
     cfg = ScoreConfig(classifier=classifier, segmenter=segmenter, cam=method, batch_size=batch_size)
     seg = Segmenter(**cfg.segmenter_options(), **cfg.runtime_options()) if segmenter else None
@@ -164,16 +195,10 @@ def explain_archive(archive, out_dir, classifier: str = "cxrnet-4class", segment
     items = list(list_inputs(archive))[:limit]
     schema, tables = output_schema(cls.classes), []
     for i in range(0, len(items), batch_size):
-        batch = decode_items(items[i:i + batch_size], cfg.work_size)
-        batch = seg(batch) if seg is not None else batch
-        images = batch["image"].copy()
-        batch = cls(batch)
-        for j in np.nonzero(batch["status"] == "ok")[0]:
-            cam = heatmap_from_png(batch["cam_png"][j])
-            mask = batch.get("lung_mask_png", [None] * len(images))[j]
-            mask = None if mask is None else decode_mask_png(mask)
+        batch, images = explain_items(items[i:i + batch_size], cls, seg, cfg.work_size)
+        for j, picture in overlays(batch, images, cls.lung_crop):
             name = str(batch["key"][j]).replace("/", "__")
-            Image.fromarray(triplet(images[j], mask, cam)).save(out / "overlays" / f"{name}.png")
+            Image.fromarray(picture).save(out / "overlays" / f"{name}.png")
         tables.append(batch_to_table(batch, schema))
     table = pa.concat_tables(tables)
     pq.write_table(table, out / "explanations.parquet")

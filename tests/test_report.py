@@ -117,3 +117,21 @@ def test_model_card_includes_comparison_and_loso(trained, two_site_manifest, tmp
     card = render_model_card(full, comparison=tmp_path / "comparison.parquet", loso=[loso])
     assert "## Models compared" in card and "| full | cxrnet |" in card and "| crop | cxrnet | unet-lungs |" in card
     assert "## Source shift" in card and "| site_a | 0.625 |" in card
+
+
+def test_a_crop_models_heatmap_is_shown_on_the_crop(trained, two_site_manifest):
+    import numpy as np
+    import torch
+
+    from cxrscreen.explain import explain_items, overlays
+    from cxrscreen.preprocess import crop_boxes
+
+    _, crop = trained
+    items = list(list_inputs(two_site_manifest.parent / "images"))[:3]
+    cls = Classifier(str(crop), device="cpu", runtime="torch", cam="gradcam", cam_size=256)
+    batch, images = explain_items(items, cls, Segmenter(device="cpu", runtime="torch"))
+    shown = overlays(batch, images, cls.lung_crop)
+    assert len(shown) == 3
+    for i, picture in shown:
+        on_crop = crop_boxes(torch.from_numpy(images[i:i + 1]), batch["lung_bbox"][i:i + 1], 256)[0].numpy()
+        assert picture.shape == (256, 3 * 256, 3) and np.array_equal(picture[:, :256, 0], on_crop)

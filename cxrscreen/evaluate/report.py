@@ -75,27 +75,14 @@ def inference_images_per_s(module: torch.nn.Module, size: int, in_channels: int,
     return batch / (time.perf_counter() - t0)
 
 
-def _cam_rows(model_dir: Path, files: list[str], segmenter: str | None, method: str = "gradcam"):
-    """Segmenter + classifier with Grad-CAM on ``files``: the output batch and the input images."""
-    from cxrscreen.io.sources import InputItem
-    from cxrscreen.pipeline.stages import Classifier, Segmenter, decode_items
-
-    batch = decode_items([InputItem(key=Path(f).name, path=f) for f in files])
-    images = batch["image"].copy()
-    if segmenter:
-        batch = Segmenter(segmenter, device="cpu", runtime="torch")(batch)
-    batch = Classifier(str(model_dir), device="cpu", runtime="torch", cam=method, cam_size=images.shape[-1])(batch)
-    return batch, images
-
-
 def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | None, samples: int,
                    kmeans_images: int, seed: int) -> dict:
     """Figures of one model; returns its comparison-table row."""
     from cxrscreen.evaluate.kmeans import embeddings, kmeans_crosstab, pixel_features
-    from cxrscreen.explain import heatmap_from_png, triplet
-    from cxrscreen.masks import decode_mask_png
+    from cxrscreen.explain import explain_items, overlays
+    from cxrscreen.io.sources import InputItem
     from cxrscreen.models import load_model
-    from cxrscreen.preprocess import crop_boxes
+    from cxrscreen.pipeline.stages import Classifier, Segmenter
     from cxrscreen.train.data import load_images
 
     loaded = load_model(str(model_dir), "classify")
@@ -116,21 +103,17 @@ def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | Non
     pick = np.sort(rng.choice(len(rows), min(samples, len(rows)), replace=False))
     files = [rows["file"][int(i)] for i in pick]
     segmenter = segmenter or info.lung_crop  # a crop-trained model needs its lung boxes
-    batch, images = _cam_rows(model_dir, files, segmenter)
+    cls = Classifier(str(model_dir), device="cpu", runtime="torch", cam="gradcam", cam_size=256)
+    seg = Segmenter(segmenter, device="cpu", runtime="torch") if segmenter else None
+    batch, images = explain_items([InputItem(key=Path(f).name, path=f) for f in files], cls, seg)
     titles = [f"true {classes[y[i]]}\npred {classes[probs[i].argmax()]} {probs[i].max():.2f}" for i in pick]
     page.figure(f"{tag}-samples", plots.image_grid(list(images), titles), f"{tag}: sample test predictions")
-    ok = batch["status"] == "ok"
-    energy = batch["cam_lung_energy"][ok]
-    masks = [decode_mask_png(m) if m is not None else None for m in batch.get("lung_mask_png", [None] * len(ok))]
-    if info.lung_crop:  # the heatmap is in the crop's frame: show the crop, and the mask cropped alike
-        boxes, side = batch["lung_bbox"], images.shape[-1]
-        images = crop_boxes(torch.from_numpy(images), boxes, side).numpy()
-        masks = [crop_boxes(torch.from_numpy(m[None].astype(np.uint8) * 255), boxes[j:j + 1], side)[0].numpy() > 127
-                 for j, m in enumerate(masks)]
-    trip = [triplet(images[j], masks[j], heatmap_from_png(batch["cam_png"][j])) for j in np.nonzero(ok)[0]]
-    page.figure(f"{tag}-gradcam", plots.image_grid(trip, [f"{t.splitlines()[0]}, CAM in lungs {e:.2f}" for t, e in
-                                                          zip(np.array(titles)[ok], energy)], cols=2),
-                f"{tag}: image / lung mask / Grad-CAM of the predicted class")
+    energy = batch["cam_lung_energy"][batch["status"] == "ok"]
+    trips = overlays(batch, images, cls.lung_crop)
+    page.figure(f"{tag}-gradcam", plots.image_grid(
+        [t for _, t in trips], [f"{titles[j].splitlines()[0]}, CAM in lungs {batch['cam_lung_energy'][j]:.2f}"
+                                for j, _ in trips], cols=2),
+        f"{tag}: image / lung mask / Grad-CAM of the predicted class")
     km_pick = np.sort(rng.choice(len(rows), min(kmeans_images, len(rows)), replace=False))
     km_rows = rows[km_pick.tolist()]
     km_images, km_ok = load_images(km_rows["file"].to_list(), info.input_size, info.lung_crop)
