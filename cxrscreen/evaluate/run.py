@@ -18,9 +18,12 @@ from cxrscreen.train.data import labeled_splits, load_images
 from cxrscreen.train.trainer import predict_logits
 
 
-def _logits(model, df: pl.DataFrame, cfg: TrainConfig, size: int) -> tuple[np.ndarray, np.ndarray]:
-    images, ok = load_images(df["file"].to_list(), size, cfg.lung_crop)
-    return predict_logits(model, images[ok], cfg, torch.device("cpu")), ok
+def file_logits(loaded, files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of a loaded checkpoint for image files, prepared as it was trained (input size,
+    channels, lung crop), and the mask of files that decoded."""
+    images, ok = load_images(files, loaded.info.input_size, loaded.info.lung_crop)
+    cfg = TrainConfig(in_channels=loaded.info.in_channels)
+    return predict_logits(loaded.module, images[ok], cfg, torch.device("cpu")), ok
 
 
 def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = "test",
@@ -52,14 +55,13 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
         raise ValueError(f"leakage: {len(cross)} near-duplicate train/{split} image pairs, e.g. "
                          f"{cross.select('path_a', 'path_b').rows()[:2]}; drop them (`cxrscreen audit --drop`)")
     index = {c: i for i, c in enumerate(classes)}
-    size = loaded.info.input_size
     val = df.filter(pl.col("split") == "val")
-    val_logits, val_ok = _logits(loaded.module, val, cfg, size)
+    val_logits, val_ok = file_logits(loaded, val["file"].to_list())
     y_val = np.array([index[t] for t in val["target"]])[val_ok]
     temperature = fit_temperature(val_logits, y_val)
     pos = index.get(positive, 0)
     threshold = refer_threshold(softmax(val_logits, temperature), y_val, pos, target_sensitivity)
-    logits, ok = _logits(loaded.module, test, cfg, size)
+    logits, ok = file_logits(loaded, test["file"].to_list())
     y = np.array([index[t] for t in test["target"]])[ok]
     probs = softmax(logits, temperature)
     result = {"split": split, "data": str(cfg.data), "model": loaded.info.name, "classes": classes,
@@ -112,7 +114,7 @@ def evaluate_segmenter(model_dir: str | Path, data: str | None = None) -> dict:
     """Dice, IoU and pixel accuracy of a U-Net checkpoint, raw and after mask clean-up, on the
     expert masks (ground truth, ``test``) and on the pseudo-mask validation split - labeled apart."""
     from cxrscreen.masks import lung_regions
-    from cxrscreen.train.trainer import make_task
+    from cxrscreen.train.trainer import dice_scores, make_task
 
     model_dir = Path(model_dir)
     loaded = load_model(str(model_dir), "segment")
@@ -131,9 +133,8 @@ def evaluate_segmenter(model_dir: str | Path, data: str | None = None) -> dict:
                               ("cleaned", np.stack([lung_regions(p).mask for p in logits[:, 0] > 0]))):
             inter = (pred & truth).sum((1, 2))
             union = (pred | truth).sum((1, 2))
-            total = pred.sum((1, 2)) + truth.sum((1, 2))
             out[f"{name}_{variant}"] = {
-                "n": int(len(images)), "dice": float(((2 * inter + 1e-6) / (total + 1e-6)).mean()),
+                "n": int(len(images)), "dice": float(dice_scores(pred, truth).mean()),
                 "iou": float(((inter + 1e-6) / (union + 1e-6)).mean()),
                 "pixel_accuracy": float((pred == truth).mean())}
     card = json.loads((model_dir / "model.json").read_text())

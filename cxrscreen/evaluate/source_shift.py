@@ -18,17 +18,12 @@ from cxrscreen.train.config import TrainConfig
 
 def predict_files(model_dir: str | Path, files: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Calibrated probabilities of a checkpoint for image files: (probs, ok mask, classes)."""
-    import torch
-
     from cxrscreen.evaluate.metrics import softmax
+    from cxrscreen.evaluate.run import file_logits
     from cxrscreen.models import load_model
-    from cxrscreen.train.data import load_images
-    from cxrscreen.train.trainer import predict_logits
 
     loaded = load_model(str(model_dir), "classify")
-    images, ok = load_images(files, loaded.info.input_size, loaded.info.lung_crop)
-    cfg = TrainConfig(in_channels=loaded.info.in_channels)
-    logits = predict_logits(loaded.module, images[ok], cfg, torch.device("cpu"))
+    logits, ok = file_logits(loaded, files)
     return softmax(logits, loaded.info.temperature), ok, list(loaded.info.classes)
 
 

@@ -48,10 +48,8 @@ def predict_logits(model, images: np.ndarray, cfg: TrainConfig, device) -> np.nd
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def dice_scores(logits: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Per-image Dice of thresholded predictions (B, 1, H, W) vs uint8 masks (B, H, W)."""
-    pred = logits[:, 0] > 0
-    truth = masks > 0
+def dice_scores(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per-image Dice of boolean masks (B, H, W)."""
     inter = (pred & truth).sum((1, 2))
     return (2 * inter + 1e-6) / (pred.sum((1, 2)) + truth.sum((1, 2)) + 1e-6)
 
@@ -120,7 +118,7 @@ class SegmentTask:
         return loss
 
     def evaluate(self, logits, targets) -> tuple[dict, dict]:
-        d = dice_scores(logits, targets)
+        d = dice_scores(logits[:, 0] > 0, targets > 0)
         loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits[:, 0]),
                                                   torch.from_numpy(targets.astype(np.float32))).item()
         m = {"dice": float(d.mean()), "n": int(len(d))}
