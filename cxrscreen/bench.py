@@ -77,25 +77,72 @@ def _run_models(batch: dict, seg, cls) -> dict:
     return cls(batch)
 
 
-def bench_models(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> float:
+class GpuSampler:
+    """GPU utilisation (%) and memory (MiB) sampled by ``nvidia-smi`` every ``interval_ms``
+    while the block runs; ``summary()`` is empty where there is no NVIDIA GPU."""
+
+    def __init__(self, interval_ms: int = 100, enabled: bool | None = None):
+        self.enabled = (torch.cuda.is_available() and shutil.which("nvidia-smi") is not None) \
+            if enabled is None else enabled
+        self.interval_ms, self.samples, self._proc = interval_ms, [], None
+
+    def __enter__(self):
+        if self.enabled:
+            import subprocess
+
+            gpu = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+                 "-lms", str(self.interval_ms), "-i", gpu], stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self._proc is not None:
+            self._proc.terminate()
+            out, _ = self._proc.communicate(timeout=10)
+            for line in out.splitlines():
+                try:
+                    util, mem = (float(v) for v in line.split(","))
+                except ValueError:  # a partial last line or "[N/A]"
+                    continue
+                self.samples.append((util, mem))
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        util, mem = np.array(self.samples).T
+        return {"gpu_util_mean": float(util.mean()), "gpu_util_max": float(util.max()),
+                "gpu_mem_mib_max": float(mem.max()), "gpu_samples": len(util)}
+
+
+def bench_models(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> tuple[float, dict]:
     """(b) images/s of segmentation + classification on pre-decoded uint8 images, or with
-    ``cfg.decode_jpeg_on_device`` from JPEG bytes in memory decoded by the model actor."""
+    ``cfg.decode_jpeg_on_device`` from JPEG bytes in memory decoded by the model actor; also
+    where the time goes (share of the segmentation stage) and, on a GPU, its utilisation."""
     seg, cls = _models(cfg, cpus)
     if cfg.decode_jpeg_on_device:  # bytes in memory: the timed part decodes them
         items = [InputItem(it.key, data=Path(it.path).read_bytes()) if it.path else it for it in items]
     chunks = [items[i:i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
     decoded = None if cfg.decode_jpeg_on_device else [decode_items(c, cfg.work_size) for c in chunks]
+    seg_seconds = [0.0]
 
     def run(i):
         b = decoded[i] if decoded else decode_items(chunks[i], cfg.work_size, defer_jpeg=True)
-        return len(_run_models(b, seg, cls)["key"])
+        if seg is not None:  # the segmenter returns host arrays: its time ends when it returns
+            t = time.perf_counter()
+            b = seg(dict(b))
+            seg_seconds[0] += time.perf_counter() - t
+        return len(cls(b)["key"])
 
     run(0)  # warm-up (also captures CUDA graphs, builds engines)
-    t0 = time.perf_counter()
-    n = sum(run(i) for i in range(len(chunks)))
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return n / (time.perf_counter() - t0)
+    seg_seconds[0] = 0.0
+    with GpuSampler() as gpu:
+        t0 = time.perf_counter()
+        n = sum(run(i) for i in range(len(chunks)))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+    return n / elapsed, {"segment_time_share": seg_seconds[0] / elapsed, **gpu.summary()}
 
 
 def runtime_grid(cuda: bool, batch_sizes: tuple[int, ...]) -> list[dict]:
@@ -231,14 +278,16 @@ def run_bench(source: str = "phantoms", n: int = 256, cfg: ScoreConfig = ScoreCo
 
     record("a_decode_preprocess", bench_decode(items, cfg, cpus))
     for setting in runtime_grid(cuda, batch_sizes):
-        record("b_model_forward_runtime", bench_models(items, replace(cfg, **setting), cpus), **setting)
+        ips, extra = bench_models(items, replace(cfg, **setting), cpus)
+        record("b_model_forward_runtime", ips, **setting, **extra)
     jpegs = [it for it in items if str(it.path or "").lower().endswith((".jpg", ".jpeg"))]
     if jpegs:
-        record("b_jpeg_bytes_decoded_by_actor", bench_models(jpegs, replace(cfg, decode_jpeg_on_device=True), cpus),
-               n=len(jpegs))
+        ips, extra = bench_models(jpegs, replace(cfg, decode_jpeg_on_device=True), cpus)
+        record("b_jpeg_bytes_decoded_by_actor", ips, n=len(jpegs), **extra)
     for bs in batch_sizes:
         c = replace(cfg, batch_size=bs)
-        record("b_model_forward", bench_models(items, c, cpus), batch_size=bs)
+        ips, extra = bench_models(items, c, cpus)
+        record("b_model_forward", ips, batch_size=bs, **extra)
         for a in actors if use_ray else ():
             overall, steady = bench_pipeline(archive, replace(c, cls_actors=a, seg_actors=a))
             record("c_pipeline", overall, batch_size=bs, actors=a)

@@ -17,6 +17,8 @@ def test_bench_writes_every_mode_and_the_runtime_agreement(tmp_path):
     assert {"a_decode_preprocess", "b_model_forward_runtime", "b_jpeg_bytes_decoded_by_actor", "b_model_forward",
             "d_dataloader", "e_per_file"} <= modes and "c_pipeline" not in modes
     assert (df["images_per_s"] > 0).all()
+    forward = df.filter(pl.col("mode") == "b_model_forward")
+    assert 0 < forward["segment_time_share"][0] < 1  # segmenter and classifier both take time
     runtimes = df.filter(pl.col("mode") == "b_model_forward_runtime")
     assert sorted(zip(runtimes["runtime"], runtimes["precision"])) == [
         ("onnxruntime", "fp32"), ("torch", "bf16"), ("torch", "fp32")]
@@ -24,3 +26,21 @@ def test_bench_writes_every_mode_and_the_runtime_agreement(tmp_path):
     assert df["compared"][0] == "onnxruntime-fp32"
     assert df["max_abs_prob_diff"][0] < 1e-4 and df["label_agreement"][0] == 1.0 and df["min_mask_dice"][0] > 0.99
     assert ratios(df) == {}  # no pipeline mode without Ray
+
+
+def test_gpu_sampler_parses_nvidia_smi_and_is_empty_without_a_gpu(tmp_path, monkeypatch):
+    from cxrscreen.bench import GpuSampler
+
+    fake = tmp_path / "nvidia-smi"  # prints what `nvidia-smi --query-gpu=... -lms` prints, then waits
+    fake.write_text("#!/bin/sh\necho '55, 1000'\necho '65, 1200'\necho '[N/A], 3'\nexec sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    import time
+
+    with GpuSampler(enabled=True) as gpu:
+        time.sleep(0.5)
+    assert gpu.summary() == {"gpu_util_mean": 60.0, "gpu_util_max": 65.0, "gpu_mem_mib_max": 1200.0,
+                             "gpu_samples": 2}
+    with GpuSampler(enabled=False) as none:
+        pass
+    assert none.summary() == {}

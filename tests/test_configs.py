@@ -44,7 +44,7 @@ def test_every_train_config_splits_data_and_takes_a_training_step(path, phantom_
     import torch
 
     from cxrscreen.train.data import labeled_splits
-    from cxrscreen.train.trainer import _optimizer, make_task
+    from cxrscreen.train.trainer import _optimizer, make_task, prepare_model, train_step
 
     cfg = load_config(TrainConfig, path)
     seg = get_entry(cfg.model).task == "segment"
@@ -58,13 +58,10 @@ def test_every_train_config_splits_data_and_takes_a_training_step(path, phantom_
         outputs = len(classes)
     task = make_task(cfg)
     assert task.outputs == outputs
-    model = build_model(cfg.model, outputs, cfg.in_channels, **cfg.model_kwargs)
+    model, ema = prepare_model(build_model(cfg.model, outputs, cfg.in_channels, **cfg.model_kwargs), cfg)
     opt = _optimizer(cfg, model.parameters())
     model.train()
     x = torch.randn(2, cfg.in_channels, size, size)
     y = torch.zeros(2, 1, size, size) if seg else torch.tensor([0, outputs - 1])
-    loss = task.loss_fn(np.array([0, outputs - 1]), "cpu")(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    assert torch.isfinite(loss)
+    loss = train_step(model, x, y, task.loss_fn(np.array([0, outputs - 1]), "cpu"), opt, cfg, ema)
+    assert np.isfinite(loss)

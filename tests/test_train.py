@@ -72,6 +72,20 @@ def test_resume_continues_from_checkpoint(phantom_manifest, tmp_path, ray_2cpu):
     assert epochs[1] > 2 and steps[1] == per_epoch * epochs[1]
 
 
+@pytest.mark.timeout(600)
+def test_bf16_with_weight_average_learns_and_resumes(phantom_manifest, tmp_path, ray_2cpu):
+    from safetensors.torch import load_file
+
+    first = train(_cfg(phantom_manifest, tmp_path / "a", epochs=6, precision="bf16", ema_decay=0.9))
+    averaged, raw = load_file(first / "model.safetensors"), load_file(first / "train_model.safetensors")
+    assert averaged.keys() == raw.keys()
+    assert any(not torch.equal(averaged[k], raw[k]) for k in raw)  # the saved model is the average
+    assert pl.read_parquet(first / "history.parquet")["val_macro_f1"].max() >= 0.55
+    resumed = train(_cfg(phantom_manifest, tmp_path / "b", epochs=7, precision="bf16", ema_decay=0.9,
+                         resume_from=str(first)))
+    assert pl.read_parquet(resumed / "history.parquet")["epoch"].to_list() == list(range(7))
+
+
 def test_binary_and_3class_tasks(phantom_manifest):
     from cxrscreen.train.data import labeled_splits
 

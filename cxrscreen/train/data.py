@@ -124,7 +124,24 @@ def augment_image(x: torch.Tensor, a: AugmentConfig, mask: torch.Tensor | None =
     if a.hflip and torch.rand(()) < 0.5:
         x = x.flip(-1)
         mask = mask.flip(-1) if mask is not None else None
+    if mask is not None and a.opacity and torch.rand(()) < a.opacity:
+        x = paint_opacity(x, mask)
     if a.intensity:
         b, c = a.intensity * g[4].item(), 1 + a.intensity * torch.empty(()).uniform_(-1, 1).item()
         x = ((x - x.mean()) * c + x.mean() + b).clamp(0, 1)
     return x, mask
+
+
+def paint_opacity(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Image (1, H, W) in [0, 1] with a random patchy opacity blended in inside ``mask``
+    (feathered edges): a smooth random field, thresholded, pulls the lung toward soft-tissue grey."""
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    coarse = torch.rand(1, 1, *torch.randint(3, 8, (2,)).tolist())
+    field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0]
+    field = ((field - torch.empty(()).uniform_(0.3, 0.7)) * 4).clamp(0, 1)
+    k = max(3, h // 24) | 1
+    inside = F.avg_pool2d(mask[None], k, 1, k // 2)[0] * (mask > 0.5)
+    alpha = torch.empty(()).uniform_(0.3, 0.9) * field * inside
+    return x + alpha * (torch.empty(()).uniform_(0.5, 0.85) - x)

@@ -44,7 +44,7 @@ def predict_logits(model, images: np.ndarray, cfg: TrainConfig, device) -> np.nd
     out = []
     with torch.inference_mode():
         for x, _ in make_loader(images, np.zeros(len(images)), cfg, train=False):
-            out.append(model(x.to(device)).float().cpu().numpy())
+            out.append(model(x.to(device).contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -91,6 +91,14 @@ class ClassifyTask:
                          lung_crop=self.cfg.lung_crop)
 
 
+def bce_dice_loss(logits, masks):
+    """Segmentation loss: binary cross-entropy + soft Dice."""
+    p = torch.sigmoid(logits)
+    inter = (p * masks).sum((1, 2, 3))
+    dice = 1 - (2 * inter + 1) / (p.sum((1, 2, 3)) + masks.sum((1, 2, 3)) + 1)
+    return F.binary_cross_entropy_with_logits(logits, masks) + dice.mean()
+
+
 class SegmentTask:
     """Images + lung masks; BCE + soft Dice; score = validation Dice."""
 
@@ -110,12 +118,7 @@ class SegmentTask:
         return images[keep], (masks[keep] > 127).astype(np.uint8)
 
     def loss_fn(self, targets, device):
-        def loss(logits, masks):
-            p = torch.sigmoid(logits)
-            inter = (p * masks).sum((1, 2, 3))
-            dice = 1 - (2 * inter + 1) / (p.sum((1, 2, 3)) + masks.sum((1, 2, 3)) + 1)
-            return F.binary_cross_entropy_with_logits(logits, masks) + dice.mean()
-        return loss
+        return bce_dice_loss
 
     def evaluate(self, logits, targets) -> tuple[dict, dict]:
         d = dice_scores(logits[:, 0] > 0, targets > 0)
@@ -143,11 +146,46 @@ def _optimizer(cfg: TrainConfig, params):
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
+def prepare_model(model, cfg: TrainConfig):
+    """channels_last weights (faster convolutions on CPUs and GPUs) and, with ``ema_decay``,
+    the moving average that is validated and saved: returns (model, ema or None)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    def ema_update(averaged, current, steps):
+        # warm-up (decay (1 + t) / (10 + t) until it reaches ema_decay): a batch-norm network
+        # averaged with even 10% of its random initialisation predicts one class
+        decay = min(cfg.ema_decay, (1 + steps.item()) / (10 + steps.item()))
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1 - decay)
+        else:  # counters (num_batches_tracked) follow the model
+            torch._foreach_copy_(averaged, current)
+
+    model = model.to(memory_format=torch.channels_last)
+    ema = AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True) if cfg.ema_decay > 0 else None
+    return model, ema
+
+
+def train_step(model, x, y, loss_fn, opt, cfg: TrainConfig, ema=None) -> float:
+    """One optimisation step (bf16 autocast when ``cfg.precision`` says so); returns the loss."""
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {cfg.precision!r}; choose fp32 or bf16")
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        out = model(x)
+    loss = loss_fn(out.float(), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if ema is not None:
+        ema.update_parameters(_unwrap(model))
+    return loss.item()
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs in every Ray Train worker: data, model (DDP), epochs, reports + checkpoints."""
     import ray.train
     import ray.train.torch as rtt
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     from cxrscreen.config import from_dict
 
@@ -164,8 +202,10 @@ def train_loop_per_worker(config: dict) -> None:
         sampler_w = task.class_weights(train_y)[train_y]
     loader = rtt.prepare_data_loader(make_loader(train_x, train_y, cfg, True, sampler_w),
                                      add_dist_sampler=sampler_w is None)
-    model = rtt.prepare_model(build_model(cfg.model, task.outputs, cfg.in_channels, **cfg.model_kwargs))
+    model, ema = prepare_model(build_model(cfg.model, task.outputs, cfg.in_channels, **cfg.model_kwargs), cfg)
+    model = rtt.prepare_model(model)
     device = rtt.get_device()
+    ema = ema.to(device) if ema is not None else None
     opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     loss_fn = task.loss_fn(train_y, device)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs) if cfg.scheduler == "cosine" else None
@@ -173,7 +213,11 @@ def train_loop_per_worker(config: dict) -> None:
     resume = ray.train.get_checkpoint()
     if resume is not None or cfg.resume_from:
         with resume.as_directory() if resume is not None else nullcontext(cfg.resume_from) as d:
-            _unwrap(model).load_state_dict(load_file(Path(d) / "model.safetensors"))
+            saved = load_file(Path(d) / "model.safetensors")  # the averaged weights when ema_decay > 0
+            raw = Path(d) / "train_model.safetensors"
+            _unwrap(model).load_state_dict(load_file(raw) if ema is not None and raw.exists() else saved)
+            if ema is not None:
+                ema.module.load_state_dict(saved)
             state = json.loads((Path(d) / "train_state.json").read_text())
             if (Path(d) / "optimizer.pt").exists():  # tensors and numbers only: weights_only is safe
                 opt.load_state_dict(torch.load(Path(d) / "optimizer.pt", weights_only=True, map_location=device))
@@ -186,15 +230,12 @@ def train_loop_per_worker(config: dict) -> None:
         model.train()
         t0, total, seen = time.perf_counter(), 0.0, 0
         for x, y in loader:
-            loss = loss_fn(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, seen = total + loss.item() * len(y), seen + len(y)
+            total, seen = total + train_step(model, x, y, loss_fn, opt, cfg, ema) * len(y), seen + len(y)
         epoch_s = time.perf_counter() - t0
         if sched is not None:
             sched.step()
-        logits = predict_logits(_unwrap(model), val_x, cfg, device)
+        evaluated = ema.module if ema is not None else _unwrap(model)
+        logits = predict_logits(evaluated, val_x, cfg, device)
         row_metrics, full = task.evaluate(logits, val_y)
         improved = row_metrics["val_score"] > best
         best, stale = (row_metrics["val_score"], 0) if improved else (best, stale + 1)
@@ -204,7 +245,10 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if ray.train.get_context().get_world_rank() == 0:  # every epoch; Ray keeps the best
-                save_checkpoint(tmp, _unwrap(model), task.info(logits, val_y, full))
+                save_checkpoint(tmp, evaluated, task.info(logits, val_y, full))
+                if ema is not None:  # resuming continues from the raw weights, not their average
+                    save_file({k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()},
+                              Path(tmp) / "train_model.safetensors")
                 torch.save(opt.state_dict(), Path(tmp) / "optimizer.pt")
                 (Path(tmp) / "train_state.json").write_text(json.dumps(
                     {"epoch": epoch, "best": best, "stale": stale, "history": history}))
@@ -254,8 +298,10 @@ def train(cfg: TrainConfig, progress=print) -> Path:
         raise RuntimeError("training produced no checkpoint")
     best = max(result.best_checkpoints, key=lambda cm: cm[1]["val_score"])[0]
     with best.as_directory() as d:
-        for name in ("model.safetensors", "model.json", "train_state.json", "optimizer.pt"):
-            shutil.copy(Path(d) / name, out / name)
+        for name in ("model.safetensors", "model.json", "train_state.json", "optimizer.pt",
+                     "train_model.safetensors"):
+            if (Path(d) / name).exists():
+                shutil.copy(Path(d) / name, out / name)
     state = json.loads((out / "train_state.json").read_text())
     hist = pl.DataFrame(json.loads(result.metrics["history"]))  # the last report holds every epoch
     hist.write_parquet(out / "history.parquet")
