@@ -193,15 +193,16 @@ def bench(source, num, config_path, classifier, segmenter, precision, runtime, a
 @click.option("--num-workers", type=int, help="Ray Train workers (DDP).")
 @click.option("--use-gpu/--no-gpu", default=None)
 @click.option("--resume-from", type=click.Path(exists=True, file_okay=False), help="Checkpoint folder to continue.")
+@click.option("--seed", type=int, help="Random seed (initialisation, augmentation, batch order).")
 @click.option("-o", "--out", help="Output folder for the checkpoint.")
-def train(config_path, model, task, data, epochs, batch_size, num_workers, use_gpu, resume_from, out):
+def train(config_path, model, task, data, epochs, batch_size, num_workers, use_gpu, resume_from, seed, out):
     """Train a registry model with Ray Train (CPU or GPUs, 1..N workers)."""
     from cxrscreen.config import load_config
     from cxrscreen.train import TrainConfig, train as run_train
 
     cfg = load_config(TrainConfig, config_path, model=model, task=task, data=data, epochs=epochs,
                       batch_size=batch_size, num_workers=num_workers, use_gpu=use_gpu,
-                      resume_from=resume_from, out=out)
+                      resume_from=resume_from, seed=seed, out=out)
     run_train(cfg, progress=click.echo)
 
 
@@ -272,6 +273,17 @@ def loso(config_path, model, data, epochs, lung_crop, sources, out_dir):
     cfg = load_config(TrainConfig, config_path, model=model, data=data, epochs=epochs, lung_crop=lung_crop)
     df = leave_one_source_out(cfg, out_dir, sources.split(",") if sources else None, progress=click.echo)
     click.echo(str(df))
+
+
+@main.command()
+@click.argument("member_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, help="Folder for the ensemble checkpoint.")
+def ensemble(member_dirs, out_dir):
+    """Combine trained classifiers of one architecture into one ensemble checkpoint
+    (mean log-probability); run `evaluate` on it to calibrate it on val."""
+    from cxrscreen.models.ensemble import combine_checkpoints
+
+    click.echo(f"wrote {combine_checkpoints(list(member_dirs), out_dir)}")
 
 
 @main.command("model-card")

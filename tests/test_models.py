@@ -57,3 +57,38 @@ def test_checkpoint_roundtrip_and_pickle_refused(tmp_path):
         load_model(str(tmp_path / "evil.pt"), "classify")
     with pytest.raises(ValueError, match="segment"):
         load_model("unet", "classify")
+
+
+def test_ensemble_combines_trained_members_into_one_checkpoint(tmp_path):
+    import json
+
+    import yaml
+
+    from cxrscreen.models.ensemble import combine_checkpoints
+
+    members, dirs = [], []
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        m = build_model("cxrnet", 3, 1, widths=(8, 8)).eval()
+        d = tmp_path / f"m{seed}"
+        save_checkpoint(d, m, ModelInfo("cxrnet", "classify", ["a", "b", "c"], 32, 1, {"widths": [8, 8]},
+                                        temperature=1.7, metrics={"val": {"accuracy": 0.5}, "train_seconds": 10}))
+        (d / "train_config.yaml").write_text(yaml.safe_dump({"model": "cxrnet", "seed": seed, "epochs": 3}))
+        members.append(m)
+        dirs.append(d)
+    out = combine_checkpoints(dirs, tmp_path / "ens")
+    loaded = load_model(str(out), "classify")
+    assert loaded.info.name == "ensemble" and loaded.info.classes == ["a", "b", "c"]
+    assert loaded.info.temperature == 1.0  # members' calibration does not carry over: evaluate refits it
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        expected = torch.stack([m(x).log_softmax(1) for m in members]).mean(0)
+        assert torch.allclose(loaded.module(x), expected, atol=1e-6)
+    card = json.loads((out / "model.json").read_text())
+    assert [m["seed"] for m in card["metrics"]["members"]] == [0, 1, 2] and card["metrics"]["train_seconds"] == 30
+    assert yaml.safe_load((out / "train_config.yaml").read_text())["model"] == "ensemble"
+    odd = tmp_path / "odd"  # a member with other classes is refused
+    save_checkpoint(odd, members[0], ModelInfo("cxrnet", "classify", ["a", "b", "x"], 32, 1, {"widths": [8, 8]}))
+    (odd / "train_config.yaml").write_text("model: cxrnet\n")
+    with pytest.raises(ValueError, match="classes"):
+        combine_checkpoints([dirs[0], odd], tmp_path / "bad")

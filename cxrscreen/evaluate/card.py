@@ -31,6 +31,17 @@ def _confusion(m: dict) -> list[str]:
     return rows
 
 
+def _ensemble_lines(card: dict) -> list[str]:
+    members = card["metrics"].get("members")
+    if not members:
+        return []
+    k = card["kwargs"]
+    each = "; ".join(f"seed {m['seed']}: best epoch {m['best_epoch']} of {m['epochs_run']}, val accuracy "
+                     f"{_pct(m['val']['accuracy'])}" for m in members)
+    return [f"- **Ensemble**: {k['n']} {k['member']} members trained alike with different seeds, combined "
+            f"by `cxrscreen ensemble` (mean log-probability; calibrated on val as one model). {each}."]
+
+
 def render_model_card(classifier_dir: str | Path, segmenter_dir: str | Path | None = None,
                       comparison: str | Path | None = None, loso: list[str | Path] | None = None) -> str:
     """MODEL_CARD.md text; ``comparison``: a report's ``comparison.parquet`` (other models, lung
@@ -51,12 +62,15 @@ def render_model_card(classifier_dir: str | Path, segmenter_dir: str | Path | No
         "provenance, licences, source bias). Patient-level train/val/test split from the manifest; "
         "no patient in two splits (checked before training and evaluation); near-duplicate train/test "
         f"image pairs (thumbnail cosine >= 0.99): {ev.get('near_duplicates_train_test', 'not checked')}.",
-        f"- **Training**: {cfg['epochs']} epochs max, batch {cfg['batch_size']}, {cfg['optimizer']} lr {cfg['lr']}, "
-        f"weight decay {cfg['weight_decay']}, scheduler {cfg.get('scheduler', 'none')}, class-balanced loss, "
-        f"augmentation {cfg['augment']}; input {card['input_size']} px, 1 channel; early stopping on val macro-F1. "
-        f"Best epoch {m.get('best_epoch')} of {m.get('epochs_run')} run; "
-        f"train time {m.get('train_seconds', 0) / 60:.1f} min on {m.get('workers', 1)} Ray Train worker(s), "
-        "CPU only (2 cores), no GPU.",
+        *_ensemble_lines(card),
+        f"- **Training**{' (each member)' if m.get('members') else ''}: {cfg['epochs']} epochs max, batch "
+        f"{cfg['batch_size']}, {cfg['optimizer']} lr {cfg['lr']}, weight decay {cfg['weight_decay']}, scheduler "
+        f"{cfg.get('scheduler', 'none')}, {cfg.get('precision', 'fp32')}, weight moving average "
+        f"{cfg.get('ema_decay') or 'off'}, class-balanced loss, augmentation {cfg['augment']}; input "
+        f"{card['input_size']} px, 1 channel; best epoch by val macro-F1"
+        + ("." if m.get("members") else f": {m.get('best_epoch')} of {m.get('epochs_run')} run.")
+        + f" Train time {m.get('train_seconds', 0) / 60:.1f} min{' in all' if m.get('members') else ''} on "
+        f"{m.get('workers', 1)} Ray Train worker(s), CPU only (2 cores), no GPU.",
         f"- **Weights**: `cxrscreen/weights/{cdir.name}/model.safetensors`, "
         f"{(cdir / 'model.safetensors').stat().st_size / 2**20:.1f} MB, trained from scratch (no ImageNet).",
         "",
