@@ -3,7 +3,8 @@
 The target layer is found automatically: the last module (in the order modules finish their
 forward pass) whose output is a spatial feature map larger than 1x1, pooling layers excluded
 (for a plain CNN the last conv block's activation; for ResNet ``layer4``, for GoogLeNet
-``inception5b``, for the CNN+RNN hybrids the last map before the sequence model).
+``inception5b``, for the CNN+RNN hybrids the last map before the sequence model; for an
+ensemble, each member's such map, the members' heatmaps summed).
 """
 
 from __future__ import annotations
@@ -56,17 +57,26 @@ class GradCAM:
         if method not in METHODS:
             raise ValueError(f"CAM method {method!r}: expected one of {METHODS}")
         self.module, self.method = module, method
-        self.layer = layer or find_target_layer(module, in_channels, size)
-        self._target = dict(module.named_modules())[self.layer]
+        members = getattr(module, "members", None)  # an ensemble: one map per member, summed
+        if layer:
+            self.layers = [layer]
+        elif isinstance(members, nn.ModuleList):
+            self.layers = [f"members.{i}.{find_target_layer(m, in_channels, size)}" for i, m in enumerate(members)]
+        else:
+            self.layers = [find_target_layer(module, in_channels, size)]
+        named = dict(module.named_modules())
+        self._targets = [named[n] for n in self.layers]
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor | None = None):
-        store = {}
+        store: dict[int, dict] = {i: {} for i in range(len(self._targets))}
 
-        def keep(m, i, o):
-            store["act"] = o
-            o.register_hook(lambda g: store.__setitem__("grad", g))
+        def keeper(i):
+            def keep(m, inp, o):
+                store[i]["act"] = o
+                o.register_hook(lambda g: store[i].__setitem__("grad", g))
+            return keep
 
-        hook = self._target.register_forward_hook(keep)
+        hooks = [t.register_forward_hook(keeper(i)) for i, t in enumerate(self._targets)]
         was_training = self.module.training
         self.module.eval()
         try:  # cuDNN has no RNN backward in eval mode: let the hybrids use the native kernels
@@ -76,10 +86,17 @@ class GradCAM:
                 target = logits.argmax(1) if target is None else target.to(logits.device)
                 logits.gather(1, target[:, None]).sum().backward()
         finally:
-            hook.remove()
+            for h in hooks:
+                h.remove()
             self.module.train(was_training)
             self.module.zero_grad(set_to_none=True)
-        act, grad = store["act"].detach().float(), store["grad"].float()
+        cam = sum(F.interpolate(self._map(st["act"].detach().float(), st["grad"].float()), size=x.shape[-2:],
+                                mode="bilinear", align_corners=False)[:, 0] for st in store.values())
+        cam = cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+        return cam.detach().cpu().numpy(), target.cpu().numpy(), logits.detach()
+
+    def _map(self, act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """(B, 1, h, w) class activation map of one layer's activations and gradients."""
         if self.method == "gradcam":
             weights = grad.mean((2, 3))
         else:
@@ -87,10 +104,7 @@ class GradCAM:
             alpha = g2 / (2 * g2 + act.sum((2, 3), keepdim=True) * g3).clamp_min(1e-12)
             alpha = torch.where(grad != 0, alpha, torch.zeros_like(alpha))
             weights = (alpha * F.relu(grad)).sum((2, 3))
-        cam = F.relu((weights[:, :, None, None] * act).sum(1, keepdim=True))
-        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        cam = cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-        return cam.detach().cpu().numpy(), target.cpu().numpy(), logits.detach()
+        return F.relu((weights[:, :, None, None] * act).sum(1, keepdim=True))
 
 
 def energy_inside(cam: np.ndarray, mask: np.ndarray) -> float:

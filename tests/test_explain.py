@@ -35,6 +35,8 @@ def test_target_layers_are_the_last_feature_maps():
              for n in ("resnet18", "googlenet", "densenet121", "p0_cnn_lstm")}
     assert layer == {"resnet18": "layer4", "googlenet": "inception5b", "densenet121": "features",
                      "p0_cnn_lstm": "features"}
+    last = find_target_layer(build_model("cxrnet", 4, 1), 1, 224)  # an ensemble: every member's map
+    assert GradCAM(build_model("ensemble", 4, 1, n=2), 1, 224).layers == [f"members.0.{last}", f"members.1.{last}"]
 
 
 @pytest.fixture(scope="module")
