@@ -286,6 +286,20 @@ def ensemble(member_dirs, out_dir):
     click.echo(f"wrote {combine_checkpoints(list(member_dirs), out_dir)}")
 
 
+@main.command("adapt-segmenter")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, help="Folder for the adapted U-Net.")
+@click.option("--data", help="Segmentation manifest (default: the model's training data).")
+@click.option("--steps", default=40, show_default=True, type=int)
+@click.option("--lr", default=1e-4, show_default=True, type=float)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+def adapt_segmenter(model_dir, out_dir, data, steps, lr, batch_size):
+    """Fine-tune a U-Net on the expert masks, with a leave-one-out Dice estimate."""
+    from cxrscreen.train.adapt import adapt_segmenter as run
+
+    run(model_dir, out_dir, steps=steps, lr=lr, batch_size=batch_size, data=data, progress=click.echo)
+
+
 @main.command("model-card")
 @click.argument("classifier_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--segmenter", "segmenter_dir", type=click.Path(exists=True, file_okay=False))

@@ -108,3 +108,13 @@ def test_unet_trains_on_phantom_masks(phantom_manifest, tmp_path, ray_2cpu):
     assert res["expert_masks_cleaned"]["n"] > 20  # phantoms: the test split plays the expert role
     assert res["expert_masks_cleaned"]["dice"] > 0.8 and res["pseudo_masks_val_raw"]["iou"] > 0.6
     assert load_model(str(out), "segment").info.task == "segment"
+    # adaptation to the "expert" (test) masks: leave-one-out scores, never the adapted model's own
+    from cxrscreen.train.adapt import adapt_segmenter
+
+    m = adapt_segmenter(out, tmp_path / "adapted", steps=3, batch_size=4, progress=lambda *_: None)
+    n_expert = res["expert_masks_raw"]["n"]
+    assert m["expert_masks_loo_raw"]["n"] == n_expert and m["adaptation"]["images"] == n_expert
+    assert m["base_expert_masks_raw"]["dice"] == pytest.approx(res["expert_masks_raw"]["dice"])
+    assert 0.5 < m["expert_masks_loo_raw"]["dice"] <= 1 and m["pseudo_masks_val_raw"]["dice"] > 0.5
+    again = evaluate_segmenter(tmp_path / "adapted")
+    assert "pseudo_masks_val_raw" in again and not any(k.startswith("expert") for k in again)

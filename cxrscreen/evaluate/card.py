@@ -42,6 +42,17 @@ def _ensemble_lines(card: dict) -> list[str]:
             f"by `cxrscreen ensemble` (mean log-probability; calibrated on val as one model). {each}."]
 
 
+def _adaptation_lines(metrics: dict) -> list[str]:
+    a = metrics.get("adaptation")
+    if not a:
+        return []
+    return [f"- **Adapted to the {a['images']} expert masks** (`cxrscreen adapt-segmenter`: {a['steps']} Adam steps, "
+            f"lr {a['lr']}, batch {a['batch_size']}, augmentation {a['augment']}). Its own expert Dice would be a "
+            "training score, so the expert rows below are the **leave-one-out** estimate (each image scored by a "
+            f"copy adapted on the other {a['images'] - 1}) and the pseudo-trained model's held-out score; the "
+            "pseudo-mask row is the adapted model's (checks that adapting did not break the pediatric lungs)."]
+
+
 def render_model_card(classifier_dir: str | Path, segmenter_dir: str | Path | None = None,
                       comparison: str | Path | None = None, loso: list[str | Path] | None = None) -> str:
     """MODEL_CARD.md text; ``comparison``: a report's ``comparison.parquet`` (other models, lung
@@ -118,11 +129,14 @@ def render_model_card(classifier_dir: str | Path, segmenter_dir: str | Path | No
                   "- **Data**: trained on ../shared/data/seg/pseudo (1044 thresholded U-Net masks on Kermany "
                   "images of the cxr train split; validation = those of the cxr val split) - pseudo masks, not "
                   "ground truth. Evaluated on the 12 COVID-QU-Ex **expert** masks (ground truth).",
-                  f"- **Training**: {sm.get('epochs_run')} epochs, {sm.get('train_seconds', 0) / 60:.1f} min on CPU; "
-                  f"`cxrscreen/weights/{sdir.name}/model.safetensors` "
-                  f"({(sdir / 'model.safetensors').stat().st_size / 2**20:.1f} MB).", "",
+                  f"- **Training**: {sm.get('epochs_run')} epochs, {sm.get('train_seconds', 0) / 60:.1f} min on CPU, "
+                  f"{scfg.get('precision', 'fp32')}, weight moving average {scfg.get('ema_decay') or 'off'}, "
+                  f"augmentation {scfg['augment']}; `cxrscreen/weights/{sdir.name}/model.safetensors` "
+                  f"({(sdir / 'model.safetensors').stat().st_size / 2**20:.1f} MB).", *_adaptation_lines(sm), "",
                   "| evaluation set | masks | n | Dice | IoU | pixel accuracy |", "|---|---|---|---|---|---|"]
-        for key, label in (("expert_masks", "expert (ground truth)"), ("pseudo_masks_val", "pseudo (val split)")):
+        for key, label in (("expert_masks_loo", "expert, leave-one-out after adaptation"),
+                           ("base_expert_masks", "expert, pseudo-trained model before adaptation"),
+                           ("expert_masks", "expert (ground truth)"), ("pseudo_masks_val", "pseudo (val split)")):
             for variant in ("raw", "cleaned"):
                 v = sm.get(f"{key}_{variant}")
                 if v:

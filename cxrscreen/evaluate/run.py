@@ -110,11 +110,27 @@ def derived_tasks(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
     return out
 
 
+def mask_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
+    """Dice, IoU and pixel accuracy of boolean masks (B, H, W): ``raw`` and ``cleaned`` (two
+    largest components kept, holes filled: what ``score`` stores)."""
+    from cxrscreen.masks import lung_regions
+    from cxrscreen.train.trainer import dice_scores
+
+    out = {}
+    for variant, p in (("raw", pred), ("cleaned", np.stack([lung_regions(m).mask for m in pred]))):
+        inter, union = (p & truth).sum((1, 2)), (p | truth).sum((1, 2))
+        out[variant] = {"n": int(len(p)), "dice": float(dice_scores(p, truth).mean()),
+                        "iou": float(((inter + 1e-6) / (union + 1e-6)).mean()),
+                        "pixel_accuracy": float((p == truth).mean())}
+    return out
+
+
 def evaluate_segmenter(model_dir: str | Path, data: str | None = None) -> dict:
     """Dice, IoU and pixel accuracy of a U-Net checkpoint, raw and after mask clean-up, on the
-    expert masks (ground truth, ``test``) and on the pseudo-mask validation split - labeled apart."""
-    from cxrscreen.masks import lung_regions
-    from cxrscreen.train.trainer import dice_scores, make_task
+    expert masks (ground truth, ``test``) and on the pseudo-mask validation split - labeled apart.
+    A model adapted on the expert masks (``cxrscreen adapt-segmenter``) is scored on the pseudo
+    masks only: its expert numbers are the leave-one-out ones written by the adaptation."""
+    from cxrscreen.train.trainer import make_task
 
     model_dir = Path(model_dir)
     loaded = load_model(str(model_dir), "segment")
@@ -123,20 +139,13 @@ def evaluate_segmenter(model_dir: str | Path, data: str | None = None) -> dict:
         cfg.data = data
     task = make_task(cfg)
     out = {"model": loaded.info.name, "data": str(cfg.data)}
-    for split, name in (("test", "expert_masks"), ("val", "pseudo_masks_val")):
+    splits = [("test", "expert_masks"), ("val", "pseudo_masks_val")]
+    for split, name in splits[1:] if "adaptation" in loaded.info.metrics else splits:
         images, masks = task.arrays(split)
         if not len(images):
             continue
         logits = predict_logits(loaded.module, images, cfg, torch.device("cpu"))
-        truth = masks > 0
-        for variant, pred in (("raw", logits[:, 0] > 0),
-                              ("cleaned", np.stack([lung_regions(p).mask for p in logits[:, 0] > 0]))):
-            inter = (pred & truth).sum((1, 2))
-            union = (pred | truth).sum((1, 2))
-            out[f"{name}_{variant}"] = {
-                "n": int(len(images)), "dice": float(dice_scores(pred, truth).mean()),
-                "iou": float(((inter + 1e-6) / (union + 1e-6)).mean()),
-                "pixel_accuracy": float((pred == truth).mean())}
+        out.update({f"{name}_{v}": m for v, m in mask_metrics(logits[:, 0] > 0, masks > 0).items()})
     card = json.loads((model_dir / "model.json").read_text())
     card.setdefault("metrics", {}).update({k: v for k, v in out.items() if isinstance(v, dict)})
     (model_dir / "model.json").write_text(json.dumps(card, indent=2))
