@@ -21,8 +21,11 @@ def test_bundled_weights_are_small_and_described():
     card = json.loads((BUNDLED / "cxrnet-4class" / "model.json").read_text())
     assert card["metrics"]["test"]["n"] == 795  # evaluated on the shared test split
     seg = load_model("unet-lungs", "segment")
-    assert seg.info.task == "segment" and "expert_masks_cleaned" in json.loads(
-        (BUNDLED / "unet-lungs" / "model.json").read_text())["metrics"]
+    seg_metrics = json.loads((BUNDLED / "unet-lungs" / "model.json").read_text())["metrics"]
+    # adapted on the expert masks: only leave-one-out and pre-adaptation expert scores are reported
+    assert seg.info.task == "segment" and seg_metrics["adaptation"]["images"] == 12
+    assert {"expert_masks_loo_cleaned", "base_expert_masks_cleaned"} <= set(seg_metrics)
+    assert "expert_masks_cleaned" not in seg_metrics
 
 
 def test_default_pipeline_on_real_test_images():
