@@ -115,6 +115,7 @@ def test_unet_trains_on_phantom_masks(phantom_manifest, tmp_path, ray_2cpu):
     n_expert = res["expert_masks_raw"]["n"]
     assert m["expert_masks_loo_raw"]["n"] == n_expert and m["adaptation"]["images"] == n_expert
     assert m["base_expert_masks_raw"]["dice"] == pytest.approx(res["expert_masks_raw"]["dice"])
+    assert m["base_pseudo_masks_val_raw"] == res["pseudo_masks_val_raw"]
     assert 0.5 < m["expert_masks_loo_raw"]["dice"] <= 1 and m["pseudo_masks_val_raw"]["dice"] > 0.5
     again = evaluate_segmenter(tmp_path / "adapted")
     assert "pseudo_masks_val_raw" in again and not any(k.startswith("expert") for k in again)

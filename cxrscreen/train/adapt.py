@@ -73,6 +73,7 @@ def adapt_segmenter(model_dir: str | Path, out_dir: str | Path, steps: int = 40,
     after_val = mask_metrics(mask_logits(final, val_x, cfg) > 0, val_y > 0) if len(val_x) else {}
     metrics = {**{f"expert_masks_loo_{v}": m for v, m in loo.items()},
                **{f"base_expert_masks_{v}": m for v, m in before.items()},
+               **{f"base_{k}": v for k, v in base.info.metrics.items() if k.startswith("pseudo_masks_val_")},
                **{f"pseudo_masks_val_{v}": m for v, m in after_val.items()},
                "adaptation": {"base": str(model_dir), "base_sha256": base.weights_sha256, "steps": steps,
                               "lr": lr, "batch_size": batch_size, "seed": seed, "images": int(len(images)),

@@ -41,7 +41,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0  # L2 penalty (P1 uses 0.06 with SGD)
     scheduler: str = "none"  # none | cosine (learning rate annealed to 0 over ``epochs``)
-    precision: str = "fp32"  # fp32 | bf16 (autocast; GPUs and CPUs with AVX512-BF16/AMX, ~2.5x faster here)
+    precision: str = "fp32"  # fp32 | bf16 (autocast; GPUs, CPUs with AVX512-BF16/AMX: benchmarks/train_step.py)
     ema_decay: float = 0.0  # > 0 (e.g. 0.998): validate and save an exponential moving average of the weights
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     balance: str = "weights"  # weights (class-weighted loss) | sampler (balanced sampling) | none
