@@ -86,6 +86,35 @@ def test_bf16_with_weight_average_learns_and_resumes(phantom_manifest, tmp_path,
     assert pl.read_parquet(resumed / "history.parquet")["epoch"].to_list() == list(range(7))
 
 
+def test_resume_keeps_averaging_the_saved_weight_average(tmp_path):
+    from safetensors.torch import save_file
+
+    from cxrscreen.models import build_model
+    from cxrscreen.train.trainer import load_training_state, prepare_model
+
+    cfg = TrainConfig(model="cxrnet", ema_decay=0.9)
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        model, ema = prepare_model(build_model("cxrnet", 4, 1, widths=(8, 8)), cfg)
+        return model, ema, torch.optim.Adam(model.parameters())
+
+    raw, _, _ = fresh(1)
+    avg, _, _ = fresh(2)
+    for name, m in (("train_model", raw), ("model", avg)):
+        save_file({k: v.detach().contiguous() for k, v in m.state_dict().items()}, tmp_path / f"{name}.safetensors")
+    (tmp_path / "train_state.json").write_text(json.dumps({"epoch": 2, "best": 0.5, "stale": 0, "history": []}))
+    model, ema, opt = fresh(3)
+    state = load_training_state(tmp_path, model, ema, opt, "cpu", steps_per_epoch=100)
+    assert state["epoch"] == 2 and ema.n_averaged.item() == 300  # past the warm-up: decay 0.9
+    first = next(iter(raw.state_dict()))
+    assert torch.equal(model.state_dict()[first], raw.state_dict()[first])
+    assert torch.equal(ema.module.state_dict()[first], avg.state_dict()[first])
+    ema.update_parameters(model)  # one more step: 0.9 of the saved average stays (no restart from a copy)
+    expected = 0.9 * avg.state_dict()[first] + 0.1 * raw.state_dict()[first]
+    assert torch.allclose(ema.module.state_dict()[first], expected, atol=1e-6)
+
+
 def test_binary_and_3class_tasks(phantom_manifest):
     from cxrscreen.train.data import labeled_splits
 

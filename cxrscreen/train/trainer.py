@@ -181,11 +181,29 @@ def train_step(model, x, y, loss_fn, opt, cfg: TrainConfig, ema=None) -> float:
     return loss.item()
 
 
+def load_training_state(folder: Path, model, ema, opt, device, steps_per_epoch: int) -> dict:
+    """Restore a checkpoint folder for resuming: raw weights into ``model``, their moving
+    average into ``ema`` (with its step count, so it keeps averaging instead of restarting
+    from a copy), optimizer state; returns train_state.json."""
+    from safetensors.torch import load_file
+
+    saved = load_file(folder / "model.safetensors")  # the averaged weights when ema_decay > 0
+    raw = folder / "train_model.safetensors"
+    model.load_state_dict(load_file(raw) if ema is not None and raw.exists() else saved)
+    state = json.loads((folder / "train_state.json").read_text())
+    if ema is not None:
+        ema.module.load_state_dict(saved)
+        ema.n_averaged.fill_((state["epoch"] + 1) * steps_per_epoch)
+    if (folder / "optimizer.pt").exists():  # tensors and numbers only: weights_only is safe
+        opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location=device))
+    return state
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs in every Ray Train worker: data, model (DDP), epochs, reports + checkpoints."""
     import ray.train
     import ray.train.torch as rtt
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from cxrscreen.config import from_dict
 
@@ -213,14 +231,7 @@ def train_loop_per_worker(config: dict) -> None:
     resume = ray.train.get_checkpoint()
     if resume is not None or cfg.resume_from:
         with resume.as_directory() if resume is not None else nullcontext(cfg.resume_from) as d:
-            saved = load_file(Path(d) / "model.safetensors")  # the averaged weights when ema_decay > 0
-            raw = Path(d) / "train_model.safetensors"
-            _unwrap(model).load_state_dict(load_file(raw) if ema is not None and raw.exists() else saved)
-            if ema is not None:
-                ema.module.load_state_dict(saved)
-            state = json.loads((Path(d) / "train_state.json").read_text())
-            if (Path(d) / "optimizer.pt").exists():  # tensors and numbers only: weights_only is safe
-                opt.load_state_dict(torch.load(Path(d) / "optimizer.pt", weights_only=True, map_location=device))
+            state = load_training_state(Path(d), _unwrap(model), ema, opt, device, len(loader))
         start, best, stale, history = state["epoch"] + 1, state["best"], state["stale"], state["history"]
         for _ in range(start if sched else 0):
             sched.step()
