@@ -17,8 +17,8 @@ import torch
 
 from cxrscreen.bench import machine_info
 from cxrscreen.config import load_config
+from cxrscreen.models import build_model, get_entry
 from cxrscreen.train import TrainConfig
-from cxrscreen.models import build_model
 from cxrscreen.train.trainer import _optimizer, bce_dice_loss, prepare_model, train_step
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
@@ -26,7 +26,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
 
 def images_per_s(cfg: TrainConfig, device: torch.device, steps: int) -> float:
     torch.manual_seed(0)
-    size, seg = cfg.input_size, cfg.model == "unet"
+    size, seg = cfg.input_size, get_entry(cfg.model).task == "segment"
     model, ema = prepare_model(build_model(cfg.model, 1 if seg else 4, cfg.in_channels, **cfg.model_kwargs), cfg)
     model, ema = model.to(device), ema.to(device) if ema is not None else None
     opt = _optimizer(cfg, model.parameters())

@@ -70,10 +70,15 @@ def _models(cfg: ScoreConfig, threads: int):
     return seg, cls
 
 
-def _run_models(batch: dict, seg, cls) -> dict:
+def _run_models(batch: dict, seg, cls, times: dict | None = None) -> dict:
+    """Segmenter (if any) then classifier; ``times["segment"]`` accumulates the segmenter's
+    seconds (it returns host arrays, so its time ends when it returns)."""
     batch = dict(batch)
     if seg is not None:
+        t = time.perf_counter()
         batch = seg(batch)
+        if times is not None:
+            times["segment"] += time.perf_counter() - t
     return cls(batch)
 
 
@@ -124,25 +129,21 @@ def bench_models(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> tuple[f
         items = [InputItem(it.key, data=Path(it.path).read_bytes()) if it.path else it for it in items]
     chunks = [items[i:i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
     decoded = None if cfg.decode_jpeg_on_device else [decode_items(c, cfg.work_size) for c in chunks]
-    seg_seconds = [0.0]
+    times = {"segment": 0.0}
 
     def run(i):
         b = decoded[i] if decoded else decode_items(chunks[i], cfg.work_size, defer_jpeg=True)
-        if seg is not None:  # the segmenter returns host arrays: its time ends when it returns
-            t = time.perf_counter()
-            b = seg(dict(b))
-            seg_seconds[0] += time.perf_counter() - t
-        return len(cls(b)["key"])
+        return len(_run_models(b, seg, cls, times)["key"])
 
     run(0)  # warm-up (also captures CUDA graphs, builds engines)
-    seg_seconds[0] = 0.0
+    times["segment"] = 0.0
     with GpuSampler() as gpu:
         t0 = time.perf_counter()
         n = sum(run(i) for i in range(len(chunks)))
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
-    return n / elapsed, {"segment_time_share": seg_seconds[0] / elapsed, **gpu.summary()}
+    return n / elapsed, {"segment_time_share": times["segment"] / elapsed, **gpu.summary()}
 
 
 def runtime_grid(cuda: bool, batch_sizes: tuple[int, ...]) -> list[dict]:

@@ -20,7 +20,8 @@ from cxrscreen.config import from_dict
 from cxrscreen.models import load_model, save_checkpoint
 from cxrscreen.train.config import AugmentConfig, TrainConfig
 from cxrscreen.train.data import ArrayDataset
-from cxrscreen.train.trainer import bce_dice_loss, make_task, predict_logits, prepare_model, train_step
+from cxrscreen.train.trainer import (bce_dice_loss, dice_scores, make_task, predict_logits, prepare_model,
+                                     train_step)
 
 ADAPT_AUGMENT = AugmentConfig(zoom=0.1, shift=0.06, rotate=7.0, intensity=0.1)
 
@@ -65,7 +66,7 @@ def adapt_segmenter(model_dir: str | Path, out_dir: str | Path, steps: int = 40,
         model = finetune(base.module, images[rest], masks[rest], cfg, steps, lr, batch_size, seed + k)
         held_out.append(mask_logits(model, images[k:k + 1], cfg)[0])
         progress(f"expert image {k + 1}/{len(images)}: leave-one-out Dice "
-                 f"{mask_metrics(held_out[-1][None] > 0, truth[k:k + 1])['raw']['dice']:.4f}")
+                 f"{dice_scores(held_out[-1][None] > 0, truth[k:k + 1])[0]:.4f}")
     loo = mask_metrics(np.stack(held_out) > 0, truth)
     before = mask_metrics(mask_logits(base.module, images, cfg) > 0, truth)
     final = finetune(base.module, images, masks, cfg, steps, lr, batch_size, seed)
