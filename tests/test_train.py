@@ -148,3 +148,25 @@ def test_unet_trains_on_phantom_masks(phantom_manifest, tmp_path, ray_2cpu):
     assert 0.5 < m["expert_masks_loo_raw"]["dice"] <= 1 and m["pseudo_masks_val_raw"]["dice"] > 0.5
     again = evaluate_segmenter(tmp_path / "adapted")
     assert "pseudo_masks_val_raw" in again and not any(k.startswith("expert") for k in again)
+
+
+def test_mixup_blends_pairs_and_their_losses():
+    from cxrscreen.train.trainer import mix_batch, train_step
+
+    torch.manual_seed(0)
+    x, y = torch.arange(4.0).reshape(4, 1, 1, 1).expand(4, 1, 2, 2).contiguous(), torch.tensor([0, 1, 2, 3])
+    mixed, y_a, y_b, lam = mix_batch(x, y, 0.4)
+    assert 0.5 <= lam <= 1 and torch.equal(y_a, y) and sorted(y_b.tolist()) == [0, 1, 2, 3]
+    assert torch.allclose(mixed[:, 0, 0, 0], lam * y.float() + (1 - lam) * y_b.float())
+
+    # train_step's loss is the lam-weighted loss of both partners' labels
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    torch.manual_seed(1)
+    got = train_step(model, x, y, loss_fn, opt, TrainConfig(mixup=0.4))
+    torch.manual_seed(1)
+    mixed, y_a, y_b, lam = mix_batch(x, y, 0.4)
+    out = model(mixed)
+    assert got == pytest.approx((lam * loss_fn(out, y_a) + (1 - lam) * loss_fn(out, y_b)).item(), rel=1e-5)
+    assert got != pytest.approx(loss_fn(model(x), y).item(), rel=1e-3)

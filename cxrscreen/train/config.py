@@ -44,6 +44,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; GPUs, CPUs with AVX512-BF16/AMX: benchmarks/train_step.py)
     ema_decay: float = 0.0  # > 0 (e.g. 0.998): validate and save an exponential moving average of the weights
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mixup: float = 0.0  # classifiers: > 0 (e.g. 0.2) trains on mixup pairs, weight ~ Beta(mixup, mixup)
     balance: str = "weights"  # weights (class-weighted loss) | sampler (balanced sampling) | none
     early_stopping_patience: int = 5  # epochs without a better validation macro-F1
     cap_per_class: int | None = None  # P0 balances to 170 per class

@@ -165,14 +165,27 @@ def prepare_model(model, cfg: TrainConfig):
     return model, ema
 
 
+def mix_batch(x, y, alpha: float):
+    """Mixup: each image blended with another of the batch, weight ``lam`` ~ Beta(alpha, alpha)
+    (kept >= 0.5, so the first image dominates); returns (mixed x, y, y of the partner, lam)."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    lam = max(lam, 1 - lam)
+    partner = torch.randperm(len(x), device=x.device)
+    return lam * x + (1 - lam) * x[partner], y, y[partner], lam
+
+
 def train_step(model, x, y, loss_fn, opt, cfg: TrainConfig, ema=None) -> float:
-    """One optimisation step (bf16 autocast when ``cfg.precision`` says so); returns the loss."""
+    """One optimisation step (bf16 autocast when ``cfg.precision`` says so, mixup when
+    ``cfg.mixup`` > 0 and the targets are class indices); returns the loss."""
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {cfg.precision!r}; choose fp32 or bf16")
+    mixed = cfg.mixup > 0 and not y.is_floating_point()
+    if mixed:
+        x, y, y_partner, lam = mix_batch(x, y, cfg.mixup)
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        out = model(x)
-    loss = loss_fn(out.float(), y)
+        out = model(x).float()
+    loss = lam * loss_fn(out, y) + (1 - lam) * loss_fn(out, y_partner) if mixed else loss_fn(out, y)
     opt.zero_grad()
     loss.backward()
     opt.step()
