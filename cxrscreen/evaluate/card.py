@@ -54,10 +54,39 @@ def _adaptation_lines(metrics: dict) -> list[str]:
             "(drawn by another U-Net) differs from the experts'."]
 
 
-def render_model_card(classifier_dir: str | Path, segmenter_dir: str | Path | None = None,
+def _segmenter_section(sdir: Path) -> list[str]:
+    """A U-Net's card section: data, training, adaptation, Dice on expert and pseudo masks."""
+    s = json.loads((sdir / "model.json").read_text())
+    scfg = yaml.safe_load((sdir / "train_config.yaml").read_text())
+    sm = s["metrics"]
+    lines = [f"## Segmenter `{sdir.name}` (U-Net, encoder {scfg['model_kwargs'].get('encoder_name')}, "
+             f"{s['input_size']} px)", "",
+             "- **Data**: trained on ../shared/data/seg/pseudo (1044 thresholded U-Net masks on Kermany "
+             "images of the cxr train split; validation = those of the cxr val split) - pseudo masks, not "
+             "ground truth. Evaluated on the 12 COVID-QU-Ex **expert** masks (ground truth).",
+             f"- **Training**: {sm.get('epochs_run')} epochs, {sm.get('train_seconds', 0) / 60:.1f} min on CPU, "
+             f"{scfg.get('precision', 'fp32')}, weight moving average {scfg.get('ema_decay') or 'off'}, "
+             f"augmentation {scfg['augment']}; `cxrscreen/weights/{sdir.name}/model.safetensors` "
+             f"({(sdir / 'model.safetensors').stat().st_size / 2**20:.1f} MB).", *_adaptation_lines(sm), "",
+             "| evaluation set | masks | n | Dice | IoU | pixel accuracy |", "|---|---|---|---|---|---|"]
+    for key, label in (("expert_masks_loo", "expert, leave-one-out after adaptation"),
+                       ("base_expert_masks", "expert, pseudo-trained model before adaptation"),
+                       ("expert_masks", "expert (ground truth)"), ("pseudo_masks_val", "pseudo (val split)"),
+                       ("base_pseudo_masks_val", "pseudo (val split), before adaptation")):
+        for variant in ("raw", "cleaned"):
+            v = sm.get(f"{key}_{variant}")
+            if v:
+                lines.append(f"| {label} | {variant} | {v['n']} | {v['dice']:.4f} | {v['iou']:.4f} | "
+                             f"{v['pixel_accuracy']:.4f} |")
+    lines += ["", "`cleaned` = two largest components kept and holes filled (what `score` stores).", ""]
+    return lines
+
+
+def render_model_card(classifier_dir: str | Path, segmenter_dirs: list[str | Path] = (),
                       comparison: str | Path | None = None, loso: list[str | Path] | None = None) -> str:
-    """MODEL_CARD.md text; ``comparison``: a report's ``comparison.parquet`` (other models, lung
-    crop vs whole image, CAM lung energy); ``loso``: ``loso.parquet`` files (source shift)."""
+    """MODEL_CARD.md text; ``segmenter_dirs``: a section per U-Net; ``comparison``: a report's
+    ``comparison.parquet`` (other models, lung crop vs whole image, CAM lung energy); ``loso``:
+    ``loso.parquet`` files (source shift)."""
     cdir = Path(classifier_dir)
     card = json.loads((cdir / "model.json").read_text())
     cfg = yaml.safe_load((cdir / "train_config.yaml").read_text())
@@ -120,31 +149,8 @@ def render_model_card(classifier_dir: str | Path, segmenter_dir: str | Path | No
         "(the data README says so); near-identical images were removed by the curators.",
         "- Trained on 224 px 8-bit PNGs; other sizes/windowing are resampled by cxrscreen before scoring.", "",
     ]
-    if segmenter_dir:
-        sdir = Path(segmenter_dir)
-        s = json.loads((sdir / "model.json").read_text())
-        scfg = yaml.safe_load((sdir / "train_config.yaml").read_text())
-        sm = s["metrics"]
-        lines += [f"## Segmenter `{sdir.name}` (U-Net, encoder {scfg['model_kwargs'].get('encoder_name')}, "
-                  f"{s['input_size']} px)", "",
-                  "- **Data**: trained on ../shared/data/seg/pseudo (1044 thresholded U-Net masks on Kermany "
-                  "images of the cxr train split; validation = those of the cxr val split) - pseudo masks, not "
-                  "ground truth. Evaluated on the 12 COVID-QU-Ex **expert** masks (ground truth).",
-                  f"- **Training**: {sm.get('epochs_run')} epochs, {sm.get('train_seconds', 0) / 60:.1f} min on CPU, "
-                  f"{scfg.get('precision', 'fp32')}, weight moving average {scfg.get('ema_decay') or 'off'}, "
-                  f"augmentation {scfg['augment']}; `cxrscreen/weights/{sdir.name}/model.safetensors` "
-                  f"({(sdir / 'model.safetensors').stat().st_size / 2**20:.1f} MB).", *_adaptation_lines(sm), "",
-                  "| evaluation set | masks | n | Dice | IoU | pixel accuracy |", "|---|---|---|---|---|---|"]
-        for key, label in (("expert_masks_loo", "expert, leave-one-out after adaptation"),
-                           ("base_expert_masks", "expert, pseudo-trained model before adaptation"),
-                           ("expert_masks", "expert (ground truth)"), ("pseudo_masks_val", "pseudo (val split)"),
-                           ("base_pseudo_masks_val", "pseudo (val split), before adaptation")):
-            for variant in ("raw", "cleaned"):
-                v = sm.get(f"{key}_{variant}")
-                if v:
-                    lines.append(f"| {label} | {variant} | {v['n']} | {v['dice']:.4f} | {v['iou']:.4f} | "
-                                 f"{v['pixel_accuracy']:.4f} |")
-        lines += ["", "`cleaned` = two largest components kept and holes filled (what `score` stores).", ""]
+    for sdir in map(Path, segmenter_dirs):
+        lines += _segmenter_section(sdir)
     if comparison:
         lines += _comparison_section(comparison)
     if loso:
