@@ -2,9 +2,11 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
+from scipy import ndimage
 
 from cxrscreen.data.synth import make_phantom
-from cxrscreen.masks import decode_mask_png, dice, lung_regions, mask_png
+from cxrscreen.masks import decode_mask_png, dice, fill_holes, lung_regions, mask_png
 
 
 def test_two_largest_components_kept_holes_filled_and_boxed_per_side():
@@ -43,3 +45,10 @@ def test_mask_png_round_trip():
     back = decode_mask_png(mask_png(m, 128))
     assert back.shape == (128, 128) and dice(back[::2, ::2], m) == 1.0
     assert dice(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), density=st.floats(0.05, 0.95), size=st.integers(1, 40))
+def test_fill_holes_matches_scipy(seed, density, size):
+    mask = np.random.default_rng(seed).random((size, size + 3)) < density
+    assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
