@@ -30,13 +30,14 @@ def test_bundled_weights_are_small_and_described():
         assert "expert_masks_cleaned" not in seg_metrics
 
 
-def test_default_pipeline_on_real_test_images():
+@pytest.mark.parametrize("segmenter", ["unet-lungs", "unet-lungs-fast"])
+def test_default_pipeline_on_real_test_images(segmenter):
     from cxrscreen.data.manifest import read_manifest
 
     df = read_manifest(shared_path("cxr", "manifest.csv")).filter(pl.col("split") == "test")
     sample = pl.concat([g.head(10) for _, g in df.group_by("label", maintain_order=True)])
     items = [InputItem(key=p, path=f) for p, f in zip(sample["path"], sample["file"])]
-    rows = [b for b in score_items_local(items, ScoreConfig(device="cpu"))]
+    rows = [b for b in score_items_local(items, ScoreConfig(device="cpu", segmenter=segmenter))]
     labels = np.concatenate([b["label"] for b in rows])
     fractions = np.concatenate([b["lung_fraction"] for b in rows])
     assert (labels == sample["label"].to_numpy()).mean() >= 0.7  # 4 classes: chance is 0.25
