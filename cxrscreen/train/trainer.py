@@ -165,13 +165,13 @@ def prepare_model(model, cfg: TrainConfig):
     return model, ema
 
 
-def mix_batch(x, y, alpha: float):
+def mix_batch(x, alpha: float):
     """Mixup: each image blended with another of the batch, weight ``lam`` ~ Beta(alpha, alpha)
-    (kept >= 0.5, so the first image dominates); returns (mixed x, y, y of the partner, lam)."""
+    (kept >= 0.5, so the first image dominates); returns (mixed x, partner's index, lam)."""
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     lam = max(lam, 1 - lam)
     partner = torch.randperm(len(x), device=x.device)
-    return lam * x + (1 - lam) * x[partner], y, y[partner], lam
+    return lam * x + (1 - lam) * x[partner], partner, lam
 
 
 def train_step(model, x, y, loss_fn, opt, cfg: TrainConfig, ema=None) -> float:
@@ -181,11 +181,11 @@ def train_step(model, x, y, loss_fn, opt, cfg: TrainConfig, ema=None) -> float:
         raise ValueError(f"unknown precision {cfg.precision!r}; choose fp32 or bf16")
     mixed = cfg.mixup > 0 and not y.is_floating_point()
     if mixed:
-        x, y, y_partner, lam = mix_batch(x, y, cfg.mixup)
+        x, partner, lam = mix_batch(x, cfg.mixup)
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         out = model(x).float()
-    loss = lam * loss_fn(out, y) + (1 - lam) * loss_fn(out, y_partner) if mixed else loss_fn(out, y)
+    loss = lam * loss_fn(out, y) + (1 - lam) * loss_fn(out, y[partner]) if mixed else loss_fn(out, y)
     opt.zero_grad()
     loss.backward()
     opt.step()
