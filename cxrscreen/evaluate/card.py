@@ -147,7 +147,8 @@ def render_model_card(classifier_dir: str | Path, segmenter_dirs: list[str | Pat
         "it. These numbers are **not** an estimate of clinical performance.",
         "- COVID and adult-normal images have no patient ids: a few same-patient pairs across splits may remain "
         "(the data README says so); near-identical images were removed by the curators.",
-        "- Trained on 224 px 8-bit PNGs; other sizes/windowing are resampled by cxrscreen before scoring.", "",
+        f"- Trained on the data set's 224 px 8-bit PNGs, resized to the model's {card['input_size']} px input; "
+        "other sizes/windowing are resampled by cxrscreen before scoring.", "",
     ]
     for sdir in map(Path, segmenter_dirs):
         lines += _segmenter_section(sdir)
@@ -178,7 +179,7 @@ def _comparison_section(path) -> list[str]:
             *markdown_table(df.select(cols)), "",
             "`accuracy_3class`: covid / normal / viral (a 4-class model's probabilities renormalised over those "
             "three); `cam_lung_energy`: mean share of Grad-CAM energy inside the segmented lungs on the report's "
-            "sample images; `inference_images_per_s`: torch fp32 model forward, batch 32, this 2-core CPU.", ""]
+            "sample images; `inference_images_per_s`: torch fp32 model forward, batch 32, best of 5, this 2-core CPU - a rough guide: rows measured minutes apart in one report differ up to 1.6x for the same architecture and input size.", ""]
 
 
 def _loso_section(paths) -> list[str]:
