@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from cxrscreen.bench import _models, bench_models, bench_pipeline, machine_info, prepare_inputs
+from cxrscreen.bench import bench_models, bench_pipeline, machine_info, prepare_inputs
 from cxrscreen.io.sources import list_inputs
 from cxrscreen.masks import decode_mask_png
 from cxrscreen.pipeline.config import ScoreConfig
-from cxrscreen.pipeline.stages import decode_items
+from cxrscreen.pipeline.stages import Segmenter, decode_items
 from cxrscreen.train.trainer import dice_scores
 
 SEGMENTERS = ("unet-lungs", "unet-lungs-fast", "")  # "" = classification only
@@ -28,9 +28,9 @@ SEGMENTERS = ("unet-lungs", "unet-lungs-fast", "")  # "" = classification only
 
 def masks(items, cfg: ScoreConfig, cpus: int) -> np.ndarray:
     """The lung masks ``score`` would store (cleaned), as booleans."""
-    seg, _ = _models(cfg, cpus)
+    seg = Segmenter(**cfg.segmenter_options(), **cfg.runtime_options(threads=cpus))
     chunks = [items[i:i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
-    return np.stack([decode_mask_png(png) > 0 for c in chunks
+    return np.stack([decode_mask_png(png) for c in chunks
                      for png in seg(decode_items(c, cfg.work_size))["lung_mask_png"]])
 
 
@@ -57,7 +57,7 @@ def main() -> None:
             ips, extra = bench_models(items, replace(base, segmenter=seg, precision=precision), cpus)
             rows.append(dict(mode="b_model_forward", segmenter=seg, precision=precision, images_per_s=ips, **extra))
         if not a.no_ray:
-            overall, steady = bench_pipeline(archive, replace(base, segmenter=seg, precision="bf16"))
+            _, steady = bench_pipeline(archive, replace(base, segmenter=seg, precision="bf16"))
             rows.append(dict(mode="c_pipeline_steady", segmenter=seg, precision="bf16", images_per_s=steady))
     sample = items[:128]
     default, fast = (masks(sample, replace(base, segmenter=s, precision="fp32"), cpus) for s in SEGMENTERS[:2])
