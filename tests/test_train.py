@@ -170,3 +170,31 @@ def test_mixup_blends_pairs_and_their_losses():
     out = model(mixed)
     assert got == pytest.approx((lam * loss_fn(out, y) + (1 - lam) * loss_fn(out, y[partner])).item(), rel=1e-5)
     assert got != pytest.approx(loss_fn(model(x), y).item(), rel=1e-3)
+
+
+def test_augment_warps_the_mask_with_the_image_and_keeps_intensities_in_range():
+    from cxrscreen.train.config import AugmentConfig
+    from cxrscreen.train.data import augment_image
+
+    torch.manual_seed(0)
+    square = torch.zeros(1, 64, 64)
+    square[:, 20:44, 16:40] = 1.0
+    warp = AugmentConfig(zoom=0.2, shift=0.1, rotate=15.0, intensity=0.0)
+    for _ in range(5):
+        img, mask = augment_image(square.clone(), warp, square.clone())
+        a, b = img > 0.5, mask > 0.5
+        assert (a & b).sum() / (a | b).sum() > 0.97  # one warp for both
+        assert not torch.equal(b, square > 0.5)  # and it did move them
+
+    ramp = torch.linspace(0, 1, 64).expand(1, 64, 64).contiguous()
+    tone = AugmentConfig(zoom=0.0, shift=0.0, rotate=0.0, intensity=0.0, gamma=0.5)
+    mids = []
+    for _ in range(20):
+        out, _ = augment_image(ramp.clone(), tone)
+        row = out[0, 0]
+        assert out.min() >= 0 and out.max() <= 1 and torch.all(row[1:] >= row[:-1])  # monotone tone curve
+        assert row[0] == pytest.approx(0, abs=1e-6) and row[-1] == pytest.approx(1, abs=1e-6)
+        mids.append(row[32].item())
+    g = torch.tensor(mids).log() / torch.tensor(ramp[0, 0, 32].item()).log()  # the gamma each draw used
+    assert g.min() >= torch.exp(torch.tensor(-0.5)) - 1e-4 and g.max() <= torch.exp(torch.tensor(0.5)) + 1e-4
+    assert g.max() - g.min() > 0.3  # and it varies

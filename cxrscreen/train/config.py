@@ -21,6 +21,7 @@ class AugmentConfig:
     rotate: float = 5.0  # degrees
     hflip: bool = False  # chest radiographs are not left-right symmetric: off by default
     intensity: float = 0.1  # random brightness/contrast jitter
+    gamma: float = 0.0  # random gamma x ** exp(u * gamma), u ~ U(-1, 1): sources differ in windowing
     opacity: float = 0.0  # segmentation only: chance of painting a patchy opacity inside the lungs,
     #                       so that consolidated (white) lung is still segmented as lung
 

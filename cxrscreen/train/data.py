@@ -105,8 +105,8 @@ class ArrayDataset(Dataset):
 
 
 def augment_image(x: torch.Tensor, a: AugmentConfig, mask: torch.Tensor | None = None):
-    """Random zoom / shift / rotation (one affine warp, shared with ``mask``), flip, brightness
-    and contrast (image only). Returns (image, mask)."""
+    """Random zoom / shift / rotation (one affine warp, shared with ``mask``), flip, brightness,
+    contrast and gamma (image only). Returns (image, mask)."""
     import math
 
     import torch.nn.functional as F
@@ -129,6 +129,8 @@ def augment_image(x: torch.Tensor, a: AugmentConfig, mask: torch.Tensor | None =
     if a.intensity:
         b, c = a.intensity * g[4].item(), 1 + a.intensity * torch.empty(()).uniform_(-1, 1).item()
         x = ((x - x.mean()) * c + x.mean() + b).clamp(0, 1)
+    if a.gamma:
+        x = x.pow(math.exp(a.gamma * torch.empty(()).uniform_(-1, 1).item()))
     return x, mask
 
 
