@@ -198,3 +198,31 @@ def test_augment_warps_the_mask_with_the_image_and_keeps_intensities_in_range():
     g = torch.tensor(mids).log() / torch.tensor(ramp[0, 0, 32].item()).log()  # the gamma each draw used
     assert g.min() >= torch.exp(torch.tensor(-0.5)) - 1e-4 and g.max() <= torch.exp(torch.tensor(0.5)) + 1e-4
     assert g.max() - g.min() > 0.3  # and it varies
+
+
+@pytest.mark.timeout(600)
+def test_distilled_student_learns_the_classes_from_its_teacher_alone(phantom_manifest, tmp_path, ray_2cpu):
+    import numpy as np
+
+    from cxrscreen.evaluate.run import file_logits
+    from cxrscreen.train.trainer import ClassifyTask
+
+    teacher = train(_cfg(phantom_manifest, tmp_path / "teacher"))
+    cfg = _cfg(phantom_manifest, tmp_path / "student", teachers=[str(teacher)], distill=0.3)
+    task = ClassifyTask(cfg, 64)
+    _, y = task.arrays("train")
+    soft = task.distilled_targets("train", y)
+    assert soft.shape == (len(y), 4) and np.allclose(soft.sum(1), 1, atol=1e-5)
+    assert (soft[np.arange(len(y)), y] >= 0.7 - 1e-6).all()
+    teacher_part = (soft - 0.7 * np.eye(4)[y]) / 0.3  # what the teacher says, row by row
+    logits, _ = file_logits(load_model(str(teacher), "classify"),
+                            task.df.filter(pl.col("split") == "train")["file"].to_list())
+    assert (teacher_part.argmax(1) == logits.argmax(1)).all()
+
+    # distill=1: the student never sees a label, only the teacher's soft predictions
+    student = train(_cfg(phantom_manifest, tmp_path / "student", teachers=[str(teacher)], distill=1.0))
+    assert json.loads((student / "model.json").read_text())["metrics"]["val"]["macro_f1"] >= 0.55
+    res = evaluate_model(student, split="test", update_card=False)
+    assert res["metrics"]["accuracy"] > 0.45
+    with pytest.raises(ValueError, match="not a trained checkpoint"):
+        ClassifyTask(_cfg(phantom_manifest, tmp_path / "x", teachers=["cxrnet"]), 64).distilled_targets("train", y)

@@ -46,6 +46,9 @@ class TrainConfig:
     ema_decay: float = 0.0  # > 0 (e.g. 0.998): validate and save an exponential moving average of the weights
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     mixup: float = 0.0  # classifiers: > 0 (e.g. 0.2) trains on mixup pairs, weight ~ Beta(mixup, mixup)
+    teachers: list[str] | None = None  # classifier checkpoints: distil their mean prediction ...
+    distill: float = 0.5  # ... as the share of each training target (the rest: the true label) ...
+    distill_temperature: float = 2.0  # ... softened by this temperature
     balance: str = "weights"  # weights (class-weighted loss) | sampler (balanced sampling) | none
     early_stopping_patience: int = 5  # epochs without a better validation macro-F1
     cap_per_class: int | None = None  # P0 balances to 170 per class

@@ -89,7 +89,8 @@ class ArrayDataset(Dataset):
                  augment: AugmentConfig | None = None):
         self.images, self.channels, self.augment = torch.from_numpy(images), channels, augment
         self.masks = targets.ndim == 3
-        self.targets = torch.from_numpy(targets.astype(np.float32 if self.masks else np.int64))
+        # class indices (N,), class probabilities (N, C) or masks (N, H, W)
+        self.targets = torch.from_numpy(targets.astype(np.int64 if targets.ndim == 1 else np.float32))
 
     def __len__(self):
         return len(self.targets)

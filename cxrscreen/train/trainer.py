@@ -70,6 +70,28 @@ class ClassifyTask:
         index = {c: i for i, c in enumerate(self.classes)}
         return images[ok], np.array([index[t] for t in part["target"]], np.int64)[ok]
 
+    def distilled_targets(self, split: str, targets: np.ndarray) -> np.ndarray:
+        """Probability targets: ``1 - distill`` of the true class plus ``distill`` times the
+        teachers' mean prediction (geometric mean at ``distill_temperature``), each teacher
+        preparing the images as it was trained."""
+        from cxrscreen.evaluate.run import file_logits
+        from cxrscreen.models import load_model
+
+        files = self.df.filter(pl.col("split") == split)["file"].to_list()
+        logp = []
+        for t in self.cfg.teachers:
+            teacher = load_model(t, "classify")
+            if teacher.weights_sha256 == "untrained":
+                raise ValueError(f"teacher {t!r} is not a trained checkpoint")
+            if teacher.info.classes != self.classes:
+                raise ValueError(f"teacher {t} has classes {teacher.info.classes}, not {self.classes}")
+            logits, ok = file_logits(teacher, files)
+            if len(logits) != len(targets):
+                raise ValueError(f"teacher {t} decoded {int(ok.sum())} of the {len(targets)} {split} images")
+            logp.append(torch.from_numpy(logits / self.cfg.distill_temperature).log_softmax(1))
+        soft = torch.stack(logp).mean(0).softmax(1).numpy()
+        return (1 - self.cfg.distill) * np.eye(self.outputs, dtype=np.float32)[targets] + self.cfg.distill * soft
+
     def class_weights(self, targets) -> np.ndarray:
         counts = np.bincount(targets, minlength=self.outputs).astype(float)
         return counts.sum() / (self.outputs * np.maximum(counts, 1))
@@ -176,10 +198,10 @@ def mix_batch(x, alpha: float):
 
 def train_step(model, x, y, loss_fn, opt, cfg: TrainConfig, ema=None) -> float:
     """One optimisation step (bf16 autocast when ``cfg.precision`` says so, mixup when
-    ``cfg.mixup`` > 0 and the targets are class indices); returns the loss."""
+    ``cfg.mixup`` > 0 and the targets are classes: indices or probabilities); returns the loss."""
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {cfg.precision!r}; choose fp32 or bf16")
-    mixed = cfg.mixup > 0 and not y.is_floating_point()
+    mixed = cfg.mixup > 0 and y.ndim <= 2
     if mixed:
         x, partner, lam = mix_batch(x, cfg.mixup)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -231,7 +253,8 @@ def train_loop_per_worker(config: dict) -> None:
     sampler_w = None
     if task.kind == "classify" and cfg.balance == "sampler":
         sampler_w = task.class_weights(train_y)[train_y]
-    loader = rtt.prepare_data_loader(make_loader(train_x, train_y, cfg, True, sampler_w),
+    fit_y = task.distilled_targets("train", train_y) if task.kind == "classify" and cfg.teachers else train_y
+    loader = rtt.prepare_data_loader(make_loader(train_x, fit_y, cfg, True, sampler_w),
                                      add_dist_sampler=sampler_w is None)
     model, ema = prepare_model(build_model(cfg.model, task.outputs, cfg.in_channels, **cfg.model_kwargs), cfg)
     model = rtt.prepare_model(model)
@@ -284,6 +307,11 @@ def train_loop_per_worker(config: dict) -> None:
             break
 
 
+def _resolve_model(spec: str) -> str:
+    """A checkpoint path made absolute (Ray workers run elsewhere); bundled names unchanged."""
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
 def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
@@ -305,7 +333,8 @@ def train(cfg: TrainConfig, progress=print) -> Path:
     saved = dataclasses.replace(cfg, threads_per_worker=threads)  # as the user wrote it
     # Ray workers run in their own working directory: hand them absolute paths
     cfg = dataclasses.replace(cfg, threads_per_worker=threads, data=str(Path(cfg.data).resolve()),
-                              resume_from=str(Path(cfg.resume_from).resolve()) if cfg.resume_from else None)
+                              resume_from=str(Path(cfg.resume_from).resolve()) if cfg.resume_from else None,
+                              teachers=[_resolve_model(t) for t in cfg.teachers] if cfg.teachers else None)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={"cfg": to_dict(cfg)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
