@@ -224,5 +224,8 @@ def test_distilled_student_learns_the_classes_from_its_teacher_alone(phantom_man
     assert json.loads((student / "model.json").read_text())["metrics"]["val"]["macro_f1"] >= 0.55
     res = evaluate_model(student, split="test", update_card=False)
     assert res["metrics"]["accuracy"] > 0.45
+    with pytest.raises(ValueError, match=r"distill must be in \[0, 1\]"):
+        ClassifyTask(_cfg(phantom_manifest, tmp_path / "x", teachers=[str(teacher)], distill=1.5),
+                     64).distilled_targets("train", y)
     with pytest.raises(ValueError, match="not a trained checkpoint"):
         ClassifyTask(_cfg(phantom_manifest, tmp_path / "x", teachers=["cxrnet"]), 64).distilled_targets("train", y)

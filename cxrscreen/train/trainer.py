@@ -77,6 +77,9 @@ class ClassifyTask:
         from cxrscreen.evaluate.run import file_logits
         from cxrscreen.models import load_model
 
+        if not 0 <= self.cfg.distill <= 1 or self.cfg.distill_temperature <= 0:
+            raise ValueError(f"distill must be in [0, 1] and distill_temperature > 0, not "
+                             f"{self.cfg.distill} and {self.cfg.distill_temperature}")
         files = self.df.filter(pl.col("split") == split)["file"].to_list()
         logp = []
         for t in self.cfg.teachers:
