@@ -200,6 +200,28 @@ def test_augment_warps_the_mask_with_the_image_and_keeps_intensities_in_range():
     assert g.max() - g.min() > 0.3  # and it varies
 
 
+def test_random_erasing_greys_one_rectangle_and_leaves_the_rest():
+    from cxrscreen.train.config import AugmentConfig
+    from cxrscreen.train.data import augment_image
+
+    torch.manual_seed(0)
+    x = torch.rand(1, 64, 80)
+    still = AugmentConfig(zoom=0.0, shift=0.0, rotate=0.0, intensity=0.0, erase=1.0)
+    fractions = []
+    for _ in range(30):
+        out, _ = augment_image(x.clone(), still)
+        changed = ((out - x).abs() > 1e-4)[0]  # (the identity warp resamples within float error)
+        rows, cols = changed.any(1).nonzero()[:, 0], changed.any(0).nonzero()[:, 0]
+        box = out[0, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert torch.allclose(box, x.mean().expand_as(box), atol=1e-4)  # one rectangle, filled with the mean
+        frac = box.numel() / x[0].numel()
+        assert 0.015 <= frac <= 0.21  # 2-20% of the image (rounding aside)
+        fractions.append(frac)
+    assert max(fractions) - min(fractions) > 0.08  # sizes vary
+    never = AugmentConfig(zoom=0.0, shift=0.0, rotate=0.0, intensity=0.0, erase=0.0)
+    assert torch.allclose(augment_image(x.clone(), never)[0], x, atol=1e-4)
+
+
 @pytest.mark.timeout(600)
 def test_distilled_student_learns_the_classes_from_its_teacher_alone(phantom_manifest, tmp_path, ray_2cpu):
     import numpy as np

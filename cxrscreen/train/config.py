@@ -22,6 +22,7 @@ class AugmentConfig:
     hflip: bool = False  # chest radiographs are not left-right symmetric: off by default
     intensity: float = 0.1  # random brightness/contrast jitter
     gamma: float = 0.0  # random gamma x ** exp(u * gamma), u ~ U(-1, 1): sources differ in windowing
+    erase: float = 0.0  # chance of greying out one random rectangle (2-20% of the image; random erasing)
     opacity: float = 0.0  # segmentation only: chance of painting a patchy opacity inside the lungs,
     #                       so that consolidated (white) lung is still segmented as lung
 

@@ -107,7 +107,7 @@ class ArrayDataset(Dataset):
 
 def augment_image(x: torch.Tensor, a: AugmentConfig, mask: torch.Tensor | None = None):
     """Random zoom / shift / rotation (one affine warp, shared with ``mask``), flip, brightness,
-    contrast and gamma (image only). Returns (image, mask)."""
+    contrast, gamma and random erasing (image only). Returns (image, mask)."""
     import math
 
     import torch.nn.functional as F
@@ -132,7 +132,24 @@ def augment_image(x: torch.Tensor, a: AugmentConfig, mask: torch.Tensor | None =
         x = ((x - x.mean()) * c + x.mean() + b).clamp(0, 1)
     if a.gamma:
         x = x.pow(math.exp(a.gamma * torch.empty(()).uniform_(-1, 1).item()))
+    if a.erase and torch.rand(()) < a.erase:
+        x = erase_rectangle(x)
     return x, mask
+
+
+def erase_rectangle(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (C, H, W) with one random rectangle (2-20% of the area, aspect 0.3-3.3) set to the
+    image mean: the classifier cannot lean on any one region (Zhong et al., random erasing)."""
+    import math
+
+    h, w = x.shape[-2:]
+    area = torch.empty(()).uniform_(0.02, 0.2).item() * h * w
+    aspect = math.exp(torch.empty(()).uniform_(math.log(0.3), math.log(3.3)).item())
+    eh, ew = min(h, max(1, round(math.sqrt(area * aspect)))), min(w, max(1, round(math.sqrt(area / aspect))))
+    top, left = torch.randint(0, h - eh + 1, ()).item(), torch.randint(0, w - ew + 1, ()).item()
+    x = x.clone()
+    x[..., top:top + eh, left:left + ew] = x.mean()
+    return x
 
 
 def paint_opacity(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
