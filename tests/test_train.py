@@ -251,3 +251,20 @@ def test_distilled_student_learns_the_classes_from_its_teacher_alone(phantom_man
                      64).distilled_targets("train", y)
     with pytest.raises(ValueError, match="not a trained checkpoint"):
         ClassifyTask(_cfg(phantom_manifest, tmp_path / "x", teachers=["cxrnet"]), 64).distilled_targets("train", y)
+
+
+def test_label_smoothing_makes_the_smoothed_target_the_loss_minimum(phantom_manifest, tmp_path):
+    from cxrscreen.train.trainer import ClassifyTask
+
+    y = torch.tensor([0, 1, 2, 3])
+
+    def loss_at(task, p_true):  # loss when each image gives its true class probability p_true
+        p = torch.full((4, 4), (1 - p_true) / 3)
+        p[torch.arange(4), y] = p_true
+        return task.loss_fn(y.numpy(), "cpu")(p.log(), y).item()
+
+    smooth = ClassifyTask(_cfg(phantom_manifest, tmp_path, label_smoothing=0.2, balance="none"), 64)
+    grid = [0.55, 0.7, 0.8, 0.85, 0.9, 0.95, 0.999]
+    assert min(grid, key=lambda q: loss_at(smooth, q)) == 0.85  # 1 - 0.2 + 0.2 / 4
+    plain = ClassifyTask(_cfg(phantom_manifest, tmp_path, balance="none"), 64)
+    assert min(grid, key=lambda q: loss_at(plain, q)) == 0.999  # without smoothing: as confident as it gets

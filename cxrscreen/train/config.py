@@ -46,6 +46,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; GPUs, CPUs with AVX512-BF16/AMX: benchmarks/train_step.py)
     ema_decay: float = 0.0  # > 0 (e.g. 0.998): validate and save an exponential moving average of the weights
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    label_smoothing: float = 0.0  # classifiers: share of each target spread evenly over the classes
     mixup: float = 0.0  # classifiers: > 0 (e.g. 0.2) trains on mixup pairs, weight ~ Beta(mixup, mixup)
     teachers: list[str] | None = None  # classifier checkpoints: distil their mean prediction ...
     distill: float = 0.5  # ... as the share of each training target (the rest: the true label) ...

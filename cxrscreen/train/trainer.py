@@ -55,7 +55,8 @@ def dice_scores(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 
 class ClassifyTask:
-    """Images + class indices; cross-entropy (class-weighted); score = validation macro-F1."""
+    """Images + class indices; cross-entropy (class-weighted, optionally label-smoothed);
+    score = validation macro-F1."""
 
     kind = "classify"
 
@@ -101,8 +102,8 @@ class ClassifyTask:
 
     def loss_fn(self, targets, device):
         w = self.class_weights(targets) if self.cfg.balance == "weights" else None
-        return torch.nn.CrossEntropyLoss(weight=None if w is None else torch.tensor(w, dtype=torch.float32,
-                                                                                      device=device))
+        return torch.nn.CrossEntropyLoss(weight=None if w is None else torch.tensor(w, dtype=torch.float32, device=device),
+                                         label_smoothing=self.cfg.label_smoothing)
 
     def evaluate(self, logits, targets) -> tuple[dict, dict]:
         m = classification_metrics(targets, softmax(logits), self.classes)
