@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import polars as pl
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from cxrscreen.data.manifest import load_manifest
@@ -108,10 +111,6 @@ class ArrayDataset(Dataset):
 def augment_image(x: torch.Tensor, a: AugmentConfig, mask: torch.Tensor | None = None):
     """Random zoom / shift / rotation (one affine warp, shared with ``mask``), flip, brightness,
     contrast, gamma and random erasing (image only). Returns (image, mask)."""
-    import math
-
-    import torch.nn.functional as F
-
     g = torch.empty(5).uniform_(-1, 1)
     scale = 1 + a.zoom * g[0].item()
     angle = math.radians(a.rotate * g[1].item())
@@ -140,8 +139,6 @@ def augment_image(x: torch.Tensor, a: AugmentConfig, mask: torch.Tensor | None =
 def erase_rectangle(x: torch.Tensor) -> torch.Tensor:
     """``x`` (C, H, W) with one random rectangle (2-20% of the area, aspect 0.3-3.3) set to the
     image mean: the classifier cannot lean on any one region (Zhong et al., random erasing)."""
-    import math
-
     h, w = x.shape[-2:]
     area = torch.empty(()).uniform_(0.02, 0.2).item() * h * w
     aspect = math.exp(torch.empty(()).uniform_(math.log(0.3), math.log(3.3)).item())
@@ -155,8 +152,6 @@ def erase_rectangle(x: torch.Tensor) -> torch.Tensor:
 def paint_opacity(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Image (1, H, W) in [0, 1] with a random patchy opacity blended in inside ``mask``
     (feathered edges): a smooth random field, thresholded, pulls the lung toward soft-tissue grey."""
-    import torch.nn.functional as F
-
     h, w = x.shape[-2:]
     coarse = torch.rand(1, 1, *torch.randint(3, 8, (2,)).tolist())
     field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0]

@@ -102,8 +102,8 @@ class ClassifyTask:
 
     def loss_fn(self, targets, device):
         w = self.class_weights(targets) if self.cfg.balance == "weights" else None
-        return torch.nn.CrossEntropyLoss(weight=None if w is None else torch.tensor(w, dtype=torch.float32, device=device),
-                                         label_smoothing=self.cfg.label_smoothing)
+        weight = None if w is None else torch.tensor(w, dtype=torch.float32, device=device)
+        return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=self.cfg.label_smoothing)
 
     def evaluate(self, logits, targets) -> tuple[dict, dict]:
         m = classification_metrics(targets, softmax(logits), self.classes)
