@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cxrscreen.models import build_model, get_entry, list_models, load_model, save_checkpoint
+from cxrscreen.models import build_model, check_input_size, get_entry, list_models, load_model, save_checkpoint
 from cxrscreen.models.checkpoint import ModelInfo
 
 CLASSIFIERS = list_models("classify")
@@ -28,6 +28,15 @@ def test_classifier_forward_one_channel(name):
 def test_paper_parameter_counts(name, params):
     n = sum(p.numel() for p in build_model(name, 2 if name == "p2_small_cnn" else 3).parameters())
     assert n == params  # P2 reports ~23.98M, P0 ~638k
+
+
+@pytest.mark.parametrize("name,size,bad", [("p3_deep_cnn", 299, 224), ("p0_cnn_lstm", 128, 224)])
+def test_fixed_size_models_refuse_other_sizes_by_name(name, size, bad):
+    check_input_size(name, size)  # its own size passes
+    with pytest.raises(ValueError, match=f"{name}.*cannot take {bad} px.*built for {size} px"):
+        check_input_size(name, bad)
+    check_input_size("cxrnet", bad)  # global pooling: any size
+    check_input_size("p0_cnn_lstm", bad, input_size=bad)  # P0's LSTM sized for another input
 
 
 def test_p4_lstm_and_gru_over_49_steps():

@@ -268,3 +268,9 @@ def test_label_smoothing_makes_the_smoothed_target_the_loss_minimum(phantom_mani
     assert min(grid, key=lambda q: loss_at(smooth, q)) == 0.85  # 1 - 0.2 + 0.2 / 4
     plain = ClassifyTask(_cfg(phantom_manifest, tmp_path, balance="none"), 64)
     assert min(grid, key=lambda q: loss_at(plain, q)) == 0.999  # without smoothing: as confident as it gets
+
+
+def test_train_refuses_an_input_size_the_model_cannot_take_before_starting_ray(phantom_manifest, tmp_path):
+    with pytest.raises(ValueError, match="p3_deep_cnn.*cannot take 64 px.*built for 299 px"):
+        train(_cfg(phantom_manifest, tmp_path / "p3", model="p3_deep_cnn"))
+    assert not (tmp_path / "p3").exists()  # failed before any worker or output folder

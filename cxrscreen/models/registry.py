@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 
@@ -43,3 +44,15 @@ def build_model(name: str, num_classes: int, in_channels: int = 1, **kwargs) -> 
 
 def list_models(task: str | None = None) -> list[str]:
     return sorted(n for n, e in REGISTRY.items() if task is None or e.task == task)
+
+
+def check_input_size(name: str, size: int, in_channels: int = 1, **kwargs) -> None:
+    """Fail early, with the model's own size in the message, where a model cannot take
+    ``size`` px inputs (fixed dense layers: p2_small_cnn, p3_deep_cnn, p0_cnn_lstm)."""
+    model = build_model(name, 2, in_channels, **kwargs).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_channels, size, size))
+    except RuntimeError as e:
+        raise ValueError(f"model {name!r} cannot take {size} px inputs (it is built for "
+                         f"{get_entry(name).input_size} px; set input_size accordingly): {e}") from None

@@ -20,7 +20,7 @@ import yaml
 
 from cxrscreen.config import to_dict
 from cxrscreen.evaluate.metrics import classification_metrics, fit_temperature, softmax
-from cxrscreen.models import build_model, get_entry
+from cxrscreen.models import build_model, check_input_size, get_entry
 from cxrscreen.models.checkpoint import ModelInfo, save_checkpoint
 from cxrscreen.train.config import TrainConfig
 from cxrscreen.train.data import ArrayDataset, labeled_splits, load_images, segmentation_splits
@@ -158,9 +158,13 @@ class SegmentTask:
                          self.cfg.model_kwargs, metrics={"val_pseudo_masks": metrics})
 
 
+def input_size(cfg: TrainConfig) -> int:
+    """The config's input size, else the registry's size for the model."""
+    return cfg.input_size or get_entry(cfg.model).input_size
+
+
 def make_task(cfg: TrainConfig):
-    size = cfg.input_size or get_entry(cfg.model).input_size
-    return (SegmentTask if get_entry(cfg.model).task == "segment" else ClassifyTask)(cfg, size)
+    return (SegmentTask if get_entry(cfg.model).task == "segment" else ClassifyTask)(cfg, input_size(cfg))
 
 
 def _optimizer(cfg: TrainConfig, params):
@@ -328,6 +332,7 @@ def train(cfg: TrainConfig, progress=print) -> Path:
 
     from cxrscreen.pipeline.score import init_ray
 
+    check_input_size(cfg.model, input_size(cfg), cfg.in_channels, **cfg.model_kwargs)
     init_ray()
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
