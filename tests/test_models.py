@@ -35,8 +35,13 @@ def test_fixed_size_models_refuse_other_sizes_by_name(name, size, bad):
     check_input_size(name, size)  # its own size passes
     with pytest.raises(ValueError, match=f"{name}.*cannot take {bad} px.*built for {size} px"):
         check_input_size(name, bad)
-    check_input_size("cxrnet", bad)  # global pooling: any size
-    check_input_size("p0_cnn_lstm", bad, input_size=bad)  # P0's LSTM sized for another input
+
+
+def test_input_size_check_passes_pooled_models_and_p0_built_for_another_size():
+    check_input_size("cxrnet", 224)  # global pooling: any size
+    check_input_size("p0_cnn_lstm", 224, input_size=224)  # P0's LSTM sized for another input
+    with pytest.raises(ValueError, match="p0_cnn_lstm.*cannot take 128 px.*built for 224 px"):
+        check_input_size("p0_cnn_lstm", 128, input_size=224)  # the size its kwargs built it for
 
 
 def test_p4_lstm_and_gru_over_49_steps():

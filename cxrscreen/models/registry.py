@@ -54,5 +54,6 @@ def check_input_size(name: str, size: int, in_channels: int = 1, **kwargs) -> No
         with torch.no_grad():
             model(torch.zeros(1, in_channels, size, size))
     except RuntimeError as e:
+        built = kwargs.get("input_size", get_entry(name).input_size)
         raise ValueError(f"model {name!r} cannot take {size} px inputs (it is built for "
-                         f"{get_entry(name).input_size} px; set input_size accordingly): {e}") from None
+                         f"{built} px; set input_size accordingly): {e}") from None
