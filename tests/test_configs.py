@@ -44,12 +44,12 @@ def test_every_train_config_splits_data_and_takes_a_training_step(path, phantom_
     import torch
 
     from cxrscreen.train.data import labeled_splits
-    from cxrscreen.train.trainer import _optimizer, make_task, prepare_model, train_step
+    from cxrscreen.train.trainer import _optimizer, input_size, make_task, prepare_model, train_step
 
     cfg = load_config(TrainConfig, path)
     seg = get_entry(cfg.model).task == "segment"
     cfg = dataclasses.replace(cfg, data=str(phantom_archive / "manifest.csv"), lung_crop=None, resume_from=None)
-    size = cfg.input_size or get_entry(cfg.model).input_size
+    size = input_size(cfg)
     if seg:
         outputs = 1
     else:
