@@ -20,8 +20,9 @@ from cxrscreen.bench import bench_models, bench_pipeline, machine_info, prepare_
 from cxrscreen.io.sources import list_inputs
 from cxrscreen.masks import decode_mask_png
 from cxrscreen.pipeline.config import ScoreConfig
-from cxrscreen.pipeline.stages import Segmenter, decode_items
-from cxrscreen.train.trainer import dice_scores
+from cxrscreen.io.batch import decode_items
+from cxrscreen.pipeline.stages import Segmenter
+from cxrscreen.masks import dice_scores
 
 SEGMENTERS = ("unet-lungs", "unet-lungs-fast", "")  # "" = classification only
 
@@ -48,7 +49,7 @@ def main() -> None:
     cpus = os.cpu_count() or 1
     base = ScoreConfig(device="cpu", runtime="torch", batch_size=a.batch_size, num_cpus=cpus)
     if not a.no_ray:
-        from cxrscreen.pipeline.score import init_ray
+        from cxrscreen.cluster import init_ray
 
         init_ray(None, cpus)
     info, rows = machine_info(), []

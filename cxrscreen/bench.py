@@ -23,7 +23,8 @@ import torch
 
 from cxrscreen.io.sources import InputItem, list_inputs
 from cxrscreen.pipeline.config import ScoreConfig
-from cxrscreen.pipeline.stages import Classifier, Segmenter, decode_items
+from cxrscreen.io.batch import decode_items
+from cxrscreen.pipeline.stages import Classifier, Segmenter
 
 
 def prepare_inputs(source: str, n: int, work_dir: Path, shared: Path | None = None) -> Path:
@@ -225,7 +226,7 @@ def agreement(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> dict:
                 for i in range(0, len(items), cfg.batch_size)]
         probs = np.concatenate([np.stack([r[f"prob_{k}"] for k in cls.classes], 1) for r in rows])
         masks = [m for r in rows for m in r.get("lung_mask_png", [None] * len(r["key"]))]
-        out[tag] = (probs, masks, f"{cls.runtime.name}-{cls.runtime.precision}")
+        out[tag] = (probs, masks, f"{cls.runner.runtime.name}-{cls.runner.runtime.precision}")
     (a, ma, _), (b, mb, name) = out["ref"], out["cfg"]
     ok = ~np.isnan(a).any(1)
     dices = [dice(decode_mask_png(x), decode_mask_png(y)) for x, y in zip(ma, mb) if x is not None and y is not None]
@@ -262,7 +263,7 @@ def run_bench(source: str = "phantoms", n: int = 256, cfg: ScoreConfig = ScoreCo
     items = list(list_inputs(archive))
     cpus = cfg.num_cpus or os.cpu_count() or 1
     if use_ray:
-        from cxrscreen.pipeline.score import init_ray
+        from cxrscreen.cluster import init_ray
 
         init_ray(cfg.address, cpus)
     info = machine_info()

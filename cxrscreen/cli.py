@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cxrscreen import __version__
-from cxrscreen.explain import METHODS
+from cxrscreen.cam import METHODS
 from cxrscreen.runtime import RUNTIMES
 
 
@@ -99,8 +99,13 @@ def audit(manifest, out_path, threshold, drop_path):
               help="Output folder of Parquet part files (re-running resumes).")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="YAML score config (see configs/score.yaml); options below override it.")
-@click.option("--classifier", help="Registry name or checkpoint folder.")
-@click.option("--segmenter", help="Registry name or checkpoint folder ('' = no segmentation).")
+@click.option("--classifier", help="Shipped weights (cxrnet-4class) or a checkpoint folder.")
+@click.option("--segmenter", help="Shipped weights (unet-lungs, unet-lungs-fast), a checkpoint folder, or '' for none.")
+@click.option("--allow-untrained", is_flag=True, default=None, help="Accept an architecture name (random weights).")
+@click.option("--site", type=click.Path(exists=True, file_okay=False),
+              help="Site profile from `cxrscreen calibrate` (temperature, thresholds, OOD reference).")
+@click.option("--refer-below", type=float, help="Refer below this top probability (default: site profile, else checkpoint).")
+@click.option("--ood-threshold", type=float, help="Refer above this ood_score (default: site profile, else checkpoint).")
 @click.option("--batch-size", type=int)
 @click.option("--actors", type=int, help="Actors per model pool.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
@@ -117,21 +122,57 @@ def audit(manifest, out_path, threshold, drop_path):
 @click.option("--rows-per-file", type=int, help="Rows per output part file.")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")
 @click.option("--num-cpus", type=int, help="CPUs of the embedded local Ray.")
-def score(archive, out_dir, config_path, classifier, segmenter, batch_size, actors, device, precision,
-          runtime, cuda_graphs, compile_, decode_jpeg_on_device, int8_calibration, lung_crop, cam, include_phi, rows_per_file, address, num_cpus):
-    """Score every image of ARCHIVE (folder tree, list file or Parquet): one row per input."""
-    from cxrscreen.config import load_config
-    from cxrscreen.pipeline import ScoreConfig, score_archive
+def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained, site, refer_below, ood_threshold,
+          batch_size, actors, device, precision, runtime, cuda_graphs, compile_, decode_jpeg_on_device,
+          int8_calibration, lung_crop, cam, include_phi, rows_per_file, address, num_cpus):
+    """Score every image of ARCHIVE (folder tree, list file or Parquet): one row per input.
 
-    cfg = load_config(ScoreConfig, config_path, classifier=classifier, segmenter=segmenter,
-                      batch_size=batch_size, cls_actors=actors, seg_actors=actors, device=device,
-                      precision=precision, runtime=runtime, cuda_graphs=cuda_graphs, compile=compile_,
-                      decode_jpeg_on_device=decode_jpeg_on_device, int8_calibration=int8_calibration, lung_crop=lung_crop, cam=cam, include_phi=include_phi,
-                      rows_per_file=rows_per_file, address=address, num_cpus=num_cpus)
+    Referral thresholds: an explicit --refer-below / --ood-threshold (or config key) wins, then
+    the --site profile's, then the checkpoint's (fitted on its validation split)."""
+    from cxrscreen.config import ConfigError, load_config
+    from cxrscreen.pipeline import ScoreConfig, score_archive
+    from cxrscreen.pipeline.score import check_models
+
+    try:
+        cfg = load_config(ScoreConfig, config_path, classifier=classifier, segmenter=segmenter,
+                          allow_untrained=allow_untrained, site=site, refer_below=refer_below,
+                          ood_threshold=ood_threshold, batch_size=batch_size, cls_actors=actors, seg_actors=actors,
+                          device=device, precision=precision, runtime=runtime, cuda_graphs=cuda_graphs,
+                          compile=compile_, decode_jpeg_on_device=decode_jpeg_on_device,
+                          int8_calibration=int8_calibration, lung_crop=lung_crop, cam=cam, include_phi=include_phi,
+                          rows_per_file=rows_per_file, address=address, num_cpus=num_cpus)
+        check_models(cfg)
+    except (ConfigError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
     summary = score_archive(archive, out_dir, cfg)
     click.echo(str(summary))
+    if summary.drift:
+        click.echo(f"warning: {summary.drift}")
     if summary.missing:
         raise click.ClickException(f"{len(summary.missing)} inputs have no output row, e.g. {summary.missing[:3]}")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(exists=True, file_okay=False))
+@click.option("--labels", "labels_csv", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="CSV with path (relative to ARCHIVE or absolute) and label (a class of the classifier).")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Profile folder.")
+@click.option("--classifier", default="cxrnet-4class", show_default=True, help="Shipped weights or a checkpoint folder.")
+@click.option("--target-sensitivity", default=0.99, show_default=True,
+              help="COVID sensitivity (predicted or referred) the referral threshold must reach on the sample.")
+def calibrate(archive, labels_csv, out_dir, classifier, target_sensitivity):
+    """Fit a site profile from a labelled sample (100-500 images) of your own archive; use it
+    with `cxrscreen score --site PROFILE`."""
+    from cxrscreen.evaluate.calibrate import calibrate_site
+
+    try:
+        p = calibrate_site(archive, labels_csv, out_dir, classifier, target_sensitivity=target_sensitivity)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    f = p.fitted_on
+    click.echo(f"site profile {out_dir}: {f['images']} images; temperature {f['checkpoint_temperature']:.2f} -> "
+               f"{p.temperature:.2f}, COVID referral threshold {f['checkpoint_refer_threshold']} -> "
+               f"{p.refer_threshold:.3f}; accuracy on the sample {f['accuracy']:.3f}")
 
 
 @main.command()
@@ -211,13 +252,17 @@ def train(config_path, model, task, data, epochs, batch_size, num_workers, use_g
 @click.option("--data", help="Manifest to evaluate on (default: the training data).")
 @click.option("--split", default="test", show_default=True)
 @click.option("--target-sensitivity", default=0.99, show_default=True, help="COVID sensitivity the refer flag must reach on val.")
+@click.option("--ood-refer-rate", default=0.05, show_default=True,
+              help="Share of in-distribution (val) images the OOD threshold refers.")
+@click.option("--predictions", "predictions_path", type=click.Path(dir_okay=False),
+              help="Write the per-image probabilities it computed (Parquet: key, file, label, prob_*, ood_score).")
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), help="Write the metrics as JSON.")
-def evaluate(model_dir, data, split, target_sensitivity, out_path):
+def evaluate(model_dir, data, split, target_sensitivity, ood_refer_rate, predictions_path, out_path):
     """Metrics of a trained model: classifiers on a patient-level split (calibrated on val),
     segmenters on the expert masks and the pseudo-mask validation split."""
     import json
 
-    from cxrscreen.evaluate.run import evaluate_model, evaluate_segmenter
+    from cxrscreen.evaluate.run import evaluate_model, evaluate_segmenter, write_predictions
 
     if json.loads((Path(model_dir) / "model.json").read_text())["task"] == "segment":
         res = evaluate_segmenter(model_dir, data)
@@ -228,13 +273,24 @@ def evaluate(model_dir, data, split, target_sensitivity, out_path):
         if out_path:
             Path(out_path).write_text(json.dumps(res, indent=2))
         return
-    res = evaluate_model(model_dir, data, split, target_sensitivity=target_sensitivity)
+    res = evaluate_model(model_dir, data, split, target_sensitivity=target_sensitivity,
+                         ood_refer_rate=ood_refer_rate, predictions=bool(predictions_path))
+    if predictions_path:
+        write_predictions(res.pop("predictions"), res["classes"], predictions_path)
     m = res["metrics"]
     click.echo(f"{split}: n={m['n']} accuracy={m['accuracy']:.4f} macro-F1={m['macro_f1']:.4f} "
                f"macro-AUC={m['macro_auc']:.4f} ECE={m['ece']:.4f} (T={res['temperature']:.2f})")
     for c, v in m["per_class"].items():
         click.echo(f"  {c:<22} P={v['precision']:.3f} R={v['recall']:.3f} F1={v['f1']:.3f} "
                    f"spec={v['specificity']:.3f} AUC={v['auc']:.3f} n={v['support']}")
+    cov = res["at_coverage"]
+    click.echo(f"referred {res['referred_fraction']:.1%} (" + ", ".join(
+        f"{k} {v:.1%}" for k, v in res["referred_by_reason"].items()) + f"); accuracy of the rest "
+        f"{cov['accuracy']:.4f} at coverage {cov['coverage']:.1%}")
+    probe = res.get("source_probe")
+    if probe and probe["balanced_accuracy"] is not None:
+        click.echo(f"source probe: balanced accuracy {probe['balanced_accuracy']:.3f} "
+                   f"(chance {probe['chance']:.3f}) over {', '.join(probe['sources'])}")
     if out_path:
         Path(out_path).write_text(json.dumps(res, indent=2))
 

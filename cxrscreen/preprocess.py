@@ -1,30 +1,59 @@
-"""Preprocessing shared by scoring and training: resize, normalise, lung crop (numpy and torch)."""
+"""Work image -> model input: the second half of the one path from pixels to predictions.
+
+Every consumer (score, evaluate, train, calibrate, explain, bench) decodes with
+``cxrscreen.io.batch`` to uint8 work images (256 x 256), optionally crops them to the lung box
+(``crop_boxes``, at the work size), and turns them into model input here, with the intensity
+standardisation the checkpoint names (``ModelInfo.intensity``). Training splits
+``to_model_input`` into ``to_unit`` -> augmentation -> ``normalise``; without augmentation
+that is the same arithmetic.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 MEAN, STD = 0.5, 0.25  # grayscale normalisation used by every model of the registry
+INTENSITIES = ("raw", "equalize")  # ModelInfo.intensity: none, or per-image histogram equalisation
 
 
-def resize_uint8(pixels: np.ndarray, size: int) -> np.ndarray:
-    """[0, 1] float (or uint8) image -> ``size`` x ``size`` uint8 (area filter when shrinking)."""
-    img = pixels if pixels.dtype == np.uint8 else np.rint(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
-    if img.shape == (size, size):
-        return img
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0))
+def equalize(images: torch.Tensor) -> torch.Tensor:
+    """Histogram equalisation of each uint8 image (B, H, W), batched on the images' device:
+    every image's grey levels are mapped through its own cumulative histogram, so the model
+    sees the same intensity distribution whatever the source's windowing and processing."""
+    b, n = images.shape[0], images[0].numel()
+    flat = images.reshape(b, -1).long()
+    hist = torch.zeros(b, 256, dtype=torch.float32, device=images.device)
+    hist.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    cdf = hist.cumsum(1)
+    lo = cdf.gather(1, flat.min(1, keepdim=True).values)  # the darkest level maps to 0
+    lut = ((cdf - lo) / (n - lo).clamp(min=1) * 255).round().clamp(0, 255)
+    return lut.gather(1, flat).to(torch.uint8).reshape(images.shape)
 
 
-def to_model_input(images: torch.Tensor, size: int, channels: int = 1) -> torch.Tensor:
-    """uint8 (B, H, W) on any device -> normalised float (B, channels, size, size) on that device."""
+def to_unit(images: torch.Tensor, size: int, intensity: str = "raw") -> torch.Tensor:
+    """uint8 (B, H, W) -> float (B, 1, size, size) in [0, 1] on the same device (antialiased
+    bilinear resize), after the checkpoint's intensity standardisation."""
+    if intensity not in INTENSITIES:
+        raise ValueError(f"intensity {intensity!r}: expected one of {', '.join(INTENSITIES)}")
+    if intensity == "equalize" and len(images):
+        images = equalize(images)
     x = images.float().div_(255.0).unsqueeze(1)
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+def normalise(x: torch.Tensor, channels: int = 1) -> torch.Tensor:
+    """[0, 1] float (B, 1, H, W) -> the registry's normalisation, repeated to ``channels``."""
     x = (x - MEAN) / STD
     return x.expand(-1, channels, -1, -1) if channels > 1 else x
+
+
+def to_model_input(images: torch.Tensor, size: int, channels: int = 1, intensity: str = "raw") -> torch.Tensor:
+    """uint8 (B, H, W) on any device -> normalised float (B, channels, size, size) on that device."""
+    return normalise(to_unit(images, size, intensity), channels)
 
 
 def crop_boxes(images: torch.Tensor, boxes: np.ndarray, size: int, margin: float = 0.05) -> torch.Tensor:

@@ -30,7 +30,7 @@ def phantom_archive(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_2cpu():
     """An embedded local Ray with exactly 2 CPUs (the CI machine's size)."""
-    from cxrscreen.pipeline.score import init_ray
+    from cxrscreen.cluster import init_ray
 
     ray = init_ray(num_cpus=2)
     yield ray

@@ -7,6 +7,7 @@ from cxrscreen.bench import ratios, run_bench
 from cxrscreen.pipeline import ScoreConfig
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_bench_writes_every_mode_and_the_runtime_agreement(tmp_path):
     out = tmp_path / "bench.parquet"

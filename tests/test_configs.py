@@ -35,6 +35,7 @@ def test_readme_test_command_is_what_ci_runs():
     assert commands[1] in (root / ".ci" / "run").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
 def test_every_train_config_splits_data_and_takes_a_training_step(path, phantom_archive):
     """Each paper/train config, on phantoms: its split settings work and its model (with its

@@ -58,6 +58,7 @@ def test_model_card_is_rendered_from_the_shipped_evaluation():
     assert (Path(__file__).resolve().parents[1] / "MODEL_CARD.md").read_text() == card
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["unet-lungs", "unet-lungs-fast"])
 def test_shipped_unet_metrics_come_from_its_weights(name):
     """An adapted U-Net's recorded pseudo-mask Dice is recomputed from the shipped weights on

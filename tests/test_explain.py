@@ -10,7 +10,8 @@ from PIL import Image
 from scipy import ndimage
 
 from cxrscreen.data.synth import make_phantom
-from cxrscreen.explain import METHODS, GradCAM, energy_inside, explain_archive, find_target_layer
+from cxrscreen.cam import METHODS, GradCAM, energy_inside, find_target_layer
+from cxrscreen.explain import explain_archive
 from cxrscreen.io import list_inputs
 from cxrscreen.models.registry import build_model, get_entry, list_models
 from cxrscreen.pipeline import ScoreConfig, score_items_local

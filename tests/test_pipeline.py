@@ -17,7 +17,7 @@ from cxrscreen.pipeline import ScoreConfig, score_archive, score_items_local
 from cxrscreen.pipeline.output import batch_to_table, output_schema
 from cxrscreen.pipeline.score import plan_resources
 
-FAST = dict(classifier="mobilenet_v3_small", batch_size=8, rows_per_file=10)
+FAST = dict(classifier="mobilenet_v3_small", allow_untrained=True, batch_size=8, rows_per_file=10)
 CLASSES = ["covid", "normal", "viral_pneumonia", "bacterial_pneumonia"]
 
 
@@ -44,6 +44,7 @@ def test_local_stages_without_ray(mixed_archive):
     assert mask.pixels.shape == (64, 64) and set(np.unique(mask.pixels)) <= {0.0, 1.0}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ray_score_on_2_cpus_accounts_for_every_input(mixed_archive, ray_2cpu, tmp_path):
     archive, bad = mixed_archive
@@ -56,7 +57,7 @@ def test_ray_score_on_2_cpus_accounts_for_every_input(mixed_archive, ray_2cpu, t
     assert table.num_rows == 34 and "lung_bbox" in table.schema.names
     assert not list(tmp_path.glob(".*"))  # no temporary files left visible
     ok = df.filter(pl.col("status") == "ok")
-    assert (ok["classifier"] == "mobilenet_v3_small").all() and (ok["classifier_sha256"] == "untrained").all()
+    assert (ok["classifier"] == "mobilenet_v3_small (untrained)").all() and (ok["classifier_sha256"] == "untrained").all()
     dicom = ok.filter(pl.col("format") == "dicom")
     assert len(dicom) == 8 and (dicom["dicom_view_position"] == "PA").all()
     assert not any("patient" in c for c in df.columns)
@@ -67,6 +68,7 @@ def test_ray_score_on_2_cpus_accounts_for_every_input(mixed_archive, ray_2cpu, t
     assert pl.read_parquet(tmp_path / "*.parquet").height == 34
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_parquet_archive_and_phi_on_request(mixed_archive, ray_2cpu, tmp_path):
     archive, _ = mixed_archive
@@ -81,6 +83,7 @@ def test_parquet_archive_and_phi_on_request(mixed_archive, ray_2cpu, tmp_path):
     assert (dicom["patient_name"] == "PHANTOM^TEST").all() and dicom["patient_id"].str.starts_with("syn").all()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_new_and_changed_files_are_scored_on_resume(tmp_path, ray_2cpu):
     from cxrscreen.data.synth import encode_png, make_phantom
@@ -110,6 +113,7 @@ def test_resource_plan_leaves_cpus_for_decoding():
     assert gpu.device == "cuda" and gpu.actor_gpus == 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_killed_run_resumes_to_exactly_one_row_per_input(tmp_path):
     from cxrscreen.data.synth import write_archive
@@ -117,7 +121,7 @@ def test_killed_run_resumes_to_exactly_one_row_per_input(tmp_path):
     write_archive(tmp_path / "arch", 200, seed=9, size=128)
     archive, out = tmp_path / "arch" / "images", tmp_path / "out"
     cmd = [sys.executable, "-m", "cxrscreen.cli", "score", str(archive), "-o", str(out), "--classifier",
-           "mobilenet_v3_small", "--batch-size", "4", "--rows-per-file", "8", "--num-cpus", "2"]
+           "mobilenet_v3_small", "--allow-untrained", "--batch-size", "4", "--rows-per-file", "8", "--num-cpus", "2"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < 1:
@@ -164,6 +168,7 @@ def test_lung_crop_classifies_the_box():
     assert max(abs(cropped[f"prob_{c}"][0] - full[f"prob_{c}"][0]) for c in CLASSES) > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_scores_on_an_existing_cluster_via_ray_address(tmp_path):
     from cxrscreen.data.synth import write_archive
@@ -187,7 +192,7 @@ def test_scores_on_an_existing_cluster_via_ray_address(tmp_path):
             except OSError:
                 time.sleep(0.5)
         res = subprocess.run([sys.executable, "-m", "cxrscreen.cli", "score", str(tmp_path / "arch" / "images"),
-                              "-o", str(tmp_path / "out"), "--classifier", "mobilenet_v3_small"],
+                              "-o", str(tmp_path / "out"), "--classifier", "mobilenet_v3_small", "--allow-untrained"],
                              capture_output=True, text=True, env=env, timeout=240)
         assert res.returncode == 0, res.stderr[-2000:]
         assert "8 ok" in res.stdout

@@ -9,8 +9,11 @@ from cxrscreen.data.synth import write_archive
 from cxrscreen.evaluate.run import evaluate_model
 from cxrscreen.evaluate.source_shift import leave_one_source_out
 from cxrscreen.io import list_inputs
-from cxrscreen.pipeline.stages import Classifier, Segmenter, decode_items
+from cxrscreen.io.batch import decode_items
+from cxrscreen.pipeline.stages import Classifier, Segmenter
 from cxrscreen.train import TrainConfig, train
+
+pytestmark = pytest.mark.slow  # trains models and builds reports (seconds to minutes each)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from cxrscreen.io import list_inputs
 from cxrscreen.masks import decode_mask_png, dice
 from cxrscreen.models.registry import build_model
 from cxrscreen.pipeline import ScoreConfig, score_items_local
-from cxrscreen.pipeline.stages import decode_items
+from cxrscreen.io.batch import decode_items
 from cxrscreen.runtime import make_runtime
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
@@ -40,12 +40,14 @@ def _compare(ref, out, tol=PROB_TOL, min_dice=MASK_DICE):
     assert min(dices) > min_dice, min(dices)
 
 
+@pytest.mark.slow
 def test_onnxruntime_matches_torch_fp32_on_the_shipped_models(mixed_archive):
     items = list(list_inputs(mixed_archive[0]))[:24]
     ref = _score(items, runtime="torch", precision="fp32")
     _compare(ref, _score(items, runtime="onnxruntime"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,size", [("p0_cnn_lstm", 128), ("p2_small_cnn", 224), ("resnet18", 224)])
 def test_onnx_export_of_registry_models_keeps_dynamic_batch(name, size):
     torch.manual_seed(0)
@@ -86,6 +88,7 @@ def test_bad_runtime_requests_are_refused():
         make_runtime(module, "cpu", "bf16", runtime="onnxruntime")
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     torch.manual_seed(0)
     module = build_model("p0_cnn_lstm", 4, 1).eval()

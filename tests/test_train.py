@@ -9,6 +9,8 @@ from cxrscreen.evaluate.run import evaluate_model
 from cxrscreen.models import load_model
 from cxrscreen.train import TrainConfig, train
 
+pytestmark = pytest.mark.slow  # Ray Train runs (seconds to a minute each)
+
 
 @pytest.fixture(scope="module")
 def phantom_manifest(tmp_path_factory):
@@ -226,7 +228,7 @@ def test_random_erasing_greys_one_rectangle_and_leaves_the_rest():
 def test_distilled_student_learns_the_classes_from_its_teacher_alone(phantom_manifest, tmp_path, ray_2cpu):
     import numpy as np
 
-    from cxrscreen.evaluate.run import file_logits
+    from cxrscreen.predict import ModelRunner, classify_files
     from cxrscreen.train.trainer import ClassifyTask
 
     teacher = train(_cfg(phantom_manifest, tmp_path / "teacher"))
@@ -237,9 +239,9 @@ def test_distilled_student_learns_the_classes_from_its_teacher_alone(phantom_man
     assert soft.shape == (len(y), 4) and np.allclose(soft.sum(1), 1, atol=1e-5)
     assert (soft[np.arange(len(y)), y] >= 0.7 - 1e-6).all()
     teacher_part = (soft - 0.7 * np.eye(4)[y]) / 0.3  # what the teacher says, row by row
-    logits, _ = file_logits(load_model(str(teacher), "classify"),
+    out, _ = classify_files(ModelRunner(str(teacher), "classify", device="cpu"),
                             task.df.filter(pl.col("split") == "train")["file"].to_list())
-    assert (teacher_part.argmax(1) == logits.argmax(1)).all()
+    assert (teacher_part.argmax(1) == out.logits.argmax(1)).all()
 
     # distill=1: the student never sees a label, only the teacher's soft predictions
     student = train(_cfg(phantom_manifest, tmp_path / "student", teachers=[str(teacher)], distill=1.0))

@@ -14,25 +14,6 @@ def pixel_features(images: np.ndarray, side: int = 32) -> np.ndarray:
     return (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-6)
 
 
-def embeddings(module: torch.nn.Module, images: np.ndarray, size: int, in_channels: int = 1,
-               batch: int = 64) -> np.ndarray:
-    """The input of the model's last linear layer (its penultimate features) for uint8 images."""
-    from cxrscreen.preprocess import to_model_input
-
-    last = [m for m in module.modules() if isinstance(m, torch.nn.Linear)][-1]
-    feats: list[np.ndarray] = []
-    hook = last.register_forward_hook(lambda m, i, o: feats.append(i[0].detach().float().cpu().numpy()))
-    module.eval()
-    device = next(module.parameters()).device
-    try:
-        with torch.inference_mode():
-            for i in range(0, len(images), batch):
-                module(to_model_input(torch.from_numpy(images[i:i + batch]).to(device), size, in_channels))
-    finally:
-        hook.remove()
-    return np.concatenate(feats) if feats else np.zeros((0, last.in_features), np.float32)
-
-
 def kmeans_crosstab(features: np.ndarray, labels: list[str], k: int | None = None, seed: int = 0) -> dict:
     """k-means (k = number of labels by default) -> cluster per image, label x cluster crosstab,
     cluster counts, purity and adjusted Rand index against the labels."""

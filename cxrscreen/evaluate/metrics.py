@@ -108,3 +108,18 @@ def refer_threshold(probs: np.ndarray, y: np.ndarray, positive: int, target_sens
         if caught.mean() >= target_sensitivity:
             return float(t)
     return 1.0 + 1e-6  # refer everything
+
+
+def binary_auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counted half (NaN if a side is empty)."""
+    y = np.r_[np.zeros(len(negatives), int), np.ones(len(positives), int)]
+    s = np.r_[np.asarray(negatives, float), np.asarray(positives, float)]
+    return roc_auc_ovr(y, np.stack([-s, s], 1))[1]
+
+
+def accuracy_at_coverage(y: np.ndarray, pred: np.ndarray, referred: np.ndarray) -> dict:
+    """Accuracy of the rows not referred, and their share (coverage)."""
+    kept = ~np.asarray(referred, bool)
+    return {"coverage": float(kept.mean()) if len(kept) else float("nan"),
+            "accuracy": float((np.asarray(pred)[kept] == np.asarray(y)[kept]).mean()) if kept.any() else float("nan"),
+            "n": int(len(kept))}

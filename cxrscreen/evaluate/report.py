@@ -83,11 +83,12 @@ def inference_images_per_s(module: torch.nn.Module, size: int, in_channels: int,
 def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | None, samples: int,
                    kmeans_images: int, seed: int) -> dict:
     """Figures of one model; returns its comparison-table row."""
-    from cxrscreen.evaluate.kmeans import embeddings, kmeans_crosstab, pixel_features
+    from cxrscreen.evaluate.kmeans import kmeans_crosstab, pixel_features
     from cxrscreen.explain import explain_items, overlays
     from cxrscreen.io.sources import InputItem
     from cxrscreen.models import load_model
     from cxrscreen.pipeline.stages import Classifier, Segmenter
+    from cxrscreen.predict import classify_images
     from cxrscreen.train.data import load_images
 
     loaded = load_model(str(model_dir), "classify")
@@ -121,11 +122,13 @@ def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | Non
         f"{tag}: image / lung mask / Grad-CAM of the predicted class")
     km_pick = np.sort(rng.choice(len(rows), min(kmeans_images, len(rows)), replace=False))
     km_rows = rows[km_pick.tolist()]
-    km_images, km_ok = load_images(km_rows["file"].to_list(), info.input_size, info.lung_crop)
+    km_images, km_ok = load_images(km_rows["file"].to_list())
     labels = [c for c, k in zip(km_rows["target"].to_list(), km_ok) if k]
     kmeans = {}
-    for name, feats in (("pixels", pixel_features(km_images[km_ok])),
-                        ("embeddings", embeddings(loaded.module, km_images[km_ok], info.input_size, info.in_channels))):
+    km_out = classify_images(cls.runner, km_images[km_ok])  # penultimate embeddings (cxrscreen.models.ood)
+    if km_out.embeddings is None:
+        raise ValueError(f"{info.name}: no penultimate embedding (its last linear layer is not its output)")
+    for name, feats in (("pixels", pixel_features(km_images[km_ok])), ("embeddings", km_out.embeddings)):
         km = kmeans_crosstab(feats, labels, seed=seed)
         kmeans[name] = km
         page.figure(f"{tag}-kmeans-{name}", plots.crosstab(km["crosstab"], f"k-means of {name}: purity "
@@ -149,10 +152,11 @@ def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | Non
 def _segmentation_section(page: _Page, segmenter: str, seg_data: str | None, samples: int) -> None:
     """Metrics of the segmenter (from its model.json) and image / expert / predicted triplets."""
     from cxrscreen.data.manifest import read_seg_manifest
-    from cxrscreen.explain import triplet
+    from cxrscreen.cam import triplet
     from cxrscreen.masks import decode_mask_png
     from cxrscreen.models import load_model
-    from cxrscreen.pipeline.stages import Segmenter, image_batch
+    from cxrscreen.io.batch import image_batch
+    from cxrscreen.pipeline.stages import Segmenter
     from cxrscreen.train.data import load_images
 
     loaded = load_model(segmenter, "segment")
@@ -169,8 +173,8 @@ def _segmentation_section(page: _Page, segmenter: str, seg_data: str | None, sam
     if "subset" in df.columns:
         df = df.filter(pl.col("subset") == "expert")
     df = df.head(samples)
-    images, ok = load_images(df["file"].to_list(), 256)
-    truth, ok_m = load_images(df["mask_file"].to_list(), 256)
+    images, ok = load_images(df["file"].to_list())
+    truth, ok_m = load_images(df["mask_file"].to_list())
     good = ok & ok_m
     images, truth, files = images[good], truth[good], [f for f, g in zip(df["file"], good) if g]
     batch = Segmenter(segmenter, device="cpu", runtime="torch")(image_batch(images))

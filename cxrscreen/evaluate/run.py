@@ -11,33 +11,45 @@ import torch
 import yaml
 
 from cxrscreen.config import from_dict
-from cxrscreen.evaluate.metrics import classification_metrics, fit_temperature, refer_threshold, softmax
+from cxrscreen.evaluate.metrics import (accuracy_at_coverage, classification_metrics, fit_temperature,
+                                        refer_threshold, softmax)
+from cxrscreen.masks import dice_scores
 from cxrscreen.models import load_model
 from cxrscreen.train.config import TrainConfig
-from cxrscreen.train.data import labeled_splits, load_images
-from cxrscreen.train.trainer import predict_logits
+from cxrscreen.train.data import labeled_splits
 
 
-def file_logits(loaded, files: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Logits of a loaded checkpoint for image files, prepared as it was trained (input size,
-    channels, lung crop), and the mask of files that decoded."""
-    images, ok = load_images(files, loaded.info.input_size, loaded.info.lung_crop)
-    cfg = TrainConfig(in_channels=loaded.info.in_channels)
-    return predict_logits(loaded.module, images[ok], cfg, torch.device("cpu")), ok
+def _outputs(runner, files: list[str]):
+    """Raw logits, embeddings and polarity of the files that decode (the scoring path) + mask."""
+    from cxrscreen.predict import classify_images, decode_files_polarity
+
+    images, ok, pol = decode_files_polarity(files)
+    return classify_images(runner, images[ok]), pol[ok], ok
 
 
 def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = "test",
-                   positive: str = "covid", target_sensitivity: float = 0.99,
-                   update_card: bool = True, allow_duplicates: bool = False, predictions: bool = False) -> dict:
-    """Metrics of ``model_dir`` on ``split``; temperature and refer threshold are fitted on
-    ``val`` and (with ``update_card``) stored in model.json for scoring. Refuses a split that
+                   positive: str = "covid", target_sensitivity: float = 0.99, ood_refer_rate: float = 0.05,
+                   min_polarity: float = 0.0, update_card: bool = True, allow_duplicates: bool = False,
+                   predictions: bool = False, device: str = "auto", precision: str = "auto",
+                   runtime: str = "auto") -> dict:
+    """Metrics of ``model_dir`` on ``split``, computed through the scoring path
+    (``cxrscreen.predict``, the same runtime and precision ``score`` picks by default).
+
+    Fitted here and (with ``update_card``) stored with the checkpoint: the temperature and
+    the COVID referral threshold (on ``val``), the out-of-distribution reference (class means
+    and shared covariance of the ``train`` embeddings, ``ood.safetensors``) and its threshold
+    (the ``1 - ood_refer_rate`` quantile of ``val``'s ``ood_score``). Reports accuracy at
+    coverage (the rows ``score`` would not refer) and a source probe. Refuses a split that
     shares a patient with train, or (unless ``allow_duplicates``) a near-duplicate image.
     With ``predictions``, ``result["predictions"]`` holds the evaluated rows (file, label,
-    source) with ``y`` and calibrated ``probs``."""
+    source) with ``y``, calibrated ``probs`` and ``ood_score``."""
     from cxrscreen.data.dedup import audit_duplicates
+    from cxrscreen.models.ood import OODReference
+    from cxrscreen.predict import ModelRunner
 
     model_dir = Path(model_dir)
-    loaded = load_model(str(model_dir), "classify")
+    runner = ModelRunner(str(model_dir), "classify", device, precision, runtime=runtime)
+    loaded = runner.loaded
     cfg = from_dict(TrainConfig, yaml.safe_load((model_dir / "train_config.yaml").read_text()))
     if data:
         cfg.data = data
@@ -55,40 +67,93 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
         raise ValueError(f"leakage: {len(cross)} near-duplicate train/{split} image pairs, e.g. "
                          f"{cross.select('path_a', 'path_b').rows()[:2]}; drop them (`cxrscreen audit --drop`)")
     index = {c: i for i, c in enumerate(classes)}
+
+    def targets(part, ok):
+        return np.array([index[t] for t in part["target"]], np.int64)[ok]
+
+    train = df.filter(pl.col("split") == "train")
+    train_out, _, train_ok = _outputs(runner, train["file"].to_list())
+    reference = None
+    if train_out.embeddings is not None:
+        reference = OODReference.fit(train_out.embeddings, targets(train, train_ok))
     val = df.filter(pl.col("split") == "val")
-    val_logits, val_ok = file_logits(loaded, val["file"].to_list())
-    y_val = np.array([index[t] for t in val["target"]])[val_ok]
-    temperature = fit_temperature(val_logits, y_val)
+    val_out, _, val_ok = _outputs(runner, val["file"].to_list())
+    y_val = targets(val, val_ok)
+    temperature = fit_temperature(val_out.logits, y_val)
     pos = index.get(positive, 0)
-    threshold = refer_threshold(softmax(val_logits, temperature), y_val, pos, target_sensitivity)
-    logits, ok = file_logits(loaded, test["file"].to_list())
-    y = np.array([index[t] for t in test["target"]])[ok]
-    probs = softmax(logits, temperature)
+    threshold = refer_threshold(softmax(val_out.logits, temperature), y_val, pos, target_sensitivity)
+    ood_threshold = None
+    if reference is not None:
+        ood_threshold = float(np.quantile(reference.score(val_out.embeddings), 1 - ood_refer_rate))
+    out, pol, ok = _outputs(runner, test["file"].to_list())
+    y = targets(test, ok)
+    probs = softmax(out.logits, temperature)
+    ood = reference.score(out.embeddings) if reference is not None else np.full(len(y), np.nan, np.float32)
     result = {"split": split, "data": str(cfg.data), "model": loaded.info.name, "classes": classes,
+              "runtime": runner.runtime.name, "precision": runner.runtime.precision,
               "temperature": temperature, "refer_threshold": threshold,
               "refer_target": {"class": classes[pos], "sensitivity": target_sensitivity},
-              "uncalibrated_ece": classification_metrics(y, softmax(logits), classes)["ece"],
+              "ood_threshold": ood_threshold, "ood_refer_rate": ood_refer_rate,
+              "uncalibrated_ece": classification_metrics(y, softmax(out.logits), classes)["ece"],
               "metrics": classification_metrics(y, probs, classes), "per_source": {},
-              "near_duplicates_train_" + split: len(cross)}
-    conf = probs.max(1)
-    referred = conf < threshold
+              "near_duplicates_train_" + split: len(cross),
+              "train_class_share": {c: float((train["target"] == c).mean()) for c in classes}}
+    reasons = {"low_confidence": probs.max(1) < threshold,
+               "out_of_distribution": ood > ood_threshold if ood_threshold is not None else np.zeros(len(y), bool),
+               "atypical_intensity": pol < min_polarity}
+    referred = np.any(np.stack(list(reasons.values())), 0)
     result["referred_fraction"] = float(referred.mean())
+    result["referred_by_reason"] = {k: float(v.mean()) for k, v in reasons.items()}
+    result["at_coverage"] = accuracy_at_coverage(y, probs.argmax(1), referred)
     caught = (probs.argmax(1) == pos) | referred
     result["sensitivity_with_referral"] = float(caught[y == pos].mean()) if (y == pos).any() else None
     result["derived"] = derived_tasks(y, probs, classes)
+    three = result["derived"].get("3class")
+    if three is not None:
+        keep3 = np.isin(y, [classes.index(c) for c in ("covid", "normal", "viral_pneumonia")])
+        idx = [classes.index(c) for c in ("covid", "normal", "viral_pneumonia")]
+        pred3 = np.array(idx)[probs[:, idx].argmax(1)]
+        result["at_coverage_3class"] = accuracy_at_coverage(y[keep3], pred3[keep3], referred[keep3])
     sources = test["source"].to_numpy()[ok] if "source" in test.columns else np.full(len(y), None)
     for s in sorted({str(x) for x in sources if x is not None}):
         m = sources == s
         result["per_source"][s] = {"n": int(m.sum()), "accuracy": float((probs[m].argmax(1) == y[m]).mean())}
+    if train_out.embeddings is not None and "source" in df.columns:
+        result["source_probe"] = source_probe(train_out.embeddings, train["source"].to_numpy()[train_ok],
+                                              out.embeddings, sources)
     if predictions:
-        result["predictions"] = {"rows": test.filter(pl.Series(ok)), "y": y, "probs": probs}
+        result["predictions"] = {"rows": test.filter(pl.Series(ok)), "y": y, "probs": probs, "ood_score": ood}
     if update_card:
         card = json.loads((model_dir / "model.json").read_text())
-        card.update(temperature=temperature, refer_threshold=threshold)
+        card.update(temperature=temperature, refer_threshold=threshold, ood_threshold=ood_threshold,
+                    ood_refer_rate=ood_refer_rate if ood_threshold is not None else None)
         card.setdefault("metrics", {})[split] = result["metrics"]
         card["evaluation"] = {k: v for k, v in result.items() if k not in ("metrics", "predictions")}
         (model_dir / "model.json").write_text(json.dumps(card, indent=2))
+        if reference is not None:
+            reference.save(model_dir)
     return result
+
+
+def source_probe(train_emb: np.ndarray, train_sources: np.ndarray, test_emb: np.ndarray,
+                 test_sources: np.ndarray) -> dict:
+    """How well a linear model on the embedding tells an image's source: balanced accuracy
+    on ``test`` of a logistic regression fitted on ``train`` (chance = 1 / number of sources;
+    near chance means the embedding carries little of the source)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    keep = np.array([s is not None for s in train_sources])
+    labels = sorted({str(s) for s in train_sources[keep]})
+    if len(labels) < 2:
+        return {"sources": labels, "balanced_accuracy": None, "chance": None}
+    scaler = StandardScaler().fit(train_emb[keep])
+    probe = LogisticRegression(max_iter=2000, C=0.1).fit(scaler.transform(train_emb[keep]), train_sources[keep].astype(str))
+    pred = probe.predict(scaler.transform(test_emb))
+    truth = test_sources.astype(str)
+    recalls = [float((pred[truth == s] == s).mean()) for s in labels if (truth == s).any()]
+    return {"sources": labels, "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
+            "chance": 1 / len(labels)}
 
 
 def derived_tasks(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
@@ -114,7 +179,6 @@ def mask_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
     """Dice, IoU and pixel accuracy of boolean masks (B, H, W): ``raw`` and ``cleaned`` (two
     largest components kept, holes filled: what ``score`` stores)."""
     from cxrscreen.masks import lung_regions
-    from cxrscreen.train.trainer import dice_scores
 
     out = {}
     for variant, p in (("raw", pred), ("cleaned", np.stack([lung_regions(m).mask for m in pred]))):
@@ -130,7 +194,7 @@ def evaluate_segmenter(model_dir: str | Path, data: str | None = None) -> dict:
     expert masks (ground truth, ``test``) and on the pseudo-mask validation split - labeled apart.
     A model adapted on the expert masks (``cxrscreen adapt-segmenter``) is scored on the pseudo
     masks only: its expert numbers are the leave-one-out ones written by the adaptation."""
-    from cxrscreen.train.trainer import make_task
+    from cxrscreen.train.trainer import make_task, predict_logits
 
     model_dir = Path(model_dir)
     loaded = load_model(str(model_dir), "segment")
@@ -150,3 +214,18 @@ def evaluate_segmenter(model_dir: str | Path, data: str | None = None) -> dict:
     card.setdefault("metrics", {}).update({k: v for k, v in out.items() if isinstance(v, dict)})
     (model_dir / "model.json").write_text(json.dumps(card, indent=2))
     return out
+
+
+def write_predictions(pred: dict, classes: list[str], path: str | Path) -> pl.DataFrame:
+    """The per-image probabilities ``evaluate_model(predictions=True)`` computed, as Parquet:
+    ``key`` (the manifest path), ``file`` (absolute), ``label``, ``prob_<class>``, ``ood_score``;
+    directly comparable with ``score``'s output (``source_path``, ``prob_*``)."""
+    rows = pred["rows"]
+    df = pl.DataFrame({
+        "key": rows["path"] if "path" in rows.columns else rows["file"],
+        "file": [str(Path(f).resolve()) for f in rows["file"]],
+        "label": rows["target"],
+        **{f"prob_{c}": pred["probs"][:, i].astype(np.float32) for i, c in enumerate(classes)},
+        "ood_score": np.asarray(pred["ood_score"], np.float32)})
+    df.write_parquet(path)
+    return df

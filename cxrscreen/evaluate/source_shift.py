@@ -17,23 +17,88 @@ from cxrscreen.train.config import TrainConfig
 
 
 def predict_files(model_dir: str | Path, files: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Calibrated probabilities of a checkpoint for image files: (probs, ok mask, classes)."""
+    """Calibrated probabilities of a checkpoint for image files (the scoring path): (probs, ok mask, classes)."""
     from cxrscreen.evaluate.metrics import softmax
-    from cxrscreen.evaluate.run import file_logits
-    from cxrscreen.models import load_model
+    from cxrscreen.predict import ModelRunner, classify_files
 
-    loaded = load_model(str(model_dir), "classify")
-    logits, ok = file_logits(loaded, files)
-    return softmax(logits, loaded.info.temperature), ok, list(loaded.info.classes)
+    runner = ModelRunner(str(model_dir), "classify")
+    out, ok = classify_files(runner, files)
+    return softmax(out.logits, runner.info.temperature), ok, list(runner.info.classes)
+
+
+def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFrame, positive: str = "covid",
+               target_sensitivity: float = 0.99, ood_refer_rate: float = 0.05) -> dict:
+    """What a fold model does on the source it never saw, with the referral ``score`` would apply.
+
+    Calibrated as ``evaluate`` calibrates (temperature and COVID referral threshold on the fold's
+    val, Mahalanobis reference on its train embeddings, OOD threshold at the ``1 - ood_refer_rate``
+    quantile of val). Reports: held-out accuracy on the classes the fold learned; the share of
+    held-out non-COVID images labelled COVID **without** referral and of held-out COVID images
+    labelled COVID or referred; the OOD score's AUROC for in-source test vs held-out images
+    (Mahalanobis, k-NN and, as the baseline, 1 - max softmax probability); and the in-source
+    test split's referral rate and accuracy at coverage."""
+    from cxrscreen.evaluate.metrics import (accuracy_at_coverage, binary_auroc, fit_temperature, refer_threshold,
+                                            softmax)
+    from cxrscreen.models.ood import OODReference, knn_score
+    from cxrscreen.predict import ModelRunner, classify_files
+
+    runner = ModelRunner(str(model_dir), "classify")
+    classes = list(runner.info.classes)
+    index = {c: i for i, c in enumerate(classes)}
+    parts = {}
+    for name in ("train", "val", "test"):
+        part = fold_df.filter(pl.col("split") == name)
+        out, ok = classify_files(runner, part["file"].to_list())
+        parts[name] = (part.filter(pl.Series(ok)), out)
+    out_h, ok_h = classify_files(runner, held_out["file"].to_list())
+    parts["held_out"] = (held_out.filter(pl.Series(ok_h)), out_h)
+
+    def y_of(part):
+        return np.array([index.get(t, -1) for t in part["target"]])
+
+    tr, va = parts["train"], parts["val"]
+    ref = OODReference.fit(tr[1].embeddings, y_of(tr[0]))
+    temp = fit_temperature(va[1].logits, y_of(va[0]))
+    pos = index.get(positive, 0)
+    thr = refer_threshold(softmax(va[1].logits, temp), y_of(va[0]), pos, target_sensitivity)
+    ood_thr = float(np.quantile(ref.score(va[1].embeddings), 1 - ood_refer_rate))
+    row: dict = {"refer_threshold": thr, "ood_threshold": ood_thr}
+    scores = {}
+    for name in ("test", "held_out"):
+        part, out = parts[name]
+        probs = softmax(out.logits, temp)
+        maha = ref.score(out.embeddings)
+        scores[name] = {"mahalanobis": maha, "knn": knn_score(tr[1].embeddings, out.embeddings),
+                        "max_softmax": 1 - probs.max(1)}
+        referred = (probs.max(1) < thr) | (maha > ood_thr)
+        y, pred = y_of(part), probs.argmax(1)
+        seen = y >= 0
+        tag = "in_source_test" if name == "test" else "held_out"
+        row[f"{tag}_n"] = int(seen.sum())
+        row[f"{tag}_accuracy"] = float((pred[seen] == y[seen]).mean()) if seen.any() else None
+        row[f"{tag}_referred"] = float(referred.mean()) if len(referred) else None
+        cov = accuracy_at_coverage(y[seen], pred[seen], referred[seen])
+        row[f"{tag}_coverage"], row[f"{tag}_accuracy_at_coverage"] = cov["coverage"], cov["accuracy"]
+        is_pos = np.array([t == positive for t in part["target"]])
+        called = pred == pos
+        row[f"{tag}_noncovid_n"] = int((~is_pos).sum())
+        row[f"{tag}_noncovid_covid_unreferred"] = float((called & ~referred)[~is_pos].mean()) if (~is_pos).any() else None
+        row[f"{tag}_noncovid_covid"] = float(called[~is_pos].mean()) if (~is_pos).any() else None
+        row[f"{tag}_covid_n"] = int(is_pos.sum())
+        row[f"{tag}_covid_caught"] = float((called | referred)[is_pos].mean()) if is_pos.any() else None
+        if tag == "held_out":
+            row.update({f"recall_{c}": float((pred[y == i] == i).mean()) for i, c in enumerate(classes) if (y == i).any()})
+    for method in ("mahalanobis", "knn", "max_softmax"):
+        row[f"ood_auroc_{method}"] = binary_auroc(scores["test"][method], scores["held_out"][method])
+    return row
 
 
 def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[str] | None = None,
                          progress=print) -> pl.DataFrame:
-    """For each source: train ``cfg`` without it (patient-level train/val of the others),
-    then report accuracy and per-class recall on every image of the held-out source (classes
-    the fold never saw are left out and counted), next to the fold's own in-source test split.
-    Written to ``out_dir/loso.parquet``."""
-    from cxrscreen.evaluate.metrics import classification_metrics
+    """For each source: train ``cfg`` without it (patient-level train/val of the others), then
+    audit the fold model on every image of the held-out source (``fold_audit``; classes the
+    fold never saw are left out of accuracy and counted). Written to ``out_dir/loso.parquet``;
+    ``worst_fold_score`` in the log is the number recipes are selected by."""
     from cxrscreen.train.data import labeled_splits
     from cxrscreen.train.trainer import train
 
@@ -47,26 +112,28 @@ def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[st
         fold_classes = sorted(set(fold_df.filter(pl.col("split") == "train")["target"]))  # classes it learns
         progress(f"leave out {source}: train on {len(fold_df)} images of {sorted(fold_df['source'].unique())}")
         model_dir = train(fold_cfg, progress=progress)
+        held = everything.filter(pl.col("source") == source)
         row = {"held_out": source, "model": cfg.model, "lung_crop": cfg.lung_crop or "",
-               "train_images": len(fold_df.filter(pl.col("split") == "train"))}
-        for tag, part in (("held_out", everything.filter(pl.col("source") == source)),
-                          ("in_source_test", fold_df.filter(pl.col("split") == "test"))):
-            seen = part.filter(pl.col("target").is_in(fold_classes))
-            row[f"{tag}_unseen_class_images"] = len(part) - len(seen)
-            if not len(seen):
-                row[f"{tag}_n"], row[f"{tag}_accuracy"] = 0, None
-                continue
-            probs, ok, classes = predict_files(model_dir, seen["file"].to_list())
-            y = np.array([classes.index(t) for t in seen["target"]])[ok]
-            m = classification_metrics(y, probs, classes)
-            row[f"{tag}_n"], row[f"{tag}_accuracy"] = int(ok.sum()), m["accuracy"]
-            if tag == "held_out":
-                row.update({f"recall_{c}": m["per_class"][c]["recall"] for c in classes
-                            if m["per_class"][c]["support"]})
+               "intensity": cfg.intensity, "balance": cfg.balance,
+               "train_images": len(fold_df.filter(pl.col("split") == "train")),
+               "held_out_unseen_class_images": int((~held["target"].is_in(fold_classes)).sum()),
+               **fold_audit(model_dir, fold_df, held)}
+        row["fold_score"] = fold_score(row)
         rows.append(row)
-        progress(f"  {source}: held-out accuracy {row['held_out_accuracy']}, "
-                 f"in-source test accuracy {row['in_source_test_accuracy']}")
+        progress(f"  {source}: held-out accuracy {row['held_out_accuracy']}, non-COVID called COVID unreferred "
+                 f"{row['held_out_noncovid_covid_unreferred']}, COVID caught {row['held_out_covid_caught']}, "
+                 f"OOD AUROC {row['ood_auroc_mahalanobis']:.3f}")
     df = pl.DataFrame(rows, infer_schema_length=None)
     out.mkdir(parents=True, exist_ok=True)
     df.write_parquet(out / "loso.parquet")
+    progress(f"worst fold score {df['fold_score'].min():.3f}")
     return df
+
+
+def fold_score(row: dict) -> float:
+    """One number per fold, higher is better: the mean of (1 - held-out non-COVID images called
+    COVID unreferred) and (held-out COVID images caught), over those the source has."""
+    parts = [1 - row["held_out_noncovid_covid_unreferred"]] if row.get("held_out_noncovid_covid_unreferred") is not None else []
+    if row.get("held_out_covid_caught") is not None:
+        parts.append(row["held_out_covid_caught"])
+    return float(np.mean(parts)) if parts else float("nan")

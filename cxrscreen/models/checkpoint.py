@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.nn as nn
 
-from cxrscreen.models.registry import build_model, get_entry
+from cxrscreen.models.ood import OODReference
+from cxrscreen.models.registry import REGISTRY, build_model, get_entry
 
 DEFAULT_CLASSES = ("covid", "normal", "viral_pneumonia", "bacterial_pneumonia")
 BUNDLED = Path(__file__).resolve().parents[1] / "weights"  # weights shipped with the package
@@ -36,6 +38,62 @@ class ModelInfo:
     metrics: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)  # written by `cxrscreen evaluate`
     lung_crop: str | None = None  # trained on lung boxes found by this segmenter: score the same way
+    intensity: str = "raw"  # raw | equalize: the intensity standardisation it was trained with
+    ood_threshold: float | None = None  # refer when ood_score exceeds this (fitted on val, `evaluate`)
+    ood_refer_rate: float | None = None  # the share of val images the threshold refers
+
+
+def validate_info(data: dict, where: str) -> ModelInfo:
+    """``model.json`` contents -> ModelInfo, or ValueError naming every bad field."""
+    from cxrscreen.preprocess import INTENSITIES
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    names = {f.name for f in dataclasses.fields(ModelInfo)}
+    problems = [f"unknown field {k!r}" for k in sorted(set(data) - names)]
+    problems += [f"missing field {k!r}" for k in ("name", "task", "classes", "input_size") if k not in data]
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    checks = {
+        "name": lambda v: isinstance(v, str) and v in REGISTRY,
+        "task": lambda v: v in ("classify", "segment"),
+        "classes": lambda v: isinstance(v, list) and v and all(isinstance(c, str) and c for c in v)
+        and len(set(v)) == len(v),
+        "input_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 4096,
+        "in_channels": lambda v: v in (1, 3),
+        "kwargs": lambda v: isinstance(v, dict),
+        "temperature": lambda v: number(v) and v > 0,
+        "refer_threshold": lambda v: v is None or (number(v) and 0 <= v <= 1 + 1e-5),
+        "metrics": lambda v: isinstance(v, dict),
+        "evaluation": lambda v: isinstance(v, dict),
+        "lung_crop": lambda v: v is None or isinstance(v, str),
+        "intensity": lambda v: v in INTENSITIES,
+        "ood_threshold": lambda v: v is None or (number(v) and v >= 0),
+        "ood_refer_rate": lambda v: v is None or (number(v) and 0 <= v <= 1),
+    }
+    expected = {"name": "a registry model name", "task": "'classify' or 'segment'",
+                "classes": "a list of distinct class names", "input_size": "an integer number of pixels",
+                "in_channels": "1 or 3", "temperature": "a positive number",
+                "refer_threshold": "null or a probability in [0, 1]", "intensity": f"one of {INTENSITIES}",
+                "ood_threshold": "null or a number >= 0", "ood_refer_rate": "null or a share in [0, 1]"}
+    for key, ok in checks.items():
+        if key in data and not ok(data[key]):
+            problems.append(f"field {key!r} must be {expected.get(key, 'valid')}, not {data[key]!r}")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+    return ModelInfo(**data)
+
+
+def shipped_weights(task: str | None = None) -> list[str]:
+    """Names of the trained weights shipped in ``cxrscreen/weights/`` (for ``task``)."""
+    names = []
+    for folder in sorted(BUNDLED.iterdir()) if BUNDLED.exists() else []:
+        card = folder / "model.json"
+        if card.exists() and (task is None or json.loads(card.read_text()).get("task") == task):
+            names.append(folder.name)
+    return names
 
 
 @dataclass
@@ -43,6 +101,14 @@ class LoadedModel:
     module: nn.Module
     info: ModelInfo
     weights_sha256: str  # "untrained" for a freshly initialised registry model
+    folder: Path | None = None  # the checkpoint folder (None when untrained)
+    ood: OODReference | None = None  # the out-of-distribution reference saved beside it
+
+    @property
+    def weights_name(self) -> str:
+        """What the output's ``classifier`` / ``segmenter`` column says: the weights' folder
+        name (e.g. ``cxrnet-4class``), or ``<architecture> (untrained)``."""
+        return self.folder.name if self.folder is not None else f"{self.info.name} (untrained)"
 
 
 def save_checkpoint(out_dir: str | Path, module: nn.Module, info: ModelInfo) -> Path:
@@ -56,9 +122,11 @@ def save_checkpoint(out_dir: str | Path, module: nn.Module, info: ModelInfo) -> 
     return out
 
 
-def load_model(spec: str, task: str, classes: tuple[str, ...] = DEFAULT_CLASSES) -> LoadedModel:
-    """A checkpoint folder / ``.safetensors`` file, the name of bundled weights
-    (``cxrscreen/weights/<name>``), or a registry name (random init, ``weights_sha256="untrained"``)."""
+def load_model(spec: str, task: str, classes: tuple[str, ...] = DEFAULT_CLASSES,
+               allow_untrained: bool = False) -> LoadedModel:
+    """A checkpoint folder / ``.safetensors`` file, or the name of bundled weights
+    (``cxrscreen/weights/<name>``); a registry name (random init, ``weights_sha256="untrained"``)
+    only with ``allow_untrained``. Every field of ``model.json`` and the tensors are checked."""
     from safetensors.torch import load_file
 
     path = Path(spec)
@@ -68,6 +136,14 @@ def load_model(spec: str, task: str, classes: tuple[str, ...] = DEFAULT_CLASSES)
         raise ValueError(f"{spec}: refusing a pickled checkpoint (unsafe to load); "
                          "convert it to safetensors with a model.json beside it")
     if not path.exists():
+        shipped = ", ".join(shipped_weights(task))
+        if spec not in REGISTRY:
+            raise ValueError(f"{spec!r} is neither a checkpoint folder nor shipped weights; "
+                             f"shipped {task} weights: {shipped}")
+        if not allow_untrained:
+            raise ValueError(f"{spec!r} is an architecture, not trained weights: scoring it would use random "
+                             f"weights. Give shipped weights ({shipped}) or a checkpoint folder "
+                             "(or allow_untrained / --allow-untrained to do it anyway)")
         entry = get_entry(spec)
         if entry.task != task:
             raise ValueError(f"{spec} is a {entry.task} model, a {task} model is needed here")
@@ -76,11 +152,21 @@ def load_model(spec: str, task: str, classes: tuple[str, ...] = DEFAULT_CLASSES)
         return LoadedModel(build_model(spec, n, 1).eval(), info, "untrained")
     folder = path if path.is_dir() else path.parent
     weights = path if path.is_file() else folder / "model.safetensors"
-    info = ModelInfo(**json.loads((folder / "model.json").read_text()))
+    if not (folder / "model.json").exists() or not weights.exists():
+        raise ValueError(f"{spec}: a checkpoint needs model.json and model.safetensors")
+    try:
+        raw = json.loads((folder / "model.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder / 'model.json'}: not valid JSON ({e})") from None
+    info = validate_info(raw, str(folder / "model.json"))
     if info.task != task:
         raise ValueError(f"{spec} holds a {info.task} model, a {task} model is needed here")
     n = 1 if task == "segment" else len(info.classes)
     module = build_model(info.name, n, info.in_channels, **info.kwargs)
-    module.load_state_dict(load_file(weights))
+    try:
+        module.load_state_dict(load_file(weights))
+    except Exception as e:  # noqa: BLE001 - a wrong or corrupt file: one clear line
+        raise ValueError(f"{weights}: weights do not fit {info.name} ({type(e).__name__}: {str(e)[:200]})") from None
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
-    return LoadedModel(module.eval(), info, sha)
+    ood = OODReference.load(folder) if task == "classify" else None
+    return LoadedModel(module.eval(), info, sha, folder, ood)

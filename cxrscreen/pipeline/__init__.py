@@ -1,7 +1,8 @@
 """The scoring pipeline: decode -> segment -> classify -> Parquet, with or without Ray."""
 
 from cxrscreen.pipeline.config import ScoreConfig
-from cxrscreen.pipeline.stages import Classifier, Segmenter, decode_batch, decode_items
+from cxrscreen.io.batch import decode_batch, decode_items
+from cxrscreen.pipeline.stages import Classifier, Segmenter
 from cxrscreen.pipeline.score import score_archive, score_items_local
 
 __all__ = ["ScoreConfig", "Classifier", "Segmenter", "decode_batch", "decode_items", "score_archive",

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass
 class ScoreConfig:
-    """Every setting of ``cxrscreen score``; the ``*_options`` methods give the model actors' share."""
+    """Every setting of ``cxrscreen score`` (the one source of their defaults); the ``*_options``
+    methods give the model actors' share. Checked when loaded (``cxrscreen.config.from_dict``)."""
 
-    classifier: str = "cxrnet-4class"  # bundled weights, checkpoint folder, or registry name (untrained)
+    CHOICES: ClassVar[dict] = {
+        "device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16", "int8"),
+        "runtime": ("auto", "torch", "onnxruntime", "tensorrt"), "cam": ("gradcam", "gradcampp")}
+    POSITIVE: ClassVar[tuple] = ("batch_size", "seg_actors", "cls_actors", "actor_cpus", "torch_threads",
+                                 "work_size", "mask_size", "cam_size", "rows_per_file", "max_pixels", "num_cpus")
+    NON_NEGATIVE: ClassVar[tuple] = ("refer_below", "ood_threshold", "lung_fraction_min", "lung_fraction_max")
+
+    classifier: str = "cxrnet-4class"  # shipped weights or a checkpoint folder
     segmenter: str = "unet-lungs"  # bundled weights, checkpoint folder, registry name; "" = none
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 | int8 (TensorRT only)
@@ -28,7 +37,11 @@ class ScoreConfig:
     mask_size: int = 256  # stored lung-mask PNG size
     cam: str | None = None  # gradcam | gradcampp: add a heatmap of the predicted class per row
     cam_size: int = 128  # stored heatmap PNG size
-    refer_below: float = 0.6  # refer when the top probability is below this
+    refer_below: float | None = None  # refer below this top probability; None = site profile's, else checkpoint's
+    ood_threshold: float | None = None  # refer above this ood_score; None = site profile's, else checkpoint's
+    min_polarity: float = 0.0  # refer (atypical_intensity) below this mediastinum-vs-lung contrast
+    site: str | None = None  # a site profile folder (cxrscreen calibrate): temperature, thresholds, OOD reference
+    allow_untrained: bool = False  # accept an architecture name (random weights) as a model
     lung_fraction_min: float = 0.05  # refer when the lung area fraction is outside this range:
     lung_fraction_max: float = 0.7  # (probably not a frontal chest radiograph)
     rows_per_file: int = 1000  # rows per output part file (each written atomically)
@@ -46,11 +59,13 @@ class ScoreConfig:
                     defer_jpeg=self.decode_jpeg_on_device)
 
     def segmenter_options(self) -> dict:
-        return dict(spec=self.segmenter, mask_size=self.mask_size)
+        return dict(spec=self.segmenter, mask_size=self.mask_size, allow_untrained=self.allow_untrained)
 
     def classifier_options(self) -> dict:
-        return dict(spec=self.classifier, lung_crop=self.lung_crop, refer_below=self.refer_below, cam=self.cam,
-                    cam_size=self.cam_size, lung_fraction_range=(self.lung_fraction_min, self.lung_fraction_max))
+        return dict(spec=self.classifier, lung_crop=self.lung_crop, refer_below=self.refer_below,
+                    ood_threshold=self.ood_threshold, min_polarity=self.min_polarity, site=self.site,
+                    cam=self.cam, cam_size=self.cam_size, allow_untrained=self.allow_untrained,
+                    lung_fraction_range=(self.lung_fraction_min, self.lung_fraction_max))
 
     def runtime_options(self, device: str | None = None, threads: int | None = None) -> dict:
         """Keyword arguments of the Segmenter / Classifier runtimes."""

@@ -12,7 +12,10 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
-from cxrscreen.pipeline.stages import DICOM_COLUMNS, PHI_COLUMNS
+from cxrscreen.io.batch import DICOM_COLUMNS, PHI_COLUMNS
+
+# stable codes of ``refer_reason`` (a list per row), in the order they are listed
+REFER_CODES = ("unreadable", "low_confidence", "out_of_distribution", "atypical_lungs", "atypical_intensity")
 
 
 def output_schema(classes: list[str], include_phi: bool = False) -> pa.Schema:
@@ -21,15 +24,16 @@ def output_schema(classes: list[str], include_phi: bool = False) -> pa.Schema:
     fields = [
         ("key", s), ("source_path", s), ("sha256", s), ("status", s), ("error_type", s), ("error_message", s),
         *[(f"prob_{c}", pa.float32()) for c in classes],
-        ("label", s), ("max_prob", pa.float32()), ("refer", pa.bool_()), ("refer_reason", s),
+        ("label", s), ("max_prob", pa.float32()), ("ood_score", pa.float32()), ("polarity", pa.float32()),
+        ("refer", pa.bool_()), ("refer_reason", pa.list_(s)),
         ("lung_mask_png", pa.binary()), ("lung_fraction", pa.float32()), ("lung_bbox", pa.list_(pa.float32(), 4)),
         ("lung_bbox_right", pa.list_(pa.float32(), 4)), ("lung_bbox_left", pa.list_(pa.float32(), 4)),
         ("cam_png", pa.binary()), ("cam_method", s), ("cam_lung_energy", pa.float32()),
         ("format", s), ("width", pa.int64()), ("height", pa.int64()), ("pixel_spacing_mm", pa.float64()),
         *[(c, s) for c in DICOM_COLUMNS.values()],
         *[(c, s) for c in (PHI_COLUMNS.values() if include_phi else ())],
-        ("classifier", s), ("classifier_sha256", s), ("segmenter", s), ("segmenter_sha256", s),
-        ("cxrscreen_version", s), ("t_decode_ms", pa.float32()), ("t_segment_ms", pa.float32()),
+        ("classifier", s), ("classifier_sha256", s), ("site_profile", s), ("segmenter", s),
+        ("segmenter_sha256", s), ("cxrscreen_version", s), ("t_decode_ms", pa.float32()), ("t_segment_ms", pa.float32()),
         ("t_classify_ms", pa.float32()),
     ]
     return pa.schema(fields)
@@ -50,6 +54,8 @@ def batch_to_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
         elif pa.types.is_floating(f.type):
             v = np.asarray(v, dtype=np.float64)
             arrays.append(pa.array(v, f.type, mask=np.isnan(v)))
+        elif pa.types.is_list(f.type):
+            arrays.append(pa.array([None if x is None or isinstance(x, float) else list(x) for x in v], f.type))
         elif pa.types.is_boolean(f.type):
             arrays.append(pa.array(np.asarray(v, dtype=bool), f.type))
         else:  # strings / bytes; Ray may hand an all-None object column back as float NaN

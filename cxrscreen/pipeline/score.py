@@ -14,9 +14,11 @@ from typing import Iterable
 import numpy as np
 
 from cxrscreen.io.sources import InputItem, archive_kind, list_inputs, parquet_files
+from cxrscreen.cluster import init_ray
 from cxrscreen.pipeline.config import ScoreConfig
 from cxrscreen.pipeline.output import PartWriter, batch_to_table, completed, drop_superseded, output_schema
-from cxrscreen.pipeline.stages import Classifier, Segmenter, decode_batch, decode_items
+from cxrscreen.io.batch import decode_batch, decode_items
+from cxrscreen.pipeline.stages import Classifier, Segmenter
 
 
 @dataclass
@@ -28,6 +30,9 @@ class ScoreSummary:
     seconds: float = 0.0
     missing: list = field(default_factory=list)  # input keys without an output row (should be empty)
     first_row_s: float = 0.0  # start-up: seconds until the first result arrived
+    referred: Counter = field(default_factory=Counter)  # refer_reason code -> rows
+    labels: Counter = field(default_factory=Counter)  # predicted label -> rows
+    drift: str = ""  # one line when the archive differs from the training data (drift_warning)
 
     @property
     def steady_images_per_s(self) -> float:
@@ -44,8 +49,47 @@ class ScoreSummary:
 
     def __str__(self) -> str:
         errs = ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"
+        refs = ", ".join(f"{k} {v}" for k, v in self.referred.most_common()) or "none"
         return (f"{self.inputs} inputs: {self.skipped} already done, {self.ok} ok, "
-                f"{sum(self.errors.values())} errors ({errs}); {self.images_per_s:.1f} images/s")
+                f"{sum(self.errors.values())} errors ({errs}); referred by reason: {refs}; "
+                f"{self.images_per_s:.1f} images/s overall, {self.steady_images_per_s:.1f} steady")
+
+
+def check_models(cfg: ScoreConfig) -> dict:
+    """Resolve and load-check every model (and the site profile) in the driver, before Ray
+    starts: a wrong name or a broken checkpoint fails in seconds with one line (ValueError).
+    Returns what the end-of-run drift check needs from the classifier's checkpoint."""
+    from cxrscreen.models import load_model
+    from cxrscreen.models.site import SiteProfile
+
+    cls = load_model(cfg.classifier, "classify", allow_untrained=cfg.allow_untrained)
+    if cfg.segmenter:
+        load_model(cfg.segmenter, "segment", allow_untrained=cfg.allow_untrained)
+    if cfg.site:
+        SiteProfile.load(cfg.site, cls)
+    ev = cls.info.evaluation
+    return {"ood_refer_rate": cls.info.ood_refer_rate, "train_class_share": ev.get("train_class_share")}
+
+
+def drift_warning(summary: ScoreSummary, reference: dict, min_rows: int = 50) -> str:
+    """One line when the scored archive differs from the classifier's training data: far more
+    out-of-distribution rows than the rate the threshold was set for on validation, or a
+    predicted class mix far from the training split's (total variation distance > 0.3)."""
+    n = summary.ok
+    if n < min_rows:
+        return ""
+    msgs = []
+    ood = summary.referred.get("out_of_distribution", 0) / n
+    rate = reference.get("ood_refer_rate")
+    if rate is not None and ood > max(0.1, 3 * rate):
+        msgs.append(f"{ood:.0%} of images are out of distribution (validation: {rate:.0%})")
+    prior = reference.get("train_class_share") or {}
+    if prior:
+        tv = 0.5 * sum(abs(summary.labels.get(c, 0) / n - p) for c, p in prior.items())
+        if tv > 0.3:
+            mix = ", ".join(f"{c} {summary.labels.get(c, 0) / n:.0%} (train {p:.0%})" for c, p in prior.items())
+            msgs.append(f"predicted classes {mix}")
+    return "; ".join(msgs) + ": calibrate on a labelled sample (cxrscreen calibrate) before trusting labels" if msgs else ""
 
 
 @dataclass
@@ -75,26 +119,6 @@ def plan_resources(cfg: ScoreConfig, cpus: float, gpus: float) -> ResourcePlan:
     return ResourcePlan(actor_cpus, 0.0, threads, "cpu")
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None):
-    import ray
-
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
-        if address:
-            ray.init(address=address, **kwargs)
-        else:  # "local": always a fresh embedded instance, never a stray `ray start` cluster
-            ray.init(address="local", num_cpus=num_cpus, **kwargs)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    try:  # the per-worker memory advice is noise for model actors that load weights once
-        ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
-    except AttributeError:
-        pass
-    return ray
-
-
 def _pending_items(archive, cfg: ScoreConfig, done: dict[str, str]) -> list[dict]:
     items = []
     for it in list_inputs(archive, image_column=cfg.image_column, key_column=cfg.key_column):
@@ -108,6 +132,7 @@ def score_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: S
     from tqdm import tqdm
 
     t0 = time.perf_counter()
+    reference = check_models(cfg)
     ray = init_ray(cfg.address, cfg.num_cpus)
     res = ray.cluster_resources()
     plan = plan_resources(cfg, res.get("CPU", 1), res.get("GPU", 0))
@@ -162,6 +187,7 @@ def score_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: S
     summary.skipped = n_inputs - summary.scored
     summary.seconds = time.perf_counter() - t0
     summary.missing = sorted(set(input_keys) - set(completed(out_dir)))
+    summary.drift = drift_warning(summary, reference)
     return summary
 
 
@@ -185,11 +211,14 @@ def _parquet_to_items(batch: dict[str, np.ndarray], image_column: str, key_colum
 
 
 def _count(summary: ScoreSummary, batch: dict) -> None:
-    for status, etype in zip(batch["status"], batch["error_type"]):
+    for status, etype, label, reasons in zip(batch["status"], batch["error_type"], batch["label"],
+                                             batch["refer_reason"]):
         if status == "ok":
             summary.ok += 1
+            summary.labels[label] += 1
         else:
             summary.errors[etype] += 1
+        summary.referred.update(reasons if isinstance(reasons, (list, np.ndarray)) else [])
 
 
 def score_items_local(items: Iterable[InputItem], cfg: ScoreConfig = ScoreConfig(),

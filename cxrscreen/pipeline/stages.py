@@ -1,125 +1,26 @@
-"""Pipeline stages as plain Python: a decode function and two model classes.
+"""Pipeline stages as plain Python: two model classes over batches from ``cxrscreen.io.batch``.
 
 Ray Data runs ``decode_batch`` as tasks and ``Segmenter`` / ``Classifier`` as actor pools;
-``score_items_local`` and the benchmarks call the very same code without Ray. A batch is a
-dict of equally long numpy arrays (Ray's "numpy" batch format).
+``score_items_local``, ``cxrscreen.Screener`` and the benchmarks call the very same code
+without Ray. Each stage loads its model once in ``__init__`` (a ``cxrscreen.predict.ModelRunner``)
+and maps a batch (a dict of equally long numpy arrays, Ray's "numpy" format) in ``__call__``;
+a failing batch becomes error rows, never an exception.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 
 import numpy as np
 import torch
 
 from cxrscreen import __version__
-from cxrscreen.io.decode import Decoded, DecodeOptions, decode_image, deferrable_jpeg, read_bytes
-from cxrscreen.io.errors import ImageError
+from cxrscreen.io.batch import col, polarity
 from cxrscreen.masks import decode_mask_png, lung_regions, mask_png
-from cxrscreen.preprocess import crop_boxes, resize_uint8, to_model_input
-
-# decoded metadata key -> output column (no patient identifiers unless include_phi)
-DICOM_COLUMNS = {
-    "dicom_Modality": "dicom_modality", "dicom_ViewPosition": "dicom_view_position",
-    "dicom_BodyPartExamined": "dicom_body_part", "dicom_StudyInstanceUID": "dicom_study_uid",
-    "dicom_SeriesInstanceUID": "dicom_series_uid", "dicom_SOPInstanceUID": "dicom_sop_uid",
-    "dicom_PhotometricInterpretation": "dicom_photometric", "dicom_Manufacturer": "dicom_manufacturer",
-}
-PHI_COLUMNS = {"dicom_PatientName": "patient_name", "dicom_PatientID": "patient_id",
-               "dicom_PatientBirthDate": "patient_birth_date"}
-
-
-def _col(values, dtype=object) -> np.ndarray:
-    arr = np.empty(len(values), dtype=dtype)
-    arr[:] = values
-    return arr
-
-
-def decode_batch(batch: dict[str, np.ndarray], work_size: int = 256, max_pixels: int = 80_000_000,
-                 prefer_lut: bool = True, include_phi: bool = False,
-                 done: dict[str, str] | None = None, defer_jpeg: bool = False) -> dict[str, np.ndarray]:
-    """Read + hash + decode + resize each row; failures become error rows, never exceptions.
-
-    Input columns: ``key``, and ``path`` or ``data`` (bytes); optional ``expected_sha`` (or
-    the ``done`` map): a row whose content hash equals it was scored before and is dropped.
-    With ``defer_jpeg``, plain JPEGs are not decoded here but passed on as ``jpeg_bytes`` for
-    the first model actor to decode in one batch on its device (nvJPEG on a GPU).
-    """
-    opts = DecodeOptions(max_pixels=max_pixels, prefer_lut=prefer_lut, include_phi=include_phi)
-    meta_cols = dict(DICOM_COLUMNS, **(PHI_COLUMNS if include_phi else {}))
-    n = len(batch["key"])
-    paths = batch.get("path", np.full(n, None, object))
-    datas = batch.get("data", np.full(n, None, object))
-    expected = batch.get("expected_sha", np.full(n, None, object))
-    rows: dict[str, list] = {c: [] for c in (
-        "key", "source_path", "sha256", "status", "error_type", "error_message", "format",
-        "width", "height", "pixel_spacing_mm", "t_decode_ms", *meta_cols.values())}
-    images, jpeg = [], []
-    for i in range(n):
-        t0 = time.perf_counter()
-        key, path = str(batch["key"][i]), paths[i]
-        data, sha, err, dec = datas[i], "", None, None
-        try:
-            if data is None:
-                data = read_bytes(path)
-            data = bytes(data)
-            if not data:
-                raise ImageError("empty", "zero bytes")
-            sha = hashlib.sha256(data).hexdigest()
-        except ImageError as e:
-            err = e
-        prior = expected[i] if expected[i] is not None else (done or {}).get(key)
-        if prior is not None and prior == sha:
-            continue  # scored in an earlier run with identical content
-        size = deferrable_jpeg(data, opts) if err is None and defer_jpeg else None
-        if size is not None:
-            dec = Decoded(None, "jpeg", {"width": size[0], "height": size[1]})
-        elif err is None:
-            try:
-                dec = decode_image(data, opts, name=str(path or key))
-            except ImageError as e:
-                err = e
-            except Exception as e:  # noqa: BLE001 - a decoder bug must not kill the run
-                err = ImageError("decode_failed", f"{type(e).__name__}: {e}")
-        rows["key"].append(key)
-        rows["source_path"].append(None if path is None else str(path))
-        rows["sha256"].append(sha)
-        rows["status"].append("ok" if err is None else "error")
-        rows["error_type"].append(None if err is None else err.kind)
-        rows["error_message"].append(None if err is None else err.reason)
-        meta = dec.meta if dec is not None else {}
-        rows["format"].append(dec.format if dec is not None else None)
-        rows["width"].append(meta.get("width", -1))
-        rows["height"].append(meta.get("height", -1))
-        rows["pixel_spacing_mm"].append(meta.get("pixel_spacing_mm", np.nan))
-        for src, dst in meta_cols.items():
-            rows[dst].append(meta.get(src))
-        jpeg.append(data if size is not None else None)
-        images.append(resize_uint8(dec.pixels, work_size) if dec is not None and dec.pixels is not None
-                      else np.zeros((work_size, work_size), np.uint8))
-        rows["t_decode_ms"].append((time.perf_counter() - t0) * 1000)
-    out = {k: _col(v) for k, v in rows.items()}
-    for k, dt in (("width", np.int64), ("height", np.int64), ("pixel_spacing_mm", np.float64),
-                  ("t_decode_ms", np.float32)):
-        out[k] = np.asarray(rows[k], dtype=dt)
-    out["image"] = np.stack(images) if images else np.zeros((0, work_size, work_size), np.uint8)
-    if defer_jpeg:
-        out["jpeg_bytes"] = _col(jpeg)
-    return out
-
-
-def image_batch(images: np.ndarray) -> dict[str, np.ndarray]:
-    """A model-stage batch of already decoded uint8 images (B, H, W), every row ok."""
-    n = len(images)
-    return {"key": np.arange(n).astype(object), "status": np.full(n, "ok", object),
-            "error_type": np.full(n, None, object), "error_message": np.full(n, None, object), "image": images}
-
-
-def decode_items(items, work_size: int = 256, **options) -> dict[str, np.ndarray]:
-    """``decode_batch`` over a sequence of ``InputItem`` (path or bytes): a model-stage batch."""
-    return decode_batch({"key": _col([it.key for it in items]), "path": _col([it.path for it in items]),
-                         "data": _col([it.data for it in items])}, work_size, **options)
+from cxrscreen.models.site import SiteProfile
+from cxrscreen.pipeline.output import REFER_CODES
+from cxrscreen.predict import ModelRunner
+from cxrscreen.preprocess import crop_boxes
 
 
 class _ModelStage:
@@ -127,43 +28,11 @@ class _ModelStage:
 
     task = ""
 
-    def __init__(self, spec: str, device: str = "auto", precision: str = "auto",
-                 threads: int | None = None, runtime: str = "auto", **runtime_options):
-        from cxrscreen.models import load_model
-        from cxrscreen.runtime import make_runtime
-
-        self.loaded = load_model(spec, self.task)
-        self.info = self.loaded.info
-        if runtime_options.get("int8_calibration"):
-            runtime_options["calibration"] = self._calibration_batches(runtime_options.pop("int8_calibration"))
-        self.runtime = make_runtime(self.loaded.module, device, precision, threads, runtime,
-                                    self.info.in_channels, self.info.input_size, **runtime_options)
-
-    def _calibration_batches(self, archive: str, n: int = 256, batch: int = 32) -> list[np.ndarray]:
-        """Model inputs of the first ``n`` decodable images of ``archive`` (INT8 calibration)."""
-        from cxrscreen.io.sources import list_inputs
-
-        items = list(list_inputs(archive))[:n]
-        out = []
-        for i in range(0, len(items), batch):
-            b = decode_items(items[i:i + batch])
-            imgs = torch.from_numpy(b["image"][b["status"] == "ok"])
-            if len(imgs):
-                out.append(to_model_input(imgs, self.info.input_size, self.info.in_channels).numpy())
-        return out
-
-    def _inputs(self, images: np.ndarray, ok: np.ndarray) -> torch.Tensor | None:
-        """Normalised model input of the ok rows on the runtime's device (None if there are none)."""
-        if not ok.any():
-            return None
-        return to_model_input(self._to_device(images[ok]), self.info.input_size, self.info.in_channels)
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        """Host array -> tensor on the runtime's device (pinned memory, non-blocking copy on CUDA)."""
-        x = torch.from_numpy(np.ascontiguousarray(array))
-        if self.runtime.device.type == "cuda":
-            x = x.pin_memory()
-        return x.to(self.runtime.device, non_blocking=True)
+    def __init__(self, spec: str, device: str = "auto", precision: str = "auto", threads: int | None = None,
+                 runtime: str = "auto", allow_untrained: bool = False, **runtime_options):
+        self.runner = ModelRunner(spec, self.task, device, precision, threads, runtime, allow_untrained,
+                                  **runtime_options)
+        self.loaded, self.info = self.runner.loaded, self.runner.info
 
     def _decode_jpegs(self, batch: dict) -> None:
         """Decode the ``jpeg_bytes`` rows (``decode_batch(defer_jpeg=True)``) in one
@@ -177,7 +46,7 @@ class _ModelStage:
         rows = [i for i, d in enumerate(data) if d is not None and batch["status"][i] == "ok"]
         if not rows:
             return
-        device = self.runtime.device
+        device = self.runner.device
         encoded = [torch.frombuffer(bytearray(data[i]), dtype=torch.uint8) for i in rows]
         try:
             decoded = decode_jpeg(encoded, mode=ImageReadMode.GRAY, device=device)
@@ -196,6 +65,8 @@ class _ModelStage:
                 resized = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode="bilinear",
                                                           antialias=True, align_corners=False)
                 batch["image"][i] = resized[0, 0].round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+                if "polarity" in batch:
+                    batch["polarity"][i] = polarity(batch["image"][i])
 
     @staticmethod
     def _fail(batch: dict, ok: np.ndarray, exc: Exception) -> None:
@@ -226,9 +97,8 @@ class Segmenter(_ModelStage):
         boxes = np.full((n, 4), np.nan, np.float32)
         right, left = boxes.copy(), boxes.copy()
         try:
-            x = self._inputs(batch["image"], ok)
-            if x is not None:
-                probs = torch.sigmoid(self.runtime(x)[:, 0]).cpu().numpy()
+            if ok.any():
+                probs = self.runner.segment(batch["image"][ok])
                 for j, i in enumerate(np.nonzero(ok)[0]):
                     r = lung_regions(probs[j] > self.threshold)
                     masks[i], frac[i], boxes[i], right[i], left[i] = (mask_png(r.mask, self.mask_size), r.fraction,
@@ -236,33 +106,45 @@ class Segmenter(_ModelStage):
         except Exception as e:  # noqa: BLE001 - one bad batch must not abort the archive
             self._fail(batch, ok, e)
         batch.update(lung_mask_png=masks, lung_fraction=frac, lung_bbox=boxes, lung_bbox_right=right, lung_bbox_left=left,
-                     segmenter=_col([self.info.name] * n), segmenter_sha256=_col([self.loaded.weights_sha256] * n),
+                     segmenter=col([self.loaded.weights_name] * n), segmenter_sha256=col([self.loaded.weights_sha256] * n),
                      t_segment_ms=np.full(n, (time.perf_counter() - t0) * 1000 / max(n, 1), np.float32))
         return batch
 
 
 class Classifier(_ModelStage):
-    """Classification with temperature-scaled softmax, label, confidence and ``refer`` flag;
-    with ``cam`` ("gradcam" / "gradcampp") also a heatmap of the predicted class (``cam_png``,
+    """Classification with temperature-scaled softmax, label, confidence, ``ood_score`` and the
+    ``refer`` flag with its ``refer_reason`` codes (``pipeline.output.REFER_CODES``); with
+    ``cam`` ("gradcam" / "gradcampp") also a heatmap of the predicted class (``cam_png``,
     ``cam_size`` px) and the fraction of its energy inside the lung mask (``cam_lung_energy``).
 
+    Thresholds: an explicit ``refer_below`` / ``ood_threshold`` wins; else the site profile's
+    (``site``, from ``cxrscreen calibrate``); else the checkpoint's (fitted on its validation
+    split by ``cxrscreen evaluate``); else ``DEFAULT_REFER_BELOW`` (and no OOD referral).
     The ``image`` column is dropped from the output: it is not needed downstream.
     """
 
     task = "classify"
+    DEFAULT_REFER_BELOW = 0.6
 
-    def __init__(self, spec: str = "cxrnet-4class", lung_crop: bool = False, refer_below: float = 0.6,
+    def __init__(self, spec: str = "cxrnet-4class", lung_crop: bool = False, refer_below: float | None = None,
+                 ood_threshold: float | None = None, min_polarity: float = 0.0,
                  lung_fraction_range: tuple[float, float] = (0.05, 0.7), cam: str | None = None,
-                 cam_size: int = 128, **runtime_options):
+                 cam_size: int = 128, site: str | None = None, **runtime_options):
         super().__init__(spec, **runtime_options)
         self.cam, self.cam_size = None, cam_size
         if cam:
-            from cxrscreen.explain import GradCAM
+            from cxrscreen.cam import GradCAM
 
             self.cam = GradCAM(self.loaded.module, self.info.in_channels, self.info.input_size, cam)
+        self.site = SiteProfile.load(site, self.loaded) if site else None
         self.lung_crop = lung_crop or bool(self.info.lung_crop)  # a crop-trained model is always fed crops
-        self.lung_fraction_range = lung_fraction_range
-        self.refer_below = self.info.refer_threshold if self.info.refer_threshold is not None else refer_below
+        self.lung_fraction_range, self.min_polarity = lung_fraction_range, min_polarity
+        site = self.site or SiteProfile.from_checkpoint(self.loaded)
+        self.temperature = site.temperature
+        self.refer_below = next(v for v in (refer_below, site.refer_threshold, self.DEFAULT_REFER_BELOW)
+                                if v is not None)
+        self.ood_threshold = ood_threshold if ood_threshold is not None else site.ood_threshold
+        self.ood = site.reference if site.reference is not None else self.loaded.ood
         self.classes = list(self.info.classes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -271,16 +153,16 @@ class Classifier(_ModelStage):
         n = len(batch["key"])
         ok = batch["status"] == "ok"
         probs = np.full((n, len(self.classes)), np.nan, np.float32)
+        ood = np.full(n, np.nan, np.float32)
         images = batch.pop("image")
         try:
-            if self.lung_crop:
-                if "lung_bbox" not in batch:
-                    raise ValueError("lung crop asked for (or the model was trained on lung crops) "
-                                     "but no segmenter ran: give a segmenter")
-                images = crop_boxes(torch.from_numpy(images), batch["lung_bbox"], images.shape[-1]).numpy()
-            x = self._inputs(images, ok)
-            if x is not None:
-                probs[ok] = torch.softmax(self.runtime(x) / self.info.temperature, dim=1).cpu().numpy()
+            if ok.any():
+                boxes = batch["lung_bbox"][ok] if "lung_bbox" in batch else None
+                x = self.runner.model_input(images[ok], boxes, self.lung_crop)
+                out = self.runner.classify_input(x)
+                probs[ok] = torch.softmax(torch.from_numpy(out.logits) / self.temperature, dim=1).numpy()
+                if out.embeddings is not None and self.ood is not None:
+                    ood[ok] = self.ood.score(out.embeddings)
                 if self.cam is not None:
                     self._add_cams(batch, x, ok)
         except Exception as e:  # noqa: BLE001
@@ -289,18 +171,21 @@ class Classifier(_ModelStage):
         for c, name in enumerate(self.classes):
             batch[f"prob_{name}"] = probs[:, c]
         top = np.nan_to_num(probs, nan=-1.0).argmax(1)
-        batch["label"] = _col([self.classes[t] if k else None for t, k in zip(top, ok)])
+        batch["label"] = col([self.classes[t] if k else None for t, k in zip(top, ok)])
         batch["max_prob"] = np.where(ok, np.nan_to_num(probs, nan=0).max(1), np.nan).astype(np.float32)
+        batch["ood_score"] = np.where(ok, ood, np.nan).astype(np.float32)
         batch["refer"], batch["refer_reason"] = self._refer(batch, ok)
-        batch.update(classifier=_col([self.info.name] * n), classifier_sha256=_col([self.loaded.weights_sha256] * n),
-                     cxrscreen_version=_col([__version__] * n),
+        batch.update(classifier=col([self.loaded.weights_name] * n),
+                     classifier_sha256=col([self.loaded.weights_sha256] * n),
+                     site_profile=col([self.site.name if self.site else None] * n),
+                     cxrscreen_version=col([__version__] * n),
                      t_classify_ms=np.full(n, (time.perf_counter() - t0) * 1000 / max(n, 1), np.float32))
         return batch
 
     def _add_cams(self, batch: dict, x: torch.Tensor, ok: np.ndarray) -> None:
         """Grad-CAM of the predicted class (fp32, on the module's device) for the ok rows,
         from their model input ``x``."""
-        from cxrscreen.explain import energy_inside, heatmap_png
+        from cxrscreen.cam import energy_inside, heatmap_png
 
         n = len(ok)
         pngs, energy = np.full(n, None, object), np.full(n, np.nan, np.float32)
@@ -316,17 +201,23 @@ class Classifier(_ModelStage):
                 if self.lung_crop:  # the heatmap is in the coordinates of the crop
                     mask = crop_boxes(mask[None], batch["lung_bbox"][i:i + 1], mask.shape[-1])[0]
                 energy[i] = energy_inside(heat[j], mask.numpy() > 127)
-        batch.update(cam_png=pngs, cam_lung_energy=energy, cam_method=_col([self.cam.method] * n))
+        batch.update(cam_png=pngs, cam_lung_energy=energy, cam_method=col([self.cam.method] * n))
 
     def _refer(self, batch, ok) -> tuple[np.ndarray, np.ndarray]:
+        """``refer`` and the list of reason codes of every row (error rows: ``unreadable``)."""
         lo, hi = self.lung_fraction_range
-        frac = batch.get("lung_fraction", np.full(len(ok), np.nan))
-        refer, reason = np.zeros(len(ok), bool), np.full(len(ok), None, object)
-        for i in np.nonzero(ok)[0]:
-            why = []
-            if batch["max_prob"][i] < self.refer_below:
-                why.append(f"confidence {batch['max_prob'][i]:.2f} < {self.refer_below:.2f}")
-            if not np.isnan(frac[i]) and not lo <= frac[i] <= hi:
-                why.append(f"lung fraction {frac[i]:.2f} outside [{lo}, {hi}]: atypical image")
-            refer[i], reason[i] = bool(why), "; ".join(why) or None
-        return refer, reason
+        n = len(ok)
+        frac = np.asarray(batch.get("lung_fraction", np.full(n, np.nan)), np.float64)
+        polarity = np.asarray(batch.get("polarity", np.full(n, np.nan)), np.float64)
+        tests = {
+            "low_confidence": batch["max_prob"] < self.refer_below,
+            "out_of_distribution": (batch["ood_score"] > self.ood_threshold) if self.ood_threshold is not None
+            else np.zeros(n, bool),
+            "atypical_lungs": ~np.isnan(frac) & ((frac < lo) | (frac > hi)),
+            "atypical_intensity": ~np.isnan(polarity) & (polarity < self.min_polarity),
+        }
+        reasons = np.empty(n, object)
+        for i in range(n):
+            reasons[i] = [c for c in REFER_CODES if c in tests and tests[c][i]] if ok[i] else ["unreadable"]
+        return np.array([bool(r) for r in reasons]), reasons
+

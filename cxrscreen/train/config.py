@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 # task -> raw manifest label -> class (labels not listed are left out of that task)
 TASKS = {
@@ -25,10 +26,28 @@ class AugmentConfig:
     erase: float = 0.0  # chance of greying out one random rectangle (2-20% of the image; random erasing)
     opacity: float = 0.0  # segmentation only: chance of painting a patchy opacity inside the lungs,
     #                       so that consolidated (white) lung is still segmented as lung
+    # acquisition style (each a chance per image): sources differ in processing, not disease
+    blur: float = 0.0  # Gaussian blur, sigma 0.3-1.5 px
+    noise: float = 0.0  # Gaussian noise, sd 0.01-0.05
+    jpeg: float = 0.0  # JPEG re-compression at quality 15-90
+    resample: float = 0.0  # down to 30-80% of the size and back up
+    border: float = 0.0  # black or white bars (2-10% of the side) on 1-2 edges
+    text: float = 0.0  # 1-3 burned-in bright marker blocks (letters, arrows) near the edges
+
+    NON_NEGATIVE: ClassVar[tuple] = ("zoom", "shift", "rotate", "intensity", "gamma", "erase", "opacity", "blur",
+                                     "noise", "jpeg", "resample", "border", "text")
 
 
 @dataclass
 class TrainConfig:
+    CHOICES: ClassVar[dict] = {"optimizer": ("adam", "adamw", "sgd"), "scheduler": ("none", "cosine"),
+                               "precision": ("fp32", "bf16"), "balance": ("weights", "sampler", "source", "none"),
+                               "intensity": ("raw", "equalize"), "in_channels": (1, 3)}
+    POSITIVE: ClassVar[tuple] = ("input_size", "epochs", "batch_size", "lr", "num_workers", "threads_per_worker",
+                                 "max_images_per_split", "cap_per_class", "distill_temperature")
+    NON_NEGATIVE: ClassVar[tuple] = ("weight_decay", "momentum", "ema_decay", "label_smoothing", "mixup", "distill",
+                                     "early_stopping_patience")
+
     model: str = "resnet18"
     model_kwargs: dict = field(default_factory=dict)
     task: str = "4class"  # 4class | 3class | binary (see TASKS) ...
@@ -51,7 +70,9 @@ class TrainConfig:
     teachers: list[str] | None = None  # classifier checkpoints: distil their mean prediction ...
     distill: float = 0.5  # ... as the share of each training target (the rest: the true label) ...
     distill_temperature: float = 2.0  # ... softened by this temperature
-    balance: str = "weights"  # weights (class-weighted loss) | sampler (balanced sampling) | none
+    balance: str = "weights"  # weights (class-weighted loss) | sampler (class-balanced sampling) |
+    #                           source (each source x class cell drawn equally often) | none
+    intensity: str = "raw"  # raw | equalize (per-image histogram equalisation, also at scoring: in model.json)
     early_stopping_patience: int = 5  # epochs without a better validation macro-F1
     cap_per_class: int | None = None  # P0 balances to 170 per class
     sources: list[str] | None = None  # keep only images of these manifest sources ...

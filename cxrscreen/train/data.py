@@ -1,4 +1,6 @@
-"""Labeled images for training: manifest -> class map -> splits -> in-memory uint8 arrays."""
+"""Labeled images for training: manifest -> class map -> splits -> in-memory uint8 work images
+(decoded, and lung-cropped, by the scoring path: ``cxrscreen.predict``), and the dataset that
+turns them into augmented model input with ``cxrscreen.preprocess``."""
 
 from __future__ import annotations
 
@@ -12,9 +14,7 @@ from torch.utils.data import Dataset
 
 from cxrscreen.data.manifest import load_manifest
 from cxrscreen.data.splits import leaking_groups, patient_split
-from cxrscreen.io.decode import decode_image, read_bytes
-from cxrscreen.io.errors import ImageError
-from cxrscreen.preprocess import MEAN, STD, crop_boxes, resize_uint8
+from cxrscreen.preprocess import crop_boxes, normalise, to_unit
 from cxrscreen.train.config import AugmentConfig, TrainConfig, class_map_for
 
 
@@ -41,31 +41,16 @@ def labeled_splits(cfg: TrainConfig) -> tuple[pl.DataFrame, list[str]]:
     return df, classes
 
 
-def load_images(files: list[str], size: int, lung_crop: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Decode and resize every file to uint8 ``size`` x ``size``; returns (images, ok mask).
-    With ``lung_crop`` (a segmenter), each image is cropped to its lung box first."""
-    work = 256 if lung_crop else size
-    images = np.zeros((len(files), work, work), np.uint8)
-    ok = np.ones(len(files), bool)
-    for i, f in enumerate(files):
-        try:
-            images[i] = resize_uint8(decode_image(read_bytes(f), name=f).pixels, work)
-        except ImageError:
-            ok[i] = False
-    return (lung_crops(images, lung_crop, size) if lung_crop else images), ok
+def load_images(files: list[str], lung_crop: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 work images of ``files`` exactly as ``score`` decodes them, and the mask of those that
+    decoded; with ``lung_crop`` (a segmenter), each cropped to its lung box as ``score`` crops."""
+    from cxrscreen.predict import ModelRunner, decode_files, lung_boxes
 
-
-def lung_crops(images: np.ndarray, segmenter: str, size: int, batch: int = 32) -> np.ndarray:
-    """uint8 images cropped to the lung box the segmenter finds (whole image if none), ``size`` px."""
-    from cxrscreen.pipeline.stages import Segmenter, image_batch
-
-    seg = Segmenter(segmenter, device="cpu")
-    out = []
-    for i in range(0, len(images), batch):
-        chunk = images[i:i + batch]
-        b = seg(image_batch(chunk))
-        out.append(crop_boxes(torch.from_numpy(chunk), b["lung_bbox"], size).numpy())
-    return np.concatenate(out) if out else np.zeros((0, size, size), np.uint8)
+    images, ok = decode_files(files)
+    if lung_crop:
+        boxes = lung_boxes(ModelRunner(lung_crop, "segment", device="cpu"), images)
+        images = crop_boxes(torch.from_numpy(images), boxes, images.shape[-1]).numpy()
+    return images, ok
 
 
 def segmentation_splits(cfg: TrainConfig) -> pl.DataFrame:
@@ -85,12 +70,15 @@ def segmentation_splits(cfg: TrainConfig) -> pl.DataFrame:
 
 
 class ArrayDataset(Dataset):
-    """uint8 images + targets (class indices, or uint8 masks for segmentation) -> normalised
-    float tensors; with ``augment``, one random warp is applied to the image and its mask."""
+    """uint8 work images + targets (class indices, or uint8 masks at ``size`` for segmentation)
+    -> model input at ``size`` (``preprocess.to_unit`` -> augmentation -> ``preprocess.normalise``:
+    without ``augment`` exactly ``preprocess.to_model_input``); with ``augment``, one random warp
+    is applied to the image and its mask."""
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray, channels: int = 1,
-                 augment: AugmentConfig | None = None):
+    def __init__(self, images: np.ndarray, targets: np.ndarray, size: int, channels: int = 1,
+                 augment: AugmentConfig | None = None, intensity: str = "raw"):
         self.images, self.channels, self.augment = torch.from_numpy(images), channels, augment
+        self.size, self.intensity = size, intensity
         self.masks = targets.ndim == 3
         # class indices (N,), class probabilities (N, C) or masks (N, H, W)
         self.targets = torch.from_numpy(targets.astype(np.int64 if targets.ndim == 1 else np.float32))
@@ -99,13 +87,12 @@ class ArrayDataset(Dataset):
         return len(self.targets)
 
     def __getitem__(self, i):
-        x = self.images[i].float().div(255.0)[None]
+        x = to_unit(self.images[i][None], self.size, self.intensity)[0]
         y = self.targets[i][None] if self.masks else self.targets[i]
         if self.augment is not None:
             x, m = augment_image(x, self.augment, y if self.masks else None)
             y = (m > 0.5).float() if self.masks else y
-        x = (x - MEAN) / STD
-        return (x.expand(self.channels, -1, -1) if self.channels > 1 else x), y
+        return normalise(x[None], self.channels)[0], y
 
 
 def augment_image(x: torch.Tensor, a: AugmentConfig, mask: torch.Tensor | None = None):
@@ -133,7 +120,65 @@ def augment_image(x: torch.Tensor, a: AugmentConfig, mask: torch.Tensor | None =
         x = x.pow(math.exp(a.gamma * torch.empty(()).uniform_(-1, 1).item()))
     if a.erase and torch.rand(()) < a.erase:
         x = erase_rectangle(x)
-    return x, mask
+    return acquisition_style(x, a), mask
+
+
+def _chance(p: float) -> bool:
+    return bool(p) and torch.rand(()).item() < p
+
+
+def _u(lo: float, hi: float) -> float:
+    return torch.empty(()).uniform_(lo, hi).item()
+
+
+def acquisition_style(x: torch.Tensor, a: AugmentConfig) -> torch.Tensor:
+    """Random acquisition and processing style of ``x`` (1, H, W) in [0, 1]: resampling, blur,
+    JPEG re-compression, noise, borders and burned-in markers, each with its chance in ``a``.
+    They vary what differs between sources and hospitals, not the lungs."""
+    h, w = x.shape[-2:]
+    if _chance(a.resample):
+        f = _u(0.3, 0.8)
+        small = F.interpolate(x[None], size=(max(8, int(h * f)), max(8, int(w * f))), mode="bilinear",
+                              antialias=True, align_corners=False)
+        x = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0]
+    if _chance(a.blur):
+        sigma = _u(0.3, 1.5)
+        r = max(1, int(3 * sigma))
+        k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype) ** 2 / (2 * sigma ** 2))
+        k = k / k.sum()
+        x = F.conv2d(F.pad(x[None], (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+        x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))[0]
+    if _chance(a.jpeg):
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray((x[0].clamp(0, 1) * 255).round().byte().numpy()).save(buf, "JPEG", quality=int(_u(15, 90)))
+        x = torch.from_numpy(np.asarray(Image.open(buf), np.float32) / 255.0)[None]
+    if _chance(a.noise):
+        x = x + torch.randn_like(x) * _u(0.01, 0.05)
+    if _chance(a.border):
+        value = float(torch.randint(0, 2, ()).item())
+        x = x.clone()
+        for side in torch.randperm(4)[:int(torch.randint(1, 3, ()).item())].tolist():
+            n = max(1, int(_u(0.02, 0.1) * (h if side < 2 else w)))
+            if side == 0:
+                x[..., :n, :] = value
+            elif side == 1:
+                x[..., h - n:, :] = value
+            elif side == 2:
+                x[..., :, :n] = value
+            else:
+                x[..., :, w - n:] = value
+    if _chance(a.text):
+        x = x.clone()
+        for _ in range(int(torch.randint(1, 4, ()).item())):
+            bh, bw = max(2, int(_u(0.02, 0.06) * h)), max(2, int(_u(0.03, 0.15) * w))
+            top = int(_u(0, 0.15) * h) if torch.rand(()) < 0.5 else h - bh - int(_u(0, 0.15) * h)
+            left = int(_u(0, 1) * (w - bw))
+            x[..., max(0, top):max(0, top) + bh, left:left + bw] = _u(0.85, 1.0)
+    return x.clamp(0, 1)
 
 
 def erase_rectangle(x: torch.Tensor) -> torch.Tensor:

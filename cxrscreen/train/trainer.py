@@ -20,6 +20,7 @@ import yaml
 
 from cxrscreen.config import to_dict
 from cxrscreen.evaluate.metrics import classification_metrics, fit_temperature, softmax
+from cxrscreen.masks import dice_scores
 from cxrscreen.models import build_model, check_input_size, get_entry
 from cxrscreen.models.checkpoint import ModelInfo, save_checkpoint
 from cxrscreen.train.config import TrainConfig
@@ -29,7 +30,8 @@ from cxrscreen.train.data import ArrayDataset, labeled_splits, load_images, segm
 def make_loader(images, targets, cfg: TrainConfig, train: bool, sampler_weights=None):
     from torch.utils.data import DataLoader, WeightedRandomSampler
 
-    ds = ArrayDataset(images, targets, cfg.in_channels, cfg.augment if train else None)
+    ds = ArrayDataset(images, targets, input_size(cfg), cfg.in_channels, cfg.augment if train else None,
+                      cfg.intensity)
     if train and sampler_weights is not None:
         sampler = WeightedRandomSampler(torch.as_tensor(sampler_weights, dtype=torch.double), len(ds),
                                         generator=torch.Generator().manual_seed(cfg.seed))
@@ -48,12 +50,6 @@ def predict_logits(model, images: np.ndarray, cfg: TrainConfig, device) -> np.nd
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def dice_scores(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Per-image Dice of boolean masks (B, H, W)."""
-    inter = (pred & truth).sum((1, 2))
-    return (2 * inter + 1e-6) / (pred.sum((1, 2)) + truth.sum((1, 2)) + 1e-6)
-
-
 class ClassifyTask:
     """Images + class indices; cross-entropy (class-weighted, optionally label-smoothed);
     score = validation macro-F1."""
@@ -64,19 +60,30 @@ class ClassifyTask:
         self.cfg, self.size = cfg, size
         self.df, self.classes = labeled_splits(cfg)
         self.outputs = len(self.classes)
+        self.decoded: dict[str, np.ndarray] = {}  # split -> mask of the images that decoded
 
     def arrays(self, split: str):
         part = self.df.filter(pl.col("split") == split)
-        images, ok = load_images(part["file"].to_list(), self.size, self.cfg.lung_crop)
+        images, ok = load_images(part["file"].to_list(), self.cfg.lung_crop)
+        self.decoded[split] = ok
         index = {c: i for i, c in enumerate(self.classes)}
         return images[ok], np.array([index[t] for t in part["target"]], np.int64)[ok]
+
+    def source_weights(self, split: str = "train") -> np.ndarray:
+        """Sampling weight per decoded image: each (source, class) cell drawn equally often."""
+        part = self.df.filter(pl.col("split") == split).filter(pl.Series(self.decoded[split]))
+        sources = part["source"].fill_null("").to_list() if "source" in part.columns else [""] * len(part)
+        keys = list(zip(sources, part["target"].to_list()))
+        counts: dict = {}
+        for k in keys:
+            counts[k] = counts.get(k, 0) + 1
+        return np.array([1.0 / counts[k] for k in keys])
 
     def distilled_targets(self, split: str, targets: np.ndarray) -> np.ndarray:
         """Probability targets: ``1 - distill`` of the true class plus ``distill`` times the
         teachers' mean prediction (geometric mean at ``distill_temperature``), each teacher
         preparing the images as it was trained."""
-        from cxrscreen.evaluate.run import file_logits
-        from cxrscreen.models import load_model
+        from cxrscreen.predict import ModelRunner, classify_files
 
         if not 0 <= self.cfg.distill <= 1 or self.cfg.distill_temperature <= 0:
             raise ValueError(f"distill must be in [0, 1] and distill_temperature > 0, not "
@@ -84,12 +91,14 @@ class ClassifyTask:
         files = self.df.filter(pl.col("split") == split)["file"].to_list()
         logp = []
         for t in self.cfg.teachers:
-            teacher = load_model(t, "classify")
-            if teacher.weights_sha256 == "untrained":
-                raise ValueError(f"teacher {t!r} is not a trained checkpoint")
+            try:
+                teacher = ModelRunner(t, "classify", device="cpu")
+            except ValueError as e:
+                raise ValueError(f"teacher {t!r} is not a trained checkpoint: {e}") from None
             if teacher.info.classes != self.classes:
                 raise ValueError(f"teacher {t} has classes {teacher.info.classes}, not {self.classes}")
-            logits, ok = file_logits(teacher, files)
+            out, ok = classify_files(teacher, files)
+            logits = out.logits
             if len(logits) != len(targets):
                 raise ValueError(f"teacher {t} decoded {int(ok.sum())} of the {len(targets)} {split} images")
             logp.append(torch.from_numpy(logits / self.cfg.distill_temperature).log_softmax(1))
@@ -114,7 +123,7 @@ class ClassifyTask:
     def info(self, logits, targets, metrics) -> ModelInfo:
         return ModelInfo(self.cfg.model, "classify", self.classes, self.size, self.cfg.in_channels,
                          self.cfg.model_kwargs, temperature=fit_temperature(logits, targets), metrics={"val": metrics},
-                         lung_crop=self.cfg.lung_crop)
+                         lung_crop=self.cfg.lung_crop, intensity=self.cfg.intensity)
 
 
 def bce_dice_loss(logits, masks):
@@ -138,10 +147,13 @@ class SegmentTask:
 
     def arrays(self, split: str):
         part = self.df.filter(pl.col("split") == split)
-        images, ok = load_images(part["file"].to_list(), self.size)
-        masks, ok_m = load_images(part["mask_file"].to_list(), self.size)
+        images, ok = load_images(part["file"].to_list())
+        masks, ok_m = load_images(part["mask_file"].to_list())
         keep = ok & ok_m
-        return images[keep], (masks[keep] > 127).astype(np.uint8)
+        masks = torch.from_numpy(masks[keep] > 127)[:, None].float()
+        if masks.shape[-1] != self.size:  # masks at the model's size, images at the work size
+            masks = F.interpolate(masks, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return images[keep], (masks[:, 0] > 0.5).numpy().astype(np.uint8)
 
     def loss_fn(self, targets, device):
         return bce_dice_loss
@@ -261,6 +273,8 @@ def train_loop_per_worker(config: dict) -> None:
     sampler_w = None
     if task.kind == "classify" and cfg.balance == "sampler":
         sampler_w = task.class_weights(train_y)[train_y]
+    elif task.kind == "classify" and cfg.balance == "source":
+        sampler_w = task.source_weights()
     fit_y = task.distilled_targets("train", train_y) if task.kind == "classify" and cfg.teachers else train_y
     loader = rtt.prepare_data_loader(make_loader(train_x, fit_y, cfg, True, sampler_w),
                                      add_dist_sampler=sampler_w is None)
@@ -330,7 +344,7 @@ def train(cfg: TrainConfig, progress=print) -> Path:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from cxrscreen.pipeline.score import init_ray
+    from cxrscreen.cluster import init_ray
 
     check_input_size(cfg.model, input_size(cfg), cfg.in_channels, **cfg.model_kwargs)
     init_ray()

@@ -1,0 +1,148 @@
+"""A batch of inputs -> a model-stage batch: read, hash, decode and resize each row to the
+work size; failures become error rows, never exceptions.
+
+This is the first half of the one path from pixels to model input (the second half is
+``cxrscreen.preprocess.to_model_input``): ``score``, ``evaluate``, ``train``, ``calibrate``,
+``explain`` and ``bench`` all decode through ``decode_items`` / ``decode_batch``.
+A batch is a dict of equally long numpy arrays (Ray's "numpy" batch format).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+from PIL import Image
+
+from cxrscreen.io.decode import Decoded, DecodeOptions, decode_image, deferrable_jpeg, read_bytes
+from cxrscreen.io.errors import ImageError
+
+# decoded metadata key -> output column (no patient identifiers unless include_phi)
+DICOM_COLUMNS = {
+    "dicom_Modality": "dicom_modality", "dicom_ViewPosition": "dicom_view_position",
+    "dicom_BodyPartExamined": "dicom_body_part", "dicom_StudyInstanceUID": "dicom_study_uid",
+    "dicom_SeriesInstanceUID": "dicom_series_uid", "dicom_SOPInstanceUID": "dicom_sop_uid",
+    "dicom_PhotometricInterpretation": "dicom_photometric", "dicom_Manufacturer": "dicom_manufacturer",
+}
+PHI_COLUMNS = {"dicom_PatientName": "patient_name", "dicom_PatientID": "patient_id",
+               "dicom_PatientBirthDate": "patient_birth_date"}
+
+
+WORK_SIZE = 256  # decoded images travel as uint8 WORK_SIZE x WORK_SIZE
+
+
+def resize_uint8(pixels: np.ndarray, size: int = WORK_SIZE) -> np.ndarray:
+    """[0, 1] float (or uint8) image -> ``size`` x ``size`` uint8 (area filter when shrinking)."""
+    img = pixels if pixels.dtype == np.uint8 else np.rint(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+    if img.shape == (size, size):
+        return img
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0))
+
+
+def polarity(img: np.ndarray) -> float:
+    """Contrast of the mediastinum against the lung fields of a frontal chest film, in units
+    of the image's standard deviation: the central band (x 42-58%, y 25-75%) minus the two
+    lateral bands (x 12-32% and 68-88%). Positive on a film with bones white and lungs dark;
+    negative when the grey scale is inverted (e.g. MONOCHROME1 data labelled MONOCHROME2);
+    0 for a flat image. ``refer_reason`` ``atypical_intensity`` is raised below a threshold."""
+    h, w = img.shape
+    band = img[h // 4: 3 * h // 4].astype(np.float32)
+    centre = band[:, int(0.42 * w): int(0.58 * w)].mean()
+    lungs = (band[:, int(0.12 * w): int(0.32 * w)].mean() + band[:, int(0.68 * w): int(0.88 * w)].mean()) / 2
+    sd = float(img.std())
+    return float((centre - lungs) / sd) if sd > 1.0 else 0.0
+
+
+def col(values, dtype=object) -> np.ndarray:
+    arr = np.empty(len(values), dtype=dtype)
+    arr[:] = values
+    return arr
+
+
+def decode_batch(batch: dict[str, np.ndarray], work_size: int = WORK_SIZE, max_pixels: int = 80_000_000,
+                 prefer_lut: bool = True, include_phi: bool = False,
+                 done: dict[str, str] | None = None, defer_jpeg: bool = False) -> dict[str, np.ndarray]:
+    """Read + hash + decode + resize each row; failures become error rows, never exceptions.
+
+    Input columns: ``key``, and ``path`` or ``data`` (bytes); optional ``expected_sha`` (or
+    the ``done`` map): a row whose content hash equals it was scored before and is dropped.
+    With ``defer_jpeg``, plain JPEGs are not decoded here but passed on as ``jpeg_bytes`` for
+    the first model actor to decode in one batch on its device (nvJPEG on a GPU).
+    """
+    opts = DecodeOptions(max_pixels=max_pixels, prefer_lut=prefer_lut, include_phi=include_phi)
+    meta_cols = dict(DICOM_COLUMNS, **(PHI_COLUMNS if include_phi else {}))
+    n = len(batch["key"])
+    paths = batch.get("path", np.full(n, None, object))
+    datas = batch.get("data", np.full(n, None, object))
+    expected = batch.get("expected_sha", np.full(n, None, object))
+    rows: dict[str, list] = {c: [] for c in (
+        "key", "source_path", "sha256", "status", "error_type", "error_message", "format",
+        "width", "height", "pixel_spacing_mm", "polarity", "t_decode_ms", *meta_cols.values())}
+    images, jpeg = [], []
+    for i in range(n):
+        t0 = time.perf_counter()
+        key, path = str(batch["key"][i]), paths[i]
+        data, sha, err, dec = datas[i], "", None, None
+        try:
+            if data is None:
+                data = read_bytes(path)
+            data = bytes(data)
+            if not data:
+                raise ImageError("empty", "zero bytes")
+            sha = hashlib.sha256(data).hexdigest()
+        except ImageError as e:
+            err = e
+        prior = expected[i] if expected[i] is not None else (done or {}).get(key)
+        if prior is not None and prior == sha:
+            continue  # scored in an earlier run with identical content
+        size = deferrable_jpeg(data, opts) if err is None and defer_jpeg else None
+        if size is not None:
+            dec = Decoded(None, "jpeg", {"width": size[0], "height": size[1]})
+        elif err is None:
+            try:
+                dec = decode_image(data, opts, name=str(path or key))
+            except ImageError as e:
+                err = e
+            except Exception as e:  # noqa: BLE001 - a decoder bug must not kill the run
+                err = ImageError("decode_failed", f"{type(e).__name__}: {e}")
+        rows["key"].append(key)
+        rows["source_path"].append(None if path is None else str(path))
+        rows["sha256"].append(sha)
+        rows["status"].append("ok" if err is None else "error")
+        rows["error_type"].append(None if err is None else err.kind)
+        rows["error_message"].append(None if err is None else err.reason)
+        meta = dec.meta if dec is not None else {}
+        rows["format"].append(dec.format if dec is not None else None)
+        rows["width"].append(meta.get("width", -1))
+        rows["height"].append(meta.get("height", -1))
+        rows["pixel_spacing_mm"].append(meta.get("pixel_spacing_mm", np.nan))
+        for src, dst in meta_cols.items():
+            rows[dst].append(meta.get(src))
+        jpeg.append(data if size is not None else None)
+        image = (resize_uint8(dec.pixels, work_size) if dec is not None and dec.pixels is not None
+                 else np.zeros((work_size, work_size), np.uint8))
+        images.append(image)
+        rows["polarity"].append(polarity(image) if dec is not None and dec.pixels is not None else np.nan)
+        rows["t_decode_ms"].append((time.perf_counter() - t0) * 1000)
+    out = {k: col(v) for k, v in rows.items()}
+    for k, dt in (("width", np.int64), ("height", np.int64), ("pixel_spacing_mm", np.float64),
+                  ("polarity", np.float32), ("t_decode_ms", np.float32)):
+        out[k] = np.asarray(rows[k], dtype=dt)
+    out["image"] = np.stack(images) if images else np.zeros((0, work_size, work_size), np.uint8)
+    if defer_jpeg:
+        out["jpeg_bytes"] = col(jpeg)
+    return out
+
+
+def image_batch(images: np.ndarray) -> dict[str, np.ndarray]:
+    """A model-stage batch of already decoded uint8 images (B, H, W), every row ok."""
+    n = len(images)
+    return {"key": np.arange(n).astype(object), "status": np.full(n, "ok", object),
+            "error_type": np.full(n, None, object), "error_message": np.full(n, None, object), "image": images}
+
+
+def decode_items(items, work_size: int = WORK_SIZE, **options) -> dict[str, np.ndarray]:
+    """``decode_batch`` over a sequence of ``InputItem`` (path or bytes): a model-stage batch."""
+    return decode_batch({"key": col([it.key for it in items]), "path": col([it.path for it in items]),
+                         "data": col([it.data for it in items])}, work_size, **options)

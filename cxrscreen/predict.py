@@ -1,0 +1,163 @@
+"""One inference path: work images (``cxrscreen.io.batch``) -> model input
+(``cxrscreen.preprocess``) -> runtime -> outputs, for every consumer.
+
+``ModelRunner`` loads a checkpoint once and runs it on the chosen runtime; the pipeline's
+``Segmenter`` / ``Classifier`` stages, ``evaluate``, ``calibrate``, training's lung crops and
+distillation, the report and the benchmarks all call it, so the model that is evaluated is,
+arithmetic for arithmetic, the model that scores. A classifier's runtime returns its logits
+and its penultimate embedding in one forward pass (``cxrscreen.models.ood``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from cxrscreen.io.batch import WORK_SIZE, decode_items
+from cxrscreen.io.sources import InputItem
+from cxrscreen.masks import lung_regions
+from cxrscreen.models import load_model
+from cxrscreen.models.ood import with_embedding
+from cxrscreen.preprocess import crop_boxes, to_model_input
+
+
+@dataclass
+class Outputs:
+    """A classifier's outputs for a batch: logits (B, C), embeddings (B, D) or None,
+    ``ood_score`` (B,) or None (no reference saved with the checkpoint)."""
+
+    logits: np.ndarray
+    embeddings: np.ndarray | None = None
+    ood_score: np.ndarray | None = None
+
+
+class ModelRunner:
+    """A checkpoint loaded once on a runtime (``cxrscreen.runtime.make_runtime``).
+
+    ``segment(images)``: lung probability maps; ``classify(images, boxes)``: ``Outputs``.
+    Images are uint8 work images (B, H, W), numpy or torch; ``boxes`` are normalised lung
+    boxes, used when the checkpoint was trained on lung crops (or ``lung_crop``).
+    """
+
+    def __init__(self, spec: str, task: str, device: str = "auto", precision: str = "auto",
+                 threads: int | None = None, runtime: str = "auto", allow_untrained: bool = False,
+                 int8_calibration: str | None = None, **runtime_options):
+        from cxrscreen.runtime import make_runtime
+
+        self.task = task
+        self.loaded = load_model(spec, task, allow_untrained=allow_untrained)
+        self.info = self.loaded.info
+        module, self.embedding_size = self.loaded.module, 0
+        if task == "classify":
+            wrapped = with_embedding(module, self.info.in_channels, self.info.input_size)
+            if wrapped is not None:
+                module, self.embedding_size = wrapped, wrapped.head.in_features
+        if int8_calibration:
+            runtime_options["calibration"] = self._calibration_batches(int8_calibration)
+        self.runtime = make_runtime(module, device, precision, threads, runtime,
+                                    self.info.in_channels, self.info.input_size, **runtime_options)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    def to_device(self, images) -> torch.Tensor:
+        """Host array -> tensor on the runtime's device (pinned memory, non-blocking on CUDA)."""
+        if isinstance(images, torch.Tensor):
+            return images.to(self.device, non_blocking=True)
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=True)
+
+    def model_input(self, images, boxes: np.ndarray | None = None, lung_crop: bool = False) -> torch.Tensor:
+        """uint8 work images -> the checkpoint's model input on the runtime's device."""
+        x = self.to_device(images)
+        if lung_crop or self.info.lung_crop:
+            if boxes is None:
+                raise ValueError("lung crop asked for (or the model was trained on lung crops) "
+                                 "but no segmenter ran: give a segmenter")
+            x = crop_boxes(x, boxes, x.shape[-1])
+        return to_model_input(x, self.info.input_size, self.info.in_channels, self.info.intensity)
+
+    def segment(self, images) -> np.ndarray:
+        """Lung probability maps (B, size, size) of a segmenter."""
+        return torch.sigmoid(self.runtime(self.model_input(images))[:, 0]).float().cpu().numpy()
+
+    def classify(self, images, boxes: np.ndarray | None = None, lung_crop: bool = False) -> Outputs:
+        """Logits, penultimate embeddings and ``ood_score`` of a classifier (raw logits:
+        temperature scaling is the caller's, from the checkpoint or a site profile)."""
+        return self.classify_input(self.model_input(images, boxes, lung_crop))
+
+    def classify_input(self, x: torch.Tensor) -> Outputs:
+        out = self.runtime(x).float().cpu().numpy()
+        n = len(self.info.classes)
+        if not self.embedding_size:
+            return Outputs(out[:, :n])
+        emb = out[:, n:]
+        ood = self.loaded.ood.score(emb) if self.loaded.ood is not None else None
+        return Outputs(out[:, :n], emb, ood)
+
+    def _calibration_batches(self, archive: str, n: int = 256, batch: int = 32) -> list[np.ndarray]:
+        """Model inputs of the first ``n`` decodable images of ``archive`` (INT8 calibration)."""
+        from cxrscreen.io.sources import list_inputs
+
+        images, ok = decode_files([it.path for it in list(list_inputs(archive))[:n]])
+        return [to_model_input(torch.from_numpy(images[ok][i:i + batch]), self.info.input_size,
+                               self.info.in_channels, self.info.intensity).numpy()
+                for i in range(0, int(ok.sum()), batch)]
+
+
+def decode_files(files: Sequence[str], work_size: int = WORK_SIZE, batch: int = 64,
+                 **decode_options) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 work images of image files (the pipeline's decode) and the mask of those that decoded."""
+    images, ok, _ = decode_files_polarity(files, work_size, batch, **decode_options)
+    return images, ok
+
+
+def decode_files_polarity(files: Sequence[str], work_size: int = WORK_SIZE, batch: int = 64,
+                          **decode_options) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``decode_files`` plus each image's ``polarity`` (``cxrscreen.io.batch.polarity``)."""
+    images = np.zeros((len(files), work_size, work_size), np.uint8)
+    ok = np.zeros(len(files), bool)
+    pol = np.full(len(files), np.nan, np.float32)
+    for i in range(0, len(files), batch):
+        b = decode_items([InputItem(str(f), str(f)) for f in files[i:i + batch]], work_size, **decode_options)
+        images[i:i + batch], ok[i:i + batch], pol[i:i + batch] = b["image"], b["status"] == "ok", b["polarity"]
+    return images, ok, pol
+
+
+def lung_boxes(segmenter: ModelRunner, images: np.ndarray, threshold: float = 0.5, batch: int = 32) -> np.ndarray:
+    """Normalised lung boxes [x0, y0, x1, y1] of uint8 work images (NaN where no lung was found),
+    from the cleaned mask exactly as the pipeline's ``Segmenter`` finds them."""
+    boxes = np.full((len(images), 4), np.nan, np.float32)
+    for i in range(0, len(images), batch):
+        for j, p in enumerate(segmenter.segment(images[i:i + batch])):
+            boxes[i + j] = lung_regions(p > threshold).box
+    return boxes
+
+
+def classify_images(runner: ModelRunner, images: np.ndarray, boxes: np.ndarray | None = None,
+                    batch: int = 64) -> Outputs:
+    """``runner.classify`` over many uint8 work images, in batches (lung boxes from
+    ``lung_boxes`` when the checkpoint was trained on lung crops)."""
+    if runner.info.lung_crop and boxes is None:
+        boxes = lung_boxes(ModelRunner(runner.info.lung_crop, "segment", device=str(runner.device)), images)
+    parts = [runner.classify(images[i:i + batch], None if boxes is None else boxes[i:i + batch])
+             for i in range(0, len(images), batch)]
+    if not parts:
+        n = len(runner.info.classes)
+        return Outputs(np.zeros((0, n), np.float32), np.zeros((0, runner.embedding_size), np.float32)
+                       if runner.embedding_size else None)
+    cat = (lambda xs: None if xs[0] is None else np.concatenate(xs))
+    return Outputs(cat([p.logits for p in parts]), cat([p.embeddings for p in parts]),
+                   cat([p.ood_score for p in parts]))
+
+
+def classify_files(runner: ModelRunner, files: Sequence[str]) -> tuple[Outputs, np.ndarray]:
+    """Outputs for image files (rows of the files that decoded) and the decoded mask."""
+    images, ok = decode_files(files)
+    return classify_images(runner, images[ok]), ok
