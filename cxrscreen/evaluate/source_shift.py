@@ -26,8 +26,8 @@ def predict_files(model_dir: str | Path, files: list[str]) -> tuple[np.ndarray, 
     return softmax(out.logits, runner.info.temperature), ok, list(runner.info.classes)
 
 
-def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFrame, positive: str = "covid",
-               target_sensitivity: float = 0.99, ood_refer_rate: float = 0.05) -> dict:
+def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFrame, learned: list[str],
+               positive: str = "covid", target_sensitivity: float = 0.99, ood_refer_rate: float = 0.05) -> dict:
     """What a fold model does on the source it never saw, with the referral ``score`` would apply.
 
     Calibrated as ``evaluate`` calibrates (temperature and COVID referral threshold on the fold's
@@ -53,8 +53,8 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
     out_h, ok_h = classify_files(runner, held_out["file"].to_list())
     parts["held_out"] = (held_out.filter(pl.Series(ok_h)), out_h)
 
-    def y_of(part):
-        return np.array([index.get(t, -1) for t in part["target"]])
+    def y_of(part):  # -1: a class the fold never learned
+        return np.array([index[t] if t in learned else -1 for t in part["target"]])
 
     tr, va = parts["train"], parts["val"]
     ref = OODReference.fit(tr[1].embeddings, y_of(tr[0]))
@@ -117,7 +117,7 @@ def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[st
                "intensity": cfg.intensity, "balance": cfg.balance,
                "train_images": len(fold_df.filter(pl.col("split") == "train")),
                "held_out_unseen_class_images": int((~held["target"].is_in(fold_classes)).sum()),
-               **fold_audit(model_dir, fold_df, held)}
+               **fold_audit(model_dir, fold_df, held, fold_classes)}
         row["fold_score"] = fold_score(row)
         rows.append(row)
         progress(f"  {source}: held-out accuracy {row['held_out_accuracy']}, non-COVID called COVID unreferred "
