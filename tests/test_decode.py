@@ -150,3 +150,53 @@ def test_shared_dicom_files():
     assert nih.pixels.shape == (1024, 1024) and "Covid0000" not in str(nih.meta)
     for d in (normal, fake_m1, nih):
         assert 0.0 <= d.pixels.min() and d.pixels.max() <= 1.0 and d.pixels.std() > 0.1
+
+
+def test_special_and_oversized_files_are_error_rows_without_blocking(tmp_path):
+    import os
+
+    from cxrscreen.io.batch import decode_items
+    from cxrscreen.io.sources import InputItem
+
+    os.mkfifo(tmp_path / "pipe.png")  # nothing ever writes to it: a blocking read would hang
+    (tmp_path / "good.png").write_bytes(encode_png(PHANTOM))
+    (tmp_path / "big.png").write_bytes(encode_png(PHANTOM) + b"\0" * 5000)
+    with pytest.raises(ImageError) as e:
+        read_bytes(tmp_path / "pipe.png")
+    assert e.value.kind == "unreadable" and "regular file" in e.value.reason
+    with pytest.raises(ImageError) as e:
+        read_bytes(tmp_path / "big.png", max_bytes=4000)
+    assert e.value.kind == "too_large"
+    items = [InputItem(n, str(tmp_path / n)) for n in ("pipe.png", "good.png", "big.png")]
+    b = decode_items(items, max_bytes=len(encode_png(PHANTOM)) + 10)
+    assert list(b["status"]) == ["error", "ok", "error"]
+    assert list(b["error_type"]) == ["unreadable", None, "too_large"]
+
+
+def test_only_allow_listed_raster_formats_are_opened():
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((PHANTOM * 255).astype(np.uint8)).save(buf, format="GIF")
+    with pytest.raises(ImageError) as e:
+        decode_image(buf.getvalue(), name="renamed.png")
+    assert e.value.kind == "not_image"
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(ImageError) as e:
+        decode_image(eps, name="figure.png")
+    assert e.value.kind == "not_image"
+
+
+def test_high_bit_depth_containers_use_the_significant_bits():
+    from PIL import Image
+
+    twelve = np.rint(PHANTOM * 4095).astype(np.uint16)  # 12-bit data in a 16-bit PNG
+    buf = io.BytesIO()
+    Image.fromarray(twelve).save(buf, format="PNG")
+    d = decode_image(buf.getvalue())
+    assert d.meta["bits"] == 12 and np.abs(d.pixels - twelve / 4095).max() < 1e-6
+    wide = (PHANTOM * 1e6).astype(np.int32) - 5000  # 32-bit integer TIFF: its own range
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="TIFF")
+    d = decode_image(buf.getvalue())
+    assert d.pixels.min() == 0 and d.pixels.max() == pytest.approx(1) and np.corrcoef(d.pixels.ravel(), PHANTOM.ravel())[0, 1] > 0.999

@@ -15,7 +15,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from cxrscreen.io.decode import Decoded, DecodeOptions, decode_image, deferrable_jpeg, read_bytes
+from cxrscreen.io.decode import MAX_BYTES, Decoded, DecodeOptions, decode_image, deferrable_jpeg, read_bytes
 from cxrscreen.io.errors import ImageError
 
 # decoded metadata key -> output column (no patient identifiers unless include_phi)
@@ -61,7 +61,7 @@ def col(values, dtype=object) -> np.ndarray:
 
 
 def decode_batch(batch: dict[str, np.ndarray], work_size: int = WORK_SIZE, max_pixels: int = 80_000_000,
-                 prefer_lut: bool = True, include_phi: bool = False,
+                 max_bytes: int = MAX_BYTES, prefer_lut: bool = True, include_phi: bool = False,
                  done: dict[str, str] | None = None, defer_jpeg: bool = False) -> dict[str, np.ndarray]:
     """Read + hash + decode + resize each row; failures become error rows, never exceptions.
 
@@ -86,7 +86,7 @@ def decode_batch(batch: dict[str, np.ndarray], work_size: int = WORK_SIZE, max_p
         data, sha, err, dec = datas[i], "", None, None
         try:
             if data is None:
-                data = read_bytes(path)
+                data = read_bytes(path, max_bytes)
             data = bytes(data)
             if not data:
                 raise ImageError("empty", "zero bytes")

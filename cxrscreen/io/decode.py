@@ -57,17 +57,41 @@ class Decoded:
         return np.rint(self.pixels * 255.0).astype(np.uint8)
 
 
-def read_bytes(path: str | os.PathLike) -> bytes:
-    """Read a whole file, mapping every OS failure to an ImageError."""
+MAX_BYTES = 512 * 2**20  # default cap on the bytes read per input file
+
+
+def read_bytes(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> bytes:
+    """Read a whole regular file of at most ``max_bytes``, mapping every OS failure to an
+    ImageError. Opened non-blocking and checked with fstat before reading, so a FIFO, socket
+    or device never blocks the run (``unreadable``), and a huge or growing file is refused
+    without being read into memory (``too_large``)."""
+    import stat
+
     p = Path(path)
     try:
-        data = p.read_bytes()
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise ImageError("missing", f"no such file: {p}") from None
     except IsADirectoryError:
         raise ImageError("unreadable", f"is a directory: {p}") from None
     except OSError as e:
         raise ImageError("unreadable", f"{type(e).__name__}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("unreadable", "not a regular file (a pipe, socket, device or directory)")
+        if st.st_size > max_bytes:
+            raise ImageError("too_large", f"{st.st_size} bytes, more than max_bytes={max_bytes}")
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise ImageError("unreadable", f"{type(e).__name__}: {e.strerror or e}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > max_bytes:
+        raise ImageError("too_large", f"more than max_bytes={max_bytes} bytes (the file grew while read)")
     if not data:
         raise ImageError("empty", f"zero-byte file: {p}")
     return data
@@ -104,9 +128,12 @@ def deferrable_jpeg(data: bytes, options: DecodeOptions = DecodeOptions()) -> tu
     return (w, h) if ok and w * h <= options.max_pixels else None
 
 
+RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # what Pillow may open: no EPS, PDF, SVG, ...
+
+
 def _decode_raster(data: bytes, options: DecodeOptions) -> Decoded:
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
     except UnidentifiedImageError:
         raise ImageError("not_image", "not a PNG, JPEG, TIFF, BMP or DICOM file") from None
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad header
@@ -127,10 +154,16 @@ def _decode_raster(data: bytes, options: DecodeOptions) -> Decoded:
     except Exception as e:  # noqa: BLE001 - e.g. SyntaxError on bad PNG chunks
         raise ImageError("decode_failed", f"{fmt}: {type(e).__name__}: {e}") from None
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
+    if mode in ("I;16", "I;16B", "I;16L"):
+        # 16-bit containers often hold 10-14 significant bits: scale by the smallest bit depth
+        # that holds the data (a 12-bit image divided by 65535 would come out nearly black)
         arr = np.asarray(img, dtype=np.float32)
-        bits = 16 if arr.max(initial=0) <= 65535 else 32
+        top = arr.max(initial=0)
+        bits = next(b for b in (8, 10, 12, 14, 16) if top < 2**b)
         pixels = arr / float(2**bits - 1)
+    elif mode == "I":  # 32-bit integers: no fixed range, use the data's
+        pixels = _minmax(np.asarray(img, dtype=np.float64).astype(np.float32))
+        bits = 32
     elif mode == "F":
         pixels = _minmax(np.asarray(img, dtype=np.float32))
         bits = 32

@@ -15,7 +15,7 @@ class ScoreConfig:
         "device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16", "int8"),
         "runtime": ("auto", "torch", "onnxruntime", "tensorrt"), "cam": ("gradcam", "gradcampp")}
     POSITIVE: ClassVar[tuple] = ("batch_size", "seg_actors", "cls_actors", "actor_cpus", "torch_threads",
-                                 "work_size", "mask_size", "cam_size", "rows_per_file", "max_pixels", "num_cpus")
+                                 "work_size", "mask_size", "cam_size", "rows_per_file", "max_pixels", "max_bytes", "num_cpus")
     NON_NEGATIVE: ClassVar[tuple] = ("refer_below", "ood_threshold", "lung_fraction_min", "lung_fraction_max")
 
     classifier: str = "cxrnet-4class"  # shipped weights or a checkpoint folder
@@ -46,6 +46,7 @@ class ScoreConfig:
     lung_fraction_max: float = 0.7  # (probably not a frontal chest radiograph)
     rows_per_file: int = 1000  # rows per output part file (each written atomically)
     max_pixels: int = 80_000_000
+    max_bytes: int = 512 * 2**20  # larger input files are error rows (too_large), never read into memory
     prefer_lut: bool = True
     include_phi: bool = False  # write DICOM patient name/ID/birth date (off: no identifiers)
     image_column: str = "image"  # Parquet archives: bytes column
@@ -55,7 +56,7 @@ class ScoreConfig:
 
     def decode_options(self) -> dict:
         """Keyword arguments of ``decode_batch`` / ``decode_items`` (besides the work size)."""
-        return dict(max_pixels=self.max_pixels, prefer_lut=self.prefer_lut, include_phi=self.include_phi,
+        return dict(max_pixels=self.max_pixels, max_bytes=self.max_bytes, prefer_lut=self.prefer_lut, include_phi=self.include_phi,
                     defer_jpeg=self.decode_jpeg_on_device)
 
     def segmenter_options(self) -> dict:
