@@ -47,4 +47,7 @@ def mixed_archive(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     out = tmp_path_factory.mktemp("mixed")
     write_archive(out, 24, seed=5, size=128, formats=("png", "jpeg", "dicom"), parquet=True)
     bad = write_bad_inputs(out / "images" / "bad")
+    good = sorted((out / "images").rglob("*.png"))[0]
+    # a good image whose name is not UTF-8 (Latin-1 e-acute): an ordinary row, key "caf\xe9.png"
+    (out / "images").joinpath(os.fsdecode(b"caf\xe9.png")).write_bytes(good.read_bytes())
     return out / "images", {f"bad/{k}": v for k, v in bad.items()}

@@ -50,3 +50,21 @@ def test_parquet_rows(phantom_archive):
     df = pl.read_parquet(pq)
     assert [it.key for it in items] == df["key"].to_list()
     assert items[0].data == df["image"][0] and items[0].label == df["label"][0]
+
+
+def test_non_utf8_file_names_become_ordinary_rows_with_escaped_keys(tmp_path):
+    import os
+
+    from cxrscreen.data.synth import encode_png, make_phantom
+    from cxrscreen.io.batch import decode_batch
+    from cxrscreen.pipeline.output import batch_to_table, output_schema
+
+    raw = b"caf\xe9 \xff.png"
+    (tmp_path / os.fsdecode(raw)).write_bytes(encode_png(make_phantom("normal", 64, 1).image))
+    items = list(list_inputs(tmp_path))
+    assert [it.key for it in items] == ["caf\\xe9 \\xff.png"]
+    assert os.fsencode(items[0].path).endswith(raw)  # the real name is kept for reading
+    b = decode_batch({"key": [items[0].key], "path": [os.fsencode(items[0].path)]})
+    assert b["status"][0] == "ok" and b["source_path"][0].endswith("caf\\xe9 \\xff.png")
+    table = batch_to_table(b, output_schema(["a"]))  # valid Arrow text: no UnicodeEncodeError
+    assert table["key"].to_pylist() == ["caf\\xe9 \\xff.png"]

@@ -238,3 +238,18 @@ def test_drift_warning_names_the_share_out_of_distribution():
     assert drift_warning(calm, {"ood_refer_rate": 0.05, "train_class_share": {"covid": 0.3, "normal": 0.3,
                                                                               "viral_pneumonia": 0.2,
                                                                               "bacterial_pneumonia": 0.2}}) == ""
+
+
+def test_python_api_scores_paths_bytes_and_arrays_alike(manifest, tmp_path):
+    import cxrscreen
+    from PIL import Image
+
+    ck = _checkpoint(tmp_path / "ck", manifest)
+    files = sorted(str(p) for p in (manifest.parent / "images").rglob("*.png"))[:3]
+    arrays = [np.asarray(Image.open(f).convert("L")) for f in files]
+    screen = cxrscreen.Screener(str(ck), segmenter="")
+    df = screen(files + [open(files[0], "rb").read()] + arrays + [np.zeros((3, 3, 3))])
+    assert len(df) == 8 and df["status"].to_list() == ["ok"] * 7 + ["error"]
+    probs = df.select([f"prob_{c}" for c in CLASSES]).to_numpy()
+    assert np.abs(probs[:3] - probs[4:7]).max() < 1e-6 and np.abs(probs[0] - probs[3]).max() < 1e-6
+    assert df["format"].to_list()[4:7] == ["array"] * 3 and df["refer_reason"][7].to_list() == ["unreadable"]

@@ -10,6 +10,7 @@ A batch is a dict of equally long numpy arrays (Ray's "numpy" batch format).
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 
 import numpy as np
@@ -17,6 +18,7 @@ from PIL import Image
 
 from cxrscreen.io.decode import MAX_BYTES, Decoded, DecodeOptions, decode_image, deferrable_jpeg, read_bytes
 from cxrscreen.io.errors import ImageError
+from cxrscreen.io.sources import safe_text
 
 # decoded metadata key -> output column (no patient identifiers unless include_phi)
 DICOM_COLUMNS = {
@@ -83,6 +85,8 @@ def decode_batch(batch: dict[str, np.ndarray], work_size: int = WORK_SIZE, max_p
     for i in range(n):
         t0 = time.perf_counter()
         key, path = str(batch["key"][i]), paths[i]
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
         data, sha, err, dec = datas[i], "", None, None
         try:
             if data is None:
@@ -107,7 +111,7 @@ def decode_batch(batch: dict[str, np.ndarray], work_size: int = WORK_SIZE, max_p
             except Exception as e:  # noqa: BLE001 - a decoder bug must not kill the run
                 err = ImageError("decode_failed", f"{type(e).__name__}: {e}")
         rows["key"].append(key)
-        rows["source_path"].append(None if path is None else str(path))
+        rows["source_path"].append(None if path is None else safe_text(str(path)))
         rows["sha256"].append(sha)
         rows["status"].append("ok" if err is None else "error")
         rows["error_type"].append(None if err is None else err.kind)

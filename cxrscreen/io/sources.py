@@ -33,6 +33,13 @@ class InputItem:
     label: str | None = None
 
 
+def safe_text(name: str) -> str:
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 (names from other systems,
+    which Python carries as lone surrogates) become ``\\xNN`` escapes, so every name gives a
+    writable, stable key and ``os.fsencode`` of the original can be read off it."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def _norm(name: str) -> str:
     return name.strip().lower().replace(" ", "_")
 
@@ -98,7 +105,7 @@ def list_inputs(archive: str | os.PathLike, labels_from_folders: bool = False,
                     continue
                 rel = full.relative_to(root)
                 label = label_from_path(rel, label_map) if labels_from_folders else None
-                yield InputItem(key=rel.as_posix(), path=str(full), label=label)
+                yield InputItem(key=safe_text(rel.as_posix()), path=str(full), label=label)
     elif kind == "list":
         yield from _list_file(root)
     else:

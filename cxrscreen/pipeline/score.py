@@ -122,7 +122,8 @@ def plan_resources(cfg: ScoreConfig, cpus: float, gpus: float) -> ResourcePlan:
 def _pending_items(archive, cfg: ScoreConfig, done: dict[str, str]) -> list[dict]:
     items = []
     for it in list_inputs(archive, image_column=cfg.image_column, key_column=cfg.key_column):
-        items.append({"key": it.key, "path": it.path, "expected_sha": done.get(it.key)})
+        # paths travel as bytes: a non-UTF-8 name is a valid path but not valid Arrow text
+        items.append({"key": it.key, "path": os.fsencode(it.path), "expected_sha": done.get(it.key)})
     return items
 
 
