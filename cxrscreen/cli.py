@@ -362,12 +362,15 @@ def adapt_segmenter(model_dir, out_dir, data, steps, lr, batch_size):
               help="U-Net checkpoint folder (repeat for several).")
 @click.option("--comparison", type=click.Path(exists=True, dir_okay=False), help="A report's comparison.parquet.")
 @click.option("--loso", multiple=True, type=click.Path(exists=True, dir_okay=False), help="loso.parquet files.")
+@click.option("--study", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Shortcut-study loso.parquet files (recipe = folder name); the card leads with them.")
 @click.option("-o", "--out", "out_path", default="MODEL_CARD.md", show_default=True)
-def model_card(classifier_dir, segmenter_dirs, comparison, loso, out_path):
+def model_card(classifier_dir, segmenter_dirs, comparison, loso, study, out_path):
     """Render MODEL_CARD.md from evaluated checkpoints (run `evaluate` on them first)."""
     from cxrscreen.evaluate.card import render_model_card
 
-    Path(out_path).write_text(render_model_card(classifier_dir, list(segmenter_dirs), comparison, list(loso)))
+    Path(out_path).write_text(render_model_card(classifier_dir, list(segmenter_dirs), comparison, list(loso),
+                                                list(study)))
     click.echo(f"wrote {out_path}")
 
 

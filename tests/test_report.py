@@ -117,9 +117,19 @@ def test_model_card_includes_comparison_and_loso(trained, two_site_manifest, tmp
     build_report([full, crop], tmp_path, segmenter=None, samples=2, kmeans_images=40)
     loso = tmp_path / "loso.parquet"
     pl.DataFrame({"held_out": ["site_a"], "held_out_accuracy": [0.625]}).write_parquet(loso)
-    card = render_model_card(full, comparison=tmp_path / "comparison.parquet", loso=[loso])
+    (tmp_path / "style").mkdir()
+    study = tmp_path / "style" / "loso.parquet"
+    pl.DataFrame({"held_out": ["site_a", "site_b"], "held_out_noncovid_covid_unreferred": [0.1, 0.4],
+                  "held_out_covid_caught": [0.9, None], "fold_score": [0.9, 0.6],
+                  "in_source_test_referred": [0.1, 0.2],
+                  "in_source_test_accuracy_at_coverage": [0.95, 0.97]}).write_parquet(study)
+    card = render_model_card(full, comparison=tmp_path / "comparison.parquet", loso=[loso], study=[study])
     assert "## Models compared" in card and "| full | cxrnet |" in card and "| crop | cxrnet | unet-lungs |" in card
     assert "## Source shift" in card and "| site_a | 0.625 |" in card
+    # the card leads with what carries over: held-out sources, referral, before in-source test metrics
+    assert card.index("## Trust first") < card.index("### Test split")
+    assert "| style | 0.600 | 15.0% | 96.0% |" in card and "| style | site_b |" in card
+    assert "accuracy of the rest" in card and "Not a medical device" in card
 
 
 def test_a_crop_models_heatmap_is_shown_on_the_crop(trained, two_site_manifest):

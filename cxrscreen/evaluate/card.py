@@ -82,11 +82,76 @@ def _segmenter_section(sdir: Path) -> list[str]:
     return lines
 
 
+def read_study(paths) -> "pl.DataFrame":
+    """``loso.parquet`` files of the shortcut study as one frame; ``recipe`` = a file's folder name
+    unless the rows carry one (so the committed combined file reads back unchanged)."""
+    import polars as pl
+
+    frames = [pl.read_parquet(p) for p in paths]
+    frames = [f if "recipe" in f.columns else f.with_columns(pl.lit(Path(p).parent.name).alias("recipe"))
+              for f, p in zip(frames, paths)]
+    df = pl.concat(frames, how="diagonal_relaxed")
+    return df.select("recipe", *[c for c in df.columns if c != "recipe"])
+
+
+def _trust_section(card: dict, study: list | None) -> list[str]:
+    """The card's lead: what the classifier does on sources it never saw and what referral
+    catches (the shortcut study's leave-one-source-out folds), then its own referral on test."""
+    import polars as pl
+
+    ev = card.get("evaluation", {})
+    lines = ["## Trust first: sources it never saw", "",
+             "In ../shared/data source, age and class are confounded (COVID: adult web collections; viral and "
+             "bacterial pneumonia: pediatric Kermany; normal: half each), so in-source test accuracy can be reached "
+             "by recognising the source. These numbers come first because they are the ones that carry over.", ""]
+    if study:
+        df = read_study(study)
+        cols = {"recipe": "recipe", "held_out": "held-out source", "held_out_accuracy": "accuracy (learned classes)",
+                "held_out_noncovid_covid": "non-COVID called COVID",
+                "held_out_noncovid_covid_unreferred": "... and not referred",
+                "held_out_covid_caught": "COVID called or referred", "held_out_referred": "referred",
+                "ood_auroc_mahalanobis": "OOD AUROC (Mahalanobis)", "ood_auroc_knn": "OOD AUROC (k-NN)",
+                "ood_auroc_max_softmax": "OOD AUROC (1 - max p)", "in_source_test_referred": "in-source test referred",
+                "in_source_test_accuracy_at_coverage": "in-source accuracy of the rest", "fold_score": "fold score"}
+        table = df.select([pl.col(c).alias(t) for c, t in cols.items() if c in df.columns])
+        worst = df.group_by("recipe").agg(pl.col("fold_score").min().alias("worst"),
+                                          pl.col("in_source_test_accuracy_at_coverage").mean().alias("acc"),
+                                          pl.col("in_source_test_referred").mean().alias("ref")).sort("worst",
+                                                                                                        descending=True)
+        lines += ["### Leave-one-source-out folds of every candidate recipe (`cxrscreen loso`)", "",
+                  "Each fold is trained without one source and calibrated as `evaluate` calibrates (temperature and "
+                  "COVID referral threshold on the fold's val, OOD reference on its train split, OOD threshold "
+                  "referring 5% of its val), then scored on every image of the held-out source with the referral "
+                  "`score` applies. *fold score* = mean of (1 - non-COVID called COVID and not referred) and (COVID "
+                  "called or referred), over what the source has; recipes are ranked by their **worst** fold.", "",
+                  *markdown_table(table), "", "| recipe | worst fold score | mean in-source referred | "
+                  "mean in-source accuracy of the rest |", "|---|---|---|---|",
+                  *[f"| {r} | {w:.3f} | {_pct(f)} | {_pct(a)} |" for r, w, a, f in worst.iter_rows()], ""]
+    probe, cov = ev.get("source_probe"), ev.get("at_coverage")
+    if cov:
+        lines.append(f"- **Referral on the test split** (in-source): {_pct(ev.get('referred_fraction'))} referred "
+                     f"({', '.join(f'{k} {_pct(v)}' for k, v in ev.get('referred_by_reason', {}).items())}); accuracy "
+                     f"of the rest {_pct(cov['accuracy'])} at coverage {_pct(cov['coverage'])}"
+                     + (f"; 3-class read-out of the rest {_pct(ev['at_coverage_3class']['accuracy'])} at coverage "
+                        f"{_pct(ev['at_coverage_3class']['coverage'])}" if ev.get("at_coverage_3class") else "") + ".")
+    if ev.get("ood_threshold") is not None:
+        lines.append(f"- **OOD threshold** {ev['ood_threshold']:.3f} (`ood_score`, Mahalanobis distance to the nearest "
+                     f"training class per sqrt of the embedding size), set to refer {_pct(ev.get('ood_refer_rate'))} "
+                     "of the validation split.")
+    if probe and probe.get("balanced_accuracy") is not None:
+        lines.append(f"- **Source probe**: a linear model on the embedding tells the test image's source with balanced "
+                     f"accuracy {_pct(probe['balanced_accuracy'])} (chance {_pct(probe['chance'])}; sources "
+                     f"{', '.join(probe['sources'])}): the embedding still carries the source.")
+    return lines + [""]
+
+
 def render_model_card(classifier_dir: str | Path, segmenter_dirs: list[str | Path] = (),
-                      comparison: str | Path | None = None, loso: list[str | Path] | None = None) -> str:
-    """MODEL_CARD.md text; ``segmenter_dirs``: a section per U-Net; ``comparison``: a report's
-    ``comparison.parquet`` (other models, lung crop vs whole image, CAM lung energy); ``loso``:
-    ``loso.parquet`` files (source shift)."""
+                      comparison: str | Path | None = None, loso: list[str | Path] | None = None,
+                      study: list[str | Path] | None = None) -> str:
+    """MODEL_CARD.md text, led by the trust section (``study``: the shortcut study's
+    ``loso.parquet`` files, see ``read_study``); ``segmenter_dirs``: a section per U-Net;
+    ``comparison``: a report's ``comparison.parquet`` (other models, lung crop vs whole image,
+    CAM lung energy); ``loso``: older ``loso.parquet`` files (source shift)."""
     cdir = Path(classifier_dir)
     card = json.loads((cdir / "model.json").read_text())
     cfg = yaml.safe_load((cdir / "train_config.yaml").read_text())
@@ -98,6 +163,9 @@ def render_model_card(classifier_dir: str | Path, segmenter_dirs: list[str | Pat
         m["best_epoch"] = json.loads((cdir / "train_state.json").read_text())["epoch"]
     lines = [
         "# Model card: cxrscreen default models", "",
+        "Not a medical device, not a diagnosis: research models trained on CPU on public data with strong "
+        "source bias.", "",
+        *_trust_section(card, study),
         f"## Classifier `{cdir.name}` ({card['name']}, {len(card['classes'])} classes: {', '.join(card['classes'])})", "",
         f"- **Data**: `{Path(cfg['data']).parent.name}/{Path(cfg['data']).name}` of ../shared/data (see its README: "
         "provenance, licences, source bias). Patient-level train/val/test split from the manifest; "
