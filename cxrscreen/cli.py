@@ -144,7 +144,12 @@ def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained,
         check_models(cfg)
     except (ConfigError, ValueError) as e:
         raise click.UsageError(str(e)) from None
-    summary = score_archive(archive, out_dir, cfg)
+    from cxrscreen.cluster import ClusterUnreachable
+
+    try:
+        summary = score_archive(archive, out_dir, cfg)
+    except ClusterUnreachable as e:
+        raise click.ClickException(str(e)) from None
     click.echo(str(summary))
     if summary.drift:
         click.echo(f"warning: {summary.drift}")

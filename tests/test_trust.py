@@ -253,3 +253,18 @@ def test_python_api_scores_paths_bytes_and_arrays_alike(manifest, tmp_path):
     probs = df.select([f"prob_{c}" for c in CLASSES]).to_numpy()
     assert np.abs(probs[:3] - probs[4:7]).max() < 1e-6 and np.abs(probs[0] - probs[3]).max() < 1e-6
     assert df["format"].to_list()[4:7] == ["array"] * 3 and df["refer_reason"][7].to_list() == ["unreadable"]
+
+
+def test_an_unreachable_cluster_fails_in_seconds_with_one_line(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a free loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    t0 = time.monotonic()
+    out = CliRunner().invoke(main, ["score", str(tmp_path), "-o", str(tmp_path / "o"), "--segmenter", ""])
+    assert time.monotonic() - t0 < 30
+    assert out.exit_code == 1 and f"no Ray cluster answers at 127.0.0.1:{port}" in out.output
+    assert "Traceback" not in out.output and len(out.output.strip().splitlines()) == 1
