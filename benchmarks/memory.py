@@ -34,7 +34,7 @@ def tree_rss(proc: psutil.Process) -> int:
 
 def run(archive: Path, out: Path, args) -> dict:
     cmd = [sys.executable, "-m", "cxrscreen.cli", "score", str(archive), "-o", str(out),
-           "--classifier", args.classifier, "--segmenter", args.segmenter, "--num-cpus", "2"]
+           "--classifier", args.classifier, "--allow-untrained", "--segmenter", args.segmenter, "--num-cpus", "2"]
     t0 = time.perf_counter()
     proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak, samples = 0, []

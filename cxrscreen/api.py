@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from cxrscreen.io.batch import WORK_SIZE, decode_items, polarity, resize_uint8
-from cxrscreen.io.sources import InputItem
+from cxrscreen.io.sources import InputItem, safe_text
 from cxrscreen.pipeline.config import ScoreConfig
 from cxrscreen.pipeline.output import batch_to_table, output_schema
 
@@ -29,9 +29,12 @@ class Screener:
     (2-D grayscale: uint8, uint16 or float in [0, 1]). Options are ``ScoreConfig`` keys."""
 
     def __init__(self, classifier: str = "cxrnet-4class", segmenter: str = "unet-lungs", **options):
+        from cxrscreen.config import from_dict
+        from cxrscreen.pipeline.score import check_models
         from cxrscreen.pipeline.stages import Classifier, Segmenter
 
-        self.cfg = ScoreConfig(classifier=classifier, segmenter=segmenter, **options)
+        self.cfg = from_dict(ScoreConfig, dict(options, classifier=classifier, segmenter=segmenter))
+        check_models(self.cfg)
         kw = self.cfg.runtime_options()
         self.segmenter = Segmenter(**self.cfg.segmenter_options(), **kw) if segmenter else None
         self.classifier = Classifier(**self.cfg.classifier_options(), **kw)
@@ -45,7 +48,7 @@ class Screener:
         return pl.concat([pl.from_arrow(t) for t in tables])
 
     def _run(self, chunk: list, offset: int) -> dict:
-        items = [InputItem(str(x), str(x)) if isinstance(x, (str, Path)) else
+        items = [InputItem(safe_text(str(x)), str(x)) if isinstance(x, (str, Path)) else
                  InputItem(f"bytes:{offset + j}", data=bytes(x)) if isinstance(x, (bytes, bytearray)) else None
                  for j, x in enumerate(chunk)]
         batch = decode_items([it or InputItem(f"array:{offset + j}", data=b"-") for j, it in enumerate(items)],
@@ -60,10 +63,15 @@ class Screener:
                     continue
                 batch["image"][j], batch["polarity"][j] = img, polarity(img)
                 batch["status"][j], batch["error_type"][j], batch["error_message"][j] = "ok", None, None
-                batch["width"][j], batch["height"][j] = x.shape[1], x.shape[0]
+                batch["height"][j], batch["width"][j] = img_shape(x)
         if self.segmenter is not None:
             batch = self.segmenter(batch)
         return self.classifier(batch)
+
+
+def img_shape(x) -> tuple[int, int]:
+    shape = np.shape(x)
+    return int(shape[0]), int(shape[1])
 
 
 def _array_image(x: np.ndarray, size: int = WORK_SIZE) -> np.ndarray:

@@ -203,7 +203,7 @@ def explain(archive, out_dir, classifier, segmenter, method, limit):
 @click.option("--source", type=click.Choice(["phantoms", "cxr", "fullres"]), default="phantoms", show_default=True)
 @click.option("-n", "--num", default=256, show_default=True, help="Number of inputs (replicated if needed).")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML score config.")
-@click.option("--classifier", help="Registry name or checkpoint folder.")
+@click.option("--classifier", help="Shipped weights or a checkpoint folder (architecture names need --allow-untrained in score).")
 @click.option("--segmenter", help="Registry name or checkpoint folder ('' = none).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
 @click.option("--runtime", type=click.Choice(RUNTIMES), help="Model runtime (auto: fastest available).")

@@ -19,6 +19,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         return
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
     if not host or not port.isdigit():
         raise ClusterUnreachable(f"Ray address {address!r}: expected host:port or ray://host:port")
     try:

@@ -20,7 +20,7 @@ from cxrscreen.io.batch import WORK_SIZE, decode_items
 from cxrscreen.io.sources import InputItem
 from cxrscreen.masks import lung_regions
 from cxrscreen.models import load_model
-from cxrscreen.models.ood import with_embedding
+from cxrscreen.models.ood import OODReference, with_embedding
 from cxrscreen.preprocess import crop_boxes, to_model_input
 
 
@@ -55,6 +55,10 @@ class ModelRunner:
             wrapped = with_embedding(module, self.info.in_channels, self.info.input_size)
             if wrapped is not None:
                 module, self.embedding_size = wrapped, wrapped.head.in_features
+            ood = self.loaded.ood
+            if ood is not None and ood.means.shape[1] != self.embedding_size:
+                raise ValueError(f"{spec}: ood.safetensors has embedding size {ood.means.shape[1]}, the model "
+                                 f"{self.embedding_size}: fitted for other weights (run cxrscreen evaluate again)")
         if int8_calibration:
             runtime_options["calibration"] = self._calibration_batches(int8_calibration)
         self.runtime = make_runtime(module, device, precision, threads, runtime,
@@ -92,20 +96,22 @@ class ModelRunner:
         temperature scaling is the caller's, from the checkpoint or a site profile)."""
         return self.classify_input(self.model_input(images, boxes, lung_crop))
 
-    def classify_input(self, x: torch.Tensor) -> Outputs:
+    def classify_input(self, x: torch.Tensor, reference: OODReference | None = None) -> Outputs:
+        """``classify`` from model input; ``ood_score`` against ``reference`` (default: the checkpoint's)."""
         out = self.runtime(x).float().cpu().numpy()
         n = len(self.info.classes)
         if not self.embedding_size:
             return Outputs(out[:, :n])
         emb = out[:, n:]
-        ood = self.loaded.ood.score(emb) if self.loaded.ood is not None else None
-        return Outputs(out[:, :n], emb, ood)
+        reference = reference if reference is not None else self.loaded.ood
+        return Outputs(out[:, :n], emb, reference.score(emb) if reference is not None else None)
 
     def _calibration_batches(self, archive: str, n: int = 256, batch: int = 32) -> list[np.ndarray]:
         """Model inputs of the first ``n`` decodable images of ``archive`` (INT8 calibration)."""
         from cxrscreen.io.sources import list_inputs
 
-        images, ok = decode_files([it.path for it in list(list_inputs(archive))[:n]])
+        b = decode_items(list(list_inputs(archive))[:n])  # paths or Parquet bytes alike
+        images, ok = b["image"], b["status"] == "ok"
         return [to_model_input(torch.from_numpy(images[ok][i:i + batch]), self.info.input_size,
                                self.info.in_channels, self.info.intensity).numpy()
                 for i in range(0, int(ok.sum()), batch)]

@@ -126,9 +126,10 @@ def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | Non
     labels = [c for c, k in zip(km_rows["target"].to_list(), km_ok) if k]
     kmeans = {}
     km_out = classify_images(cls.runner, km_images[km_ok])  # penultimate embeddings (cxrscreen.models.ood)
-    if km_out.embeddings is None:
-        raise ValueError(f"{info.name}: no penultimate embedding (its last linear layer is not its output)")
-    for name, feats in (("pixels", pixel_features(km_images[km_ok])), ("embeddings", km_out.embeddings)):
+    spaces = [("pixels", pixel_features(km_images[km_ok]))]
+    if km_out.embeddings is not None:  # an ensemble has no single embedding
+        spaces.append(("embeddings", km_out.embeddings))
+    for name, feats in spaces:
         km = kmeans_crosstab(feats, labels, seed=seed)
         kmeans[name] = km
         page.figure(f"{tag}-kmeans-{name}", plots.crosstab(km["crosstab"], f"k-means of {name}: purity "
@@ -146,7 +147,7 @@ def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | Non
             "inference_images_per_s": inference_images_per_s(loaded.module, info.input_size, info.in_channels),
             "cam_lung_energy": float(np.nanmean(energy)) if segmenter and len(energy) else None,
             "kmeans_pixels_ari": kmeans["pixels"]["adjusted_rand"],
-            "kmeans_embeddings_ari": kmeans["embeddings"]["adjusted_rand"]}
+            "kmeans_embeddings_ari": kmeans["embeddings"]["adjusted_rand"] if "embeddings" in kmeans else None}
 
 
 def _segmentation_section(page: _Page, segmenter: str, seg_data: str | None, samples: int) -> None:

@@ -38,7 +38,7 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
     Fitted here and (with ``update_card``) stored with the checkpoint: the temperature and
     the COVID referral threshold (on ``val``), the out-of-distribution reference (class means
     and shared covariance of the ``train`` embeddings, ``ood.safetensors``) and its threshold
-    (the ``1 - ood_refer_rate`` quantile of ``val``'s ``ood_score``). Reports accuracy at
+    (the ``1 - ood_refer_rate`` quantile of ``val``'s ``ood_score``; only for the model's own data). Reports accuracy at
     coverage (the rows ``score`` would not refer) and a source probe. Refuses a split that
     shares a patient with train, or (unless ``allow_duplicates``) a near-duplicate image.
     With ``predictions``, ``result["predictions"]`` holds the evaluated rows (file, label,
@@ -51,6 +51,7 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
     runner = ModelRunner(str(model_dir), "classify", device, precision, runtime=runtime)
     loaded = runner.loaded
     cfg = from_dict(TrainConfig, yaml.safe_load((model_dir / "train_config.yaml").read_text()))
+    own_data = not data or Path(data).resolve() == Path(cfg.data).resolve()
     if data:
         cfg.data = data
     df, classes = labeled_splits(cfg)
@@ -123,7 +124,7 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
                                               out.embeddings, sources)
     if predictions:
         result["predictions"] = {"rows": test.filter(pl.Series(ok)), "y": y, "probs": probs, "ood_score": ood}
-    if update_card:
+    if update_card and own_data:  # another manifest's calibration and reference do not belong in the card
         card = json.loads((model_dir / "model.json").read_text())
         card.update(temperature=temperature, refer_threshold=threshold, ood_threshold=ood_threshold,
                     ood_refer_rate=ood_refer_rate if ood_threshold is not None else None)

@@ -57,6 +57,8 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
         return np.array([index[t] if t in learned else -1 for t in part["target"]])
 
     tr, va = parts["train"], parts["val"]
+    if tr[1].embeddings is None:
+        raise ValueError(f"{runner.info.name}: no penultimate embedding (e.g. an ensemble): the audit needs one")
     ref = OODReference.fit(tr[1].embeddings, y_of(tr[0]))
     temp = fit_temperature(va[1].logits, y_of(va[0]))
     pos = index.get(positive, 0)

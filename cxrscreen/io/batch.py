@@ -115,7 +115,7 @@ def decode_batch(batch: dict[str, np.ndarray], work_size: int = WORK_SIZE, max_p
         rows["sha256"].append(sha)
         rows["status"].append("ok" if err is None else "error")
         rows["error_type"].append(None if err is None else err.kind)
-        rows["error_message"].append(None if err is None else err.reason)
+        rows["error_message"].append(None if err is None else safe_text(err.reason))
         meta = dec.meta if dec is not None else {}
         rows["format"].append(dec.format if dec is not None else None)
         rows["width"].append(meta.get("width", -1))

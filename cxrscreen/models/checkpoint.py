@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from cxrscreen.models.ood import OODReference
+from cxrscreen.models.ood import OOD_FILE, OODReference
 from cxrscreen.models.registry import REGISTRY, build_model, get_entry
 
 DEFAULT_CLASSES = ("covid", "normal", "viral_pneumonia", "bacterial_pneumonia")
@@ -119,6 +119,7 @@ def save_checkpoint(out_dir: str | Path, module: nn.Module, info: ModelInfo) -> 
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     save_file(state, out / "model.safetensors")
     (out / "model.json").write_text(json.dumps(dataclasses.asdict(info), indent=2))
+    (out / OOD_FILE).unlink(missing_ok=True)  # fitted on other weights: `evaluate` fits it again
     return out
 
 

@@ -48,7 +48,7 @@ def combine_checkpoints(member_dirs: list[str | Path], out_dir: str | Path) -> P
         raise ValueError("an ensemble needs at least two members")
     infos = [ModelInfo(**json.loads((d / "model.json").read_text())) for d in dirs]
     first = infos[0]
-    same = ("name", "task", "classes", "input_size", "in_channels", "kwargs", "lung_crop")
+    same = ("name", "task", "classes", "input_size", "in_channels", "kwargs", "lung_crop", "intensity")
     for d, info in zip(dirs[1:], infos[1:]):
         differs = [k for k in same if getattr(info, k) != getattr(first, k)]
         if differs:
@@ -59,12 +59,14 @@ def combine_checkpoints(member_dirs: list[str | Path], out_dir: str | Path) -> P
     out.mkdir(parents=True, exist_ok=True)
     state = {f"members.{i}.{k}": v for i, d in enumerate(dirs) for k, v in load_file(d / "model.safetensors").items()}
     save_file(state, out / "model.safetensors")
+    (out / "ood.safetensors").unlink(missing_ok=True)
     configs = [yaml.safe_load((d / "train_config.yaml").read_text()) for d in dirs]
     members = [{"dir": str(d), "seed": c.get("seed"), "best_epoch": i.metrics.get("best_epoch"),
                 "epochs_run": i.metrics.get("epochs_run"), "train_seconds": i.metrics.get("train_seconds"),
                 "val": i.metrics.get("val")} for d, c, i in zip(dirs, configs, infos)]
     kwargs = {"member": first.name, "n": len(dirs), "member_kwargs": first.kwargs}
     info = dataclasses.replace(first, name="ensemble", kwargs=kwargs, temperature=1.0, refer_threshold=None,
+                               ood_threshold=None, ood_refer_rate=None,
                                evaluation={}, metrics={"members": members, "workers": first.metrics.get("workers"),
                                                        "train_seconds": sum(m["train_seconds"] or 0 for m in members)})
     (out / "model.json").write_text(json.dumps(dataclasses.asdict(info), indent=2))

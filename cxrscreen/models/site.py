@@ -58,7 +58,7 @@ class SiteProfile:
         if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
             problems.append(f"field 'temperature' must be a positive number, not {t!r}")
         r = data.get("refer_threshold")
-        if r is not None and not (isinstance(r, (int, float)) and 0 <= r <= 1):
+        if r is not None and not (isinstance(r, (int, float)) and 0 <= r <= 1 + 1e-5):
             problems.append(f"field 'refer_threshold' must be null or in [0, 1], not {r!r}")
         o = data.get("ood_threshold")
         if o is not None and not (isinstance(o, (int, float)) and math.isfinite(o) and o >= 0):

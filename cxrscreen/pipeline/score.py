@@ -65,8 +65,13 @@ def check_models(cfg: ScoreConfig) -> dict:
     cls = load_model(cfg.classifier, "classify", allow_untrained=cfg.allow_untrained)
     if cfg.segmenter:
         load_model(cfg.segmenter, "segment", allow_untrained=cfg.allow_untrained)
+    elif cfg.lung_crop or cls.info.lung_crop:
+        raise ValueError(f"{cfg.classifier} classifies lung crops: give a segmenter (e.g. {cls.info.lung_crop or 'unet-lungs'})")
     if cfg.site:
         SiteProfile.load(cfg.site, cls)
+    if cfg.ood_threshold is not None and cls.ood is None and not cfg.site:
+        raise ValueError(f"ood_threshold given, but {cfg.classifier} has no OOD reference (ood.safetensors): "
+                         "run `cxrscreen evaluate` on it first")
     ev = cls.info.evaluation
     return {"ood_refer_rate": cls.info.ood_refer_rate, "train_class_share": ev.get("train_class_share")}
 

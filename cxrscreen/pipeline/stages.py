@@ -135,6 +135,7 @@ class Classifier(_ModelStage):
         if cam:
             from cxrscreen.cam import GradCAM
 
+            self.loaded.module.to(self.runner.device)  # the runtime holds its own copy; CAM runs beside it
             self.cam = GradCAM(self.loaded.module, self.info.in_channels, self.info.input_size, cam)
         self.site = SiteProfile.load(site, self.loaded) if site else None
         self.lung_crop = lung_crop or bool(self.info.lung_crop)  # a crop-trained model is always fed crops
@@ -159,10 +160,10 @@ class Classifier(_ModelStage):
             if ok.any():
                 boxes = batch["lung_bbox"][ok] if "lung_bbox" in batch else None
                 x = self.runner.model_input(images[ok], boxes, self.lung_crop)
-                out = self.runner.classify_input(x)
+                out = self.runner.classify_input(x, self.ood)
                 probs[ok] = torch.softmax(torch.from_numpy(out.logits) / self.temperature, dim=1).numpy()
-                if out.embeddings is not None and self.ood is not None:
-                    ood[ok] = self.ood.score(out.embeddings)
+                if out.ood_score is not None:
+                    ood[ok] = out.ood_score
                 if self.cam is not None:
                     self._add_cams(batch, x, ok)
         except Exception as e:  # noqa: BLE001
@@ -219,5 +220,5 @@ class Classifier(_ModelStage):
         reasons = np.empty(n, object)
         for i in range(n):
             reasons[i] = [c for c in REFER_CODES if c in tests and tests[c][i]] if ok[i] else ["unreadable"]
-        return np.array([bool(r) for r in reasons]), reasons
+        return np.array([bool(r) for r in reasons], dtype=bool), reasons
 

@@ -33,7 +33,7 @@ def finetune(module, images: np.ndarray, masks: np.ndarray, cfg: TrainConfig, st
     model, _ = prepare_model(copy.deepcopy(module), dataclasses.replace(cfg, ema_decay=0.0))
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr)
-    data = ArrayDataset(images, masks, masks.shape[-1], cfg.in_channels, ADAPT_AUGMENT)
+    data = ArrayDataset(images, masks, masks.shape[-1], cfg.in_channels, ADAPT_AUGMENT, cfg.intensity)
     for _ in range(steps):
         xs, ys = zip(*(data[int(i)] for i in torch.randperm(len(data))[:batch_size]))
         train_step(model, torch.stack(xs), torch.stack(ys), bce_dice_loss, opt, cfg)

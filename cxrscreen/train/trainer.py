@@ -167,7 +167,7 @@ class SegmentTask:
 
     def info(self, logits, targets, metrics) -> ModelInfo:
         return ModelInfo(self.cfg.model, "segment", self.classes, self.size, self.cfg.in_channels,
-                         self.cfg.model_kwargs, metrics={"val_pseudo_masks": metrics})
+                         self.cfg.model_kwargs, metrics={"val_pseudo_masks": metrics}, intensity=self.cfg.intensity)
 
 
 def input_size(cfg: TrainConfig) -> int:
@@ -373,6 +373,7 @@ def train(cfg: TrainConfig, progress=print) -> Path:
     if not result.best_checkpoints:
         raise RuntimeError("training produced no checkpoint")
     best = max(result.best_checkpoints, key=lambda cm: cm[1]["val_score"])[0]
+    (out / "ood.safetensors").unlink(missing_ok=True)  # a reference of earlier weights: `evaluate` refits it
     with best.as_directory() as d:
         for name in ("model.safetensors", "model.json", "train_state.json", "optimizer.pt",
                      "train_model.safetensors"):
