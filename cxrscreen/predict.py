@@ -20,18 +20,20 @@ from cxrscreen.io.batch import WORK_SIZE, decode_items
 from cxrscreen.io.sources import InputItem
 from cxrscreen.masks import lung_regions
 from cxrscreen.models import load_model
-from cxrscreen.models.ood import OODReference, with_embedding
+from cxrscreen.models.ood import OODReference, appearance_features, with_embedding
 from cxrscreen.preprocess import crop_boxes, to_model_input
 
 
 @dataclass
 class Outputs:
-    """A classifier's outputs for a batch: logits (B, C), embeddings (B, D) or None,
-    ``ood_score`` (B,) or None (no reference saved with the checkpoint)."""
+    """A classifier's outputs for a batch: logits (B, C), embeddings (B, D) or None, the work
+    images' ``appearance`` features, and ``ood_score`` (B,) or None (no reference saved with
+    the checkpoint)."""
 
     logits: np.ndarray
     embeddings: np.ndarray | None = None
     ood_score: np.ndarray | None = None
+    appearance: np.ndarray | None = None
 
 
 class ModelRunner:
@@ -94,17 +96,18 @@ class ModelRunner:
     def classify(self, images, boxes: np.ndarray | None = None, lung_crop: bool = False) -> Outputs:
         """Logits, penultimate embeddings and ``ood_score`` of a classifier (raw logits:
         temperature scaling is the caller's, from the checkpoint or a site profile)."""
-        return self.classify_input(self.model_input(images, boxes, lung_crop))
+        return self.classify_input(self.model_input(images, boxes, lung_crop), appearance_features(images))
 
-    def classify_input(self, x: torch.Tensor, reference: OODReference | None = None) -> Outputs:
-        """``classify`` from model input; ``ood_score`` against ``reference`` (default: the checkpoint's)."""
+    def classify_input(self, x: torch.Tensor, appearance: np.ndarray, reference: OODReference | None = None) -> Outputs:
+        """``classify`` from model input and the work images' ``appearance_features``;
+        ``ood_score`` against ``reference`` (default: the checkpoint's)."""
         out = self.runtime(x).float().cpu().numpy()
         n = len(self.info.classes)
         if not self.embedding_size:
-            return Outputs(out[:, :n])
+            return Outputs(out[:, :n], appearance=appearance)
         emb = out[:, n:]
         reference = reference if reference is not None else self.loaded.ood
-        return Outputs(out[:, :n], emb, reference.score(emb) if reference is not None else None)
+        return Outputs(out[:, :n], emb, reference.score(emb, appearance) if reference is not None else None, appearance)
 
     def _calibration_batches(self, archive: str, n: int = 256, batch: int = 32) -> list[np.ndarray]:
         """Model inputs of the first ``n`` decodable images of ``archive`` (INT8 calibration)."""
@@ -157,10 +160,10 @@ def classify_images(runner: ModelRunner, images: np.ndarray, boxes: np.ndarray |
     if not parts:
         n = len(runner.info.classes)
         return Outputs(np.zeros((0, n), np.float32), np.zeros((0, runner.embedding_size), np.float32)
-                       if runner.embedding_size else None)
+                       if runner.embedding_size else None, appearance=appearance_features(images))
     cat = (lambda xs: None if xs[0] is None else np.concatenate(xs))
     return Outputs(cat([p.logits for p in parts]), cat([p.embeddings for p in parts]),
-                   cat([p.ood_score for p in parts]))
+                   cat([p.ood_score for p in parts]), cat([p.appearance for p in parts]))
 
 
 def classify_files(runner: ModelRunner, files: Sequence[str]) -> tuple[Outputs, np.ndarray]:

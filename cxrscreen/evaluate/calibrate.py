@@ -18,7 +18,6 @@ import numpy as np
 import polars as pl
 
 from cxrscreen.evaluate.metrics import fit_temperature, refer_threshold, softmax
-from cxrscreen.models.ood import OODReference
 from cxrscreen.models.site import SiteProfile
 
 
@@ -54,8 +53,7 @@ def calibrate_site(archive: str | Path, labels_csv: str | Path, out_dir: str | P
     threshold = refer_threshold(probs, y, pos, target_sensitivity)
     base, reference = runner.loaded.ood, None
     if base is not None and out.embeddings is not None:
-        site_means = np.stack([out.embeddings[y == c].mean(0) for c in np.unique(y)])
-        reference = OODReference(np.concatenate([base.means, site_means.astype(np.float32)]), base.precision)
+        reference = base.with_site(out.embeddings, y, out.appearance)
     before = softmax(out.logits, runner.info.temperature).argmax(1)
     profile = SiteProfile(
         name=Path(out_dir).name, classifier_sha256=runner.loaded.weights_sha256, temperature=temperature,

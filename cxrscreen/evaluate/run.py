@@ -76,7 +76,7 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
     train_out, _, train_ok = _outputs(runner, train["file"].to_list())
     reference = None
     if train_out.embeddings is not None:
-        reference = OODReference.fit(train_out.embeddings, targets(train, train_ok))
+        reference = OODReference.fit(train_out.embeddings, targets(train, train_ok), train_out.appearance)
     val = df.filter(pl.col("split") == "val")
     val_out, _, val_ok = _outputs(runner, val["file"].to_list())
     y_val = targets(val, val_ok)
@@ -85,11 +85,13 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
     threshold = refer_threshold(softmax(val_out.logits, temperature), y_val, pos, target_sensitivity)
     ood_threshold = None
     if reference is not None:
-        ood_threshold = float(np.quantile(reference.score(val_out.embeddings), 1 - ood_refer_rate))
+        reference.set_scale(val_out.embeddings, val_out.appearance)
+        ood_threshold = float(np.quantile(reference.score(val_out.embeddings, val_out.appearance), 1 - ood_refer_rate))
     out, pol, ok = _outputs(runner, test["file"].to_list())
     y = targets(test, ok)
     probs = softmax(out.logits, temperature)
-    ood = reference.score(out.embeddings) if reference is not None else np.full(len(y), np.nan, np.float32)
+    ood = (reference.score(out.embeddings, out.appearance) if reference is not None
+           else np.full(len(y), np.nan, np.float32))
     result = {"split": split, "data": str(cfg.data), "model": loaded.info.name, "classes": classes,
               "runtime": runner.runtime.name, "precision": runner.runtime.precision,
               "temperature": temperature, "refer_threshold": threshold,

@@ -31,11 +31,12 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
     """What a fold model does on the source it never saw, with the referral ``score`` would apply.
 
     Calibrated as ``evaluate`` calibrates (temperature and COVID referral threshold on the fold's
-    val, Mahalanobis reference on its train embeddings, OOD threshold at the ``1 - ood_refer_rate``
+    val, OOD reference on its train split, OOD threshold at the ``1 - ood_refer_rate``
     quantile of val). Reports: held-out accuracy on the classes the fold learned; the share of
     held-out non-COVID images labelled COVID **without** referral and of held-out COVID images
     labelled COVID or referred; the OOD score's AUROC for in-source test vs held-out images
-    (Mahalanobis, k-NN and, as the baseline, 1 - max softmax probability); and the in-source
+    (``ood_score`` and its embedding and appearance parts, k-NN on the embedding and, as the
+    baseline, 1 - max softmax probability); and the in-source
     test split's referral rate and accuracy at coverage."""
     from cxrscreen.evaluate.metrics import (accuracy_at_coverage, binary_auroc, fit_temperature, refer_threshold,
                                             softmax)
@@ -59,19 +60,21 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
     tr, va = parts["train"], parts["val"]
     if tr[1].embeddings is None:
         raise ValueError(f"{runner.info.name}: no penultimate embedding (e.g. an ensemble): the audit needs one")
-    ref = OODReference.fit(tr[1].embeddings, y_of(tr[0]))
+    ref = OODReference.fit(tr[1].embeddings, y_of(tr[0]), tr[1].appearance)
+    ref.set_scale(va[1].embeddings, va[1].appearance)
     temp = fit_temperature(va[1].logits, y_of(va[0]))
     pos = index.get(positive, 0)
     thr = refer_threshold(softmax(va[1].logits, temp), y_of(va[0]), pos, target_sensitivity)
-    ood_thr = float(np.quantile(ref.score(va[1].embeddings), 1 - ood_refer_rate))
+    ood_thr = float(np.quantile(ref.score(va[1].embeddings, va[1].appearance), 1 - ood_refer_rate))
     row: dict = {"refer_threshold": thr, "ood_threshold": ood_thr}
     scores = {}
     for name in ("test", "held_out"):
         part, out = parts[name]
         probs = softmax(out.logits, temp)
-        maha = ref.score(out.embeddings)
-        scores[name] = {"mahalanobis": maha, "knn": knn_score(tr[1].embeddings, out.embeddings),
-                        "max_softmax": 1 - probs.max(1)}
+        maha = ref.score(out.embeddings, out.appearance)
+        dist = ref.parts(out.embeddings, out.appearance)
+        scores[name] = {"combined": maha, "embedding": dist[:, 0], "appearance": dist[:, 1],
+                        "knn": knn_score(tr[1].embeddings, out.embeddings), "max_softmax": 1 - probs.max(1)}
         referred = (probs.max(1) < thr) | (maha > ood_thr)
         y, pred = y_of(part), probs.argmax(1)
         seen = y >= 0
@@ -90,16 +93,17 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
         row[f"{tag}_covid_caught"] = float((called | referred)[is_pos].mean()) if is_pos.any() else None
         if tag == "held_out":
             row.update({f"recall_{c}": float((pred[y == i] == i).mean()) for i, c in enumerate(classes) if (y == i).any()})
-    for method in ("mahalanobis", "knn", "max_softmax"):
+    for method in ("combined", "embedding", "appearance", "knn", "max_softmax"):
         row[f"ood_auroc_{method}"] = binary_auroc(scores["test"][method], scores["held_out"][method])
     return row
 
 
 def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[str] | None = None,
-                         progress=print) -> pl.DataFrame:
+                         progress=print, reuse: bool = False, ood_refer_rate: float = 0.05) -> pl.DataFrame:
     """For each source: train ``cfg`` without it (patient-level train/val of the others), then
     audit the fold model on every image of the held-out source (``fold_audit``; classes the
-    fold never saw are left out of accuracy and counted). Written to ``out_dir/loso.parquet``;
+    fold never saw are left out of accuracy and counted; with ``reuse``, a fold already trained
+    in ``out_dir`` is audited again without training). Written to ``out_dir/loso.parquet``;
     ``worst_fold_score`` in the log is the number recipes are selected by."""
     from cxrscreen.train.data import labeled_splits
     from cxrscreen.train.trainer import train
@@ -113,18 +117,20 @@ def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[st
         fold_df, _ = labeled_splits(fold_cfg)
         fold_classes = sorted(set(fold_df.filter(pl.col("split") == "train")["target"]))  # classes it learns
         progress(f"leave out {source}: train on {len(fold_df)} images of {sorted(fold_df['source'].unique())}")
-        model_dir = train(fold_cfg, progress=progress)
+        done = Path(fold_cfg.out) / "model.json"
+        model_dir = Path(fold_cfg.out) if reuse and done.exists() else train(fold_cfg, progress=progress)
         held = everything.filter(pl.col("source") == source)
         row = {"held_out": source, "model": cfg.model, "lung_crop": cfg.lung_crop or "",
                "intensity": cfg.intensity, "balance": cfg.balance,
                "train_images": len(fold_df.filter(pl.col("split") == "train")),
                "held_out_unseen_class_images": int((~held["target"].is_in(fold_classes)).sum()),
-               **fold_audit(model_dir, fold_df, held, fold_classes)}
+               "ood_refer_rate": ood_refer_rate,
+               **fold_audit(model_dir, fold_df, held, fold_classes, ood_refer_rate=ood_refer_rate)}
         row["fold_score"] = fold_score(row)
         rows.append(row)
         progress(f"  {source}: held-out accuracy {row['held_out_accuracy']}, non-COVID called COVID unreferred "
                  f"{row['held_out_noncovid_covid_unreferred']}, COVID caught {row['held_out_covid_caught']}, "
-                 f"OOD AUROC {row['ood_auroc_mahalanobis']:.3f}")
+                 f"OOD AUROC {row['ood_auroc_combined']:.3f}")
     df = pl.DataFrame(rows, infer_schema_length=None)
     out.mkdir(parents=True, exist_ok=True)
     df.write_parquet(out / "loso.parquet")

@@ -13,7 +13,7 @@ threshold lives in ``model.json`` (``ood_threshold``).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -67,37 +67,103 @@ def with_embedding(module: nn.Module, in_channels: int, size: int) -> WithEmbedd
     return wrapped if same else None
 
 
+APPEARANCE_SIDE = 24  # appearance features: the work image area-averaged to 24 x 24, standardised
+APPEARANCE_DIMS = 16  # ... projected on the 16 leading principal components of the training images
+
+
+def appearance_features(images) -> np.ndarray:
+    """uint8 work images (B, H, W), numpy or torch -> (B, 576) float32 appearance features:
+    24 x 24 area averages, each image standardised (mean 0, sd 1)."""
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    x = torch.nn.functional.interpolate(x.float().cpu()[:, None], size=(APPEARANCE_SIDE,) * 2, mode="area")
+    x = x.flatten(1)
+    return ((x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6)).numpy().astype(np.float32)
+
+
+def _gaussians(x: np.ndarray, targets: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+    """Class means and the precision of the pooled within-class covariance, shrunk toward its
+    mean variance (``shrinkage``) so that it inverts with a few hundred images per class."""
+    e = np.asarray(x, np.float64)
+    classes = np.unique(targets)
+    means = np.stack([e[targets == c].mean(0) for c in classes])
+    centred = e - means[np.searchsorted(classes, targets)]
+    cov = centred.T @ centred / max(len(e) - len(classes), 1)
+    cov = (1 - shrinkage) * cov + shrinkage * np.trace(cov) / len(cov) * np.eye(len(cov))
+    return means.astype(np.float32), np.linalg.inv(cov).astype(np.float32)
+
+
+def _distance(x: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Mahalanobis distance to the nearest mean / sqrt(dimension)."""
+    d = np.asarray(x, np.float32)[:, None, :] - means[None]  # (N, C, D)
+    m = ((d @ precision) * d).sum(-1)  # BLAS matmul, not a naive einsum loop
+    return np.sqrt(np.maximum(m.min(1), 0) / means.shape[1]).astype(np.float32)
+
+
 @dataclass
 class OODReference:
-    """Class means (C, D) and the precision matrix (D, D) of the shared covariance."""
+    """Two class-conditional Gaussian references with shared covariances, fitted on the training
+    split: on the classifier's penultimate embedding (``means``, ``precision``: what the model
+    computes from the image) and on the image's appearance (``app_*``: its 16 leading principal
+    components of ``appearance_features``: what the image looks like, whatever the model learnt).
+    ``score`` is the larger of the two distances, each divided by its median on the validation
+    split (``scale``), so both count alike. The appearance part is optional (None: embedding only)."""
 
     means: np.ndarray
     precision: np.ndarray
+    app_center: np.ndarray | None = None
+    app_basis: np.ndarray | None = None
+    app_means: np.ndarray | None = None
+    app_precision: np.ndarray | None = None
+    scale: np.ndarray = field(default_factory=lambda: np.ones(2, np.float32))
 
     @classmethod
-    def fit(cls, embeddings: np.ndarray, targets: np.ndarray, shrinkage: float = 0.05) -> OODReference:
-        """Means per class and the pooled within-class covariance, shrunk toward its mean
-        variance (``shrinkage``) so that it inverts with a few hundred images per class."""
-        e = np.asarray(embeddings, np.float64)
-        classes = np.unique(targets)
-        means = np.stack([e[targets == c].mean(0) for c in classes])
-        centred = e - means[np.searchsorted(classes, targets)]
-        cov = centred.T @ centred / max(len(e) - len(classes), 1)
-        cov = (1 - shrinkage) * cov + shrinkage * np.trace(cov) / len(cov) * np.eye(len(cov))
-        return cls(means.astype(np.float32), np.linalg.inv(cov).astype(np.float32))
+    def fit(cls, embeddings: np.ndarray, targets: np.ndarray, appearance: np.ndarray | None = None,
+            shrinkage: float = 0.05) -> OODReference:
+        """Fit both references on the training split (``appearance``: ``appearance_features``)."""
+        means, precision = _gaussians(embeddings, targets, shrinkage)
+        if appearance is None:
+            return cls(means, precision)
+        center = appearance.mean(0)
+        _, _, vt = np.linalg.svd(appearance - center, full_matrices=False)
+        basis = vt[:APPEARANCE_DIMS].astype(np.float32)
+        app_means, app_precision = _gaussians((appearance - center) @ basis.T, targets, shrinkage)
+        return cls(means, precision, center.astype(np.float32), basis, app_means, app_precision)
 
-    def score(self, embeddings: np.ndarray) -> np.ndarray:
-        """Distance to the nearest class mean / sqrt(D), one value per row (higher = less known)."""
-        e = np.asarray(embeddings, np.float32)
-        d = e[:, None, :] - self.means[None]  # (N, C, D)
-        m = ((d @ self.precision) * d).sum(-1)  # BLAS matmul, not a naive einsum loop
-        return np.sqrt(np.maximum(m.min(1), 0) / self.means.shape[1]).astype(np.float32)
+    def parts(self, embeddings: np.ndarray, appearance: np.ndarray | None = None) -> np.ndarray:
+        """(N, 2) unscaled distances: embedding, appearance (NaN without an appearance reference)."""
+        e = _distance(embeddings, self.means, self.precision)
+        a = np.full(len(e), np.nan, np.float32)
+        if self.app_basis is not None:
+            if appearance is None:
+                raise ValueError("this OOD reference needs the images' appearance features")
+            a = _distance((appearance - self.app_center) @ self.app_basis.T, self.app_means, self.app_precision)
+        return np.stack([e, a], 1)
+
+    def set_scale(self, embeddings: np.ndarray, appearance: np.ndarray | None = None) -> OODReference:
+        """Divide each distance by its median on these (validation) images."""
+        med = np.nanmedian(self.parts(embeddings, appearance), 0)
+        self.scale = np.where(np.isfinite(med) & (med > 0), med, 1.0).astype(np.float32)
+        return self
+
+    def score(self, embeddings: np.ndarray, appearance: np.ndarray | None = None) -> np.ndarray:
+        """``ood_score`` per row: the larger scaled distance (higher = less like the training data)."""
+        return np.nanmax(self.parts(embeddings, appearance) / self.scale, 1).astype(np.float32)
+
+    def with_site(self, embeddings: np.ndarray, targets: np.ndarray, appearance: np.ndarray | None) -> OODReference:
+        """A copy whose Gaussians also include a site's class means (same covariances and scale)."""
+        def add(means, x):
+            return np.concatenate([means, np.stack([x[targets == c].mean(0) for c in np.unique(targets)])
+                                   .astype(np.float32)])
+        app = None if self.app_basis is None else add(self.app_means, (appearance - self.app_center) @ self.app_basis.T)
+        return OODReference(add(self.means, embeddings), self.precision, self.app_center, self.app_basis,
+                            app, self.app_precision, self.scale)
 
     def save(self, folder: str | Path) -> Path:
         from safetensors.numpy import save_file
 
         path = Path(folder) / OOD_FILE
-        save_file({"means": self.means, "precision": self.precision}, str(path))
+        tensors = {k: v for k, v in self.__dict__.items() if v is not None}
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(path))
         return path
 
     @classmethod
@@ -115,9 +181,16 @@ class OODReference:
             raise ValueError(f"{path}: expected tensors 'means' (C, D) and 'precision' (D, D)")
         if embedding_size is not None and means.shape[1] != embedding_size:
             raise ValueError(f"{path}: embedding size {means.shape[1]}, the model's is {embedding_size}")
-        if not (np.isfinite(means).all() and np.isfinite(precision).all()):
-            raise ValueError(f"{path}: non-finite values")
-        return cls(means.astype(np.float32), precision.astype(np.float32))
+        app = [t.get(k) for k in ("app_center", "app_basis", "app_means", "app_precision")]
+        if any(a is not None for a in app):
+            c, b, m, p = app
+            if any(a is None for a in app) or b.shape[1] != c.shape[0] or m.shape[1] != b.shape[0] \
+                    or p.shape != (b.shape[0],) * 2:
+                raise ValueError(f"{path}: inconsistent appearance tensors")
+        scale = t.get("scale", np.ones(2, np.float32))
+        if not all(np.isfinite(v).all() for v in t.values()) or scale.shape != (2,) or (scale <= 0).any():
+            raise ValueError(f"{path}: non-finite values or a bad 'scale'")
+        return cls(means, precision, *app, scale)
 
 
 def knn_score(reference: np.ndarray, embeddings: np.ndarray, k: int = 10) -> np.ndarray:

@@ -17,6 +17,7 @@ import torch
 from cxrscreen import __version__
 from cxrscreen.io.batch import col, polarity
 from cxrscreen.masks import decode_mask_png, lung_regions, mask_png
+from cxrscreen.models.ood import appearance_features
 from cxrscreen.models.site import SiteProfile
 from cxrscreen.pipeline.output import REFER_CODES
 from cxrscreen.predict import ModelRunner
@@ -160,7 +161,7 @@ class Classifier(_ModelStage):
             if ok.any():
                 boxes = batch["lung_bbox"][ok] if "lung_bbox" in batch else None
                 x = self.runner.model_input(images[ok], boxes, self.lung_crop)
-                out = self.runner.classify_input(x, self.ood)
+                out = self.runner.classify_input(x, appearance_features(images[ok]), self.ood)
                 probs[ok] = torch.softmax(torch.from_numpy(out.logits) / self.temperature, dim=1).numpy()
                 if out.ood_score is not None:
                     ood[ok] = out.ood_score
