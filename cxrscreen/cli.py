@@ -120,11 +120,12 @@ def audit(manifest, out_path, threshold, drop_path):
 @click.option("--cam", type=click.Choice(METHODS), help="Add a Grad-CAM heatmap (PNG) and its lung energy per row.")
 @click.option("--include-phi", is_flag=True, default=None, help="Write DICOM patient identifiers (off by default).")
 @click.option("--rows-per-file", type=int, help="Rows per output part file.")
+@click.option("--prune", is_flag=True, default=None, help="Remove output rows of inputs no longer in the archive.")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")
 @click.option("--num-cpus", type=int, help="CPUs of the embedded local Ray.")
 def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained, site, refer_below, ood_threshold,
           batch_size, actors, device, precision, runtime, cuda_graphs, compile_, decode_jpeg_on_device,
-          int8_calibration, lung_crop, cam, include_phi, rows_per_file, address, num_cpus):
+          int8_calibration, lung_crop, cam, include_phi, rows_per_file, prune, address, num_cpus):
     """Score every image of ARCHIVE (folder tree, list file or Parquet): one row per input.
 
     Referral thresholds: an explicit --refer-below / --ood-threshold (or config key) wins, then
@@ -140,7 +141,7 @@ def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained,
                           device=device, precision=precision, runtime=runtime, cuda_graphs=cuda_graphs,
                           compile=compile_, decode_jpeg_on_device=decode_jpeg_on_device,
                           int8_calibration=int8_calibration, lung_crop=lung_crop, cam=cam, include_phi=include_phi,
-                          rows_per_file=rows_per_file, address=address, num_cpus=num_cpus)
+                          rows_per_file=rows_per_file, prune=prune, address=address, num_cpus=num_cpus)
         check_models(cfg)
     except (ConfigError, ValueError) as e:
         raise click.UsageError(str(e)) from None
@@ -289,7 +290,7 @@ def evaluate(model_dir, data, split, target_sensitivity, ood_refer_rate, predict
         click.echo(f"  {c:<22} P={v['precision']:.3f} R={v['recall']:.3f} F1={v['f1']:.3f} "
                    f"spec={v['specificity']:.3f} AUC={v['auc']:.3f} n={v['support']}")
     cov = res["at_coverage"]
-    click.echo(f"referred {res['referred_fraction']:.1%} (" + ", ".join(
+    click.echo(f"val referred {res['val_referred_fraction']:.1%}; {split} referred {res['referred_fraction']:.1%} (" + ", ".join(
         f"{k} {v:.1%}" for k, v in res["referred_by_reason"].items()) + f"); accuracy of the rest "
         f"{cov['accuracy']:.4f} at coverage {cov['coverage']:.1%}")
     probe = res.get("source_probe")

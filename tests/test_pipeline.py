@@ -102,6 +102,12 @@ def test_new_and_changed_files_are_scored_on_resume(tmp_path, ray_2cpu):
     df = pl.read_parquet(out / "*.parquet")
     assert sorted(df["key"]) == sorted([f"{i}.png" for i in range(6)] + ["new.png"])  # old row of 0.png gone
     assert df.filter(pl.col("key") == "0.png")["sha256"][0] == hashlib.sha256(changed).hexdigest()
+    (arch / "5.png").unlink()  # a deleted input: its row is kept and counted, or pruned on request
+    s = score_archive(arch, out, ScoreConfig(**FAST), progress=False)
+    assert (s.inputs, s.rows, s.stale) == (6, 7, 1) and "1 of them for inputs no longer in the archive" in str(s)
+    s = score_archive(arch, out, ScoreConfig(**FAST, prune=True), progress=False)
+    assert (s.rows, s.stale, s.pruned) == (6, 0, 1)
+    assert sorted(pl.read_parquet(out / "*.parquet")["key"]) == sorted([f"{i}.png" for i in range(5)] + ["new.png"])
 
 
 def test_resource_plan_leaves_cpus_for_decoding():

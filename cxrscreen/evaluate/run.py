@@ -87,6 +87,9 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
     if reference is not None:
         reference.set_scale(val_out.embeddings, val_out.appearance)
         ood_threshold = float(np.quantile(reference.score(val_out.embeddings, val_out.appearance), 1 - ood_refer_rate))
+    val_referred = softmax(val_out.logits, temperature).max(1) < threshold
+    if ood_threshold is not None:
+        val_referred |= reference.score(val_out.embeddings, val_out.appearance) > ood_threshold
     out, pol, ok = _outputs(runner, test["file"].to_list())
     y = targets(test, ok)
     probs = softmax(out.logits, temperature)
@@ -106,6 +109,7 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
                "atypical_intensity": pol < min_polarity}
     referred = np.any(np.stack(list(reasons.values())), 0)
     result["referred_fraction"] = float(referred.mean())
+    result["val_referred_fraction"] = float(val_referred.mean())  # what referral settings are chosen by
     result["referred_by_reason"] = {k: float(v.mean()) for k, v in reasons.items()}
     result["at_coverage"] = accuracy_at_coverage(y, probs.argmax(1), referred)
     caught = (probs.argmax(1) == pos) | referred

@@ -45,6 +45,7 @@ class ScoreConfig:
     lung_fraction_min: float = 0.05  # refer when the lung area fraction is outside this range:
     lung_fraction_max: float = 0.7  # (probably not a frontal chest radiograph)
     rows_per_file: int = 1000  # rows per output part file (each written atomically)
+    prune: bool = False  # remove rows of inputs no longer in the archive (default: keep them, counted as stale)
     max_pixels: int = 80_000_000
     max_bytes: int = 512 * 2**20  # larger input files are error rows (too_large), never read into memory
     prefer_lut: bool = True

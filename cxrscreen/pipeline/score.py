@@ -33,6 +33,9 @@ class ScoreSummary:
     referred: Counter = field(default_factory=Counter)  # refer_reason code -> rows
     labels: Counter = field(default_factory=Counter)  # predicted label -> rows
     drift: str = ""  # one line when the archive differs from the training data (drift_warning)
+    rows: int = 0  # rows in OUT after the run
+    stale: int = 0  # rows in OUT whose input is no longer in the archive (kept unless prune)
+    pruned: int = 0  # such rows removed by prune
 
     @property
     def steady_images_per_s(self) -> float:
@@ -52,7 +55,10 @@ class ScoreSummary:
         refs = ", ".join(f"{k} {v}" for k, v in self.referred.most_common()) or "none"
         return (f"{self.inputs} inputs: {self.skipped} already done, {self.ok} ok, "
                 f"{sum(self.errors.values())} errors ({errs}); referred by reason: {refs}; "
-                f"{self.images_per_s:.1f} images/s overall, {self.steady_images_per_s:.1f} steady")
+                f"{self.images_per_s:.1f} images/s overall, {self.steady_images_per_s:.1f} steady; "
+                f"{self.rows} rows in the output" + (f", {self.stale} of them for inputs no longer in the archive "
+                                                     "(kept; --prune removes them)" if self.stale else "")
+                + (f"; {self.pruned} rows of removed inputs pruned" if self.pruned else ""))
 
 
 def check_models(cfg: ScoreConfig) -> dict:
@@ -161,7 +167,7 @@ def score_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: S
         n_inputs = len(items)
         n_pending = sum(1 for it in items if it["expected_sha"] is None)
         if not items:
-            return ScoreSummary(seconds=time.perf_counter() - t0)
+            return ScoreSummary(seconds=time.perf_counter() - t0, rows=len(done))
         # small input blocks keep the stream fine-grained (results flow out while work goes on)
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.batch_size, 20_000)))
     ds = ds.map_batches(decode_batch, fn_kwargs=decode_kwargs, batch_size=cfg.batch_size,
@@ -192,7 +198,14 @@ def score_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: S
     bar.close()
     summary.skipped = n_inputs - summary.scored
     summary.seconds = time.perf_counter() - t0
-    summary.missing = sorted(set(input_keys) - set(completed(out_dir)))
+    rows = completed(out_dir)
+    summary.missing = sorted(set(input_keys) - set(rows))
+    stale = set(rows) - set(input_keys)
+    if stale and cfg.prune:
+        summary.pruned = drop_superseded(out_dir, stale, keep_run="")
+        rows = completed(out_dir)
+        stale = set()
+    summary.rows, summary.stale = len(rows), len(stale)
     summary.drift = drift_warning(summary, reference)
     return summary
 
