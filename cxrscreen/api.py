@@ -2,7 +2,7 @@
 
     import cxrscreen
     df = cxrscreen.score("archive/")                                   # every input, one row each
-    screen = cxrscreen.Screener("cxrnet-4class", segmenter="unet-lungs")
+    screen = cxrscreen.Screener("cxrnet-4class", segmenter="unet-lungs-fast")
     df = screen(["a.png", "b.dcm", numpy_image])                       # paths, bytes or arrays
 
 Both return the columns of ``cxrscreen score``'s Parquet output (``pipeline.output.output_schema``)
@@ -28,7 +28,7 @@ class Screener:
     """Models loaded once; call it on a list of image paths, encoded bytes or numpy arrays
     (2-D grayscale: uint8, uint16 or float in [0, 1]). Options are ``ScoreConfig`` keys."""
 
-    def __init__(self, classifier: str = "cxrnet-4class", segmenter: str = "unet-lungs", **options):
+    def __init__(self, classifier: str = "cxrnet-4class", segmenter: str = "unet-lungs-fast", **options):
         from cxrscreen.config import from_dict
         from cxrscreen.pipeline.score import check_models
         from cxrscreen.pipeline.stages import Classifier, Segmenter

@@ -268,3 +268,12 @@ def test_an_unreachable_cluster_fails_in_seconds_with_one_line(tmp_path, monkeyp
     assert time.monotonic() - t0 < 30
     assert out.exit_code == 1 and f"no Ray cluster answers at 127.0.0.1:{port}" in out.output
     assert "Traceback" not in out.output and len(out.output.strip().splitlines()) == 1
+
+
+def test_screening_confidence_merges_the_pneumonias():
+    from cxrscreen.referral import screening_confidence
+
+    p = np.array([[0.1, 0.1, 0.4, 0.4], [0.5, 0.3, 0.1, 0.1], [0.2, 0.6, 0.1, 0.1]])
+    assert np.allclose(screening_confidence(p, CLASSES), [0.8, 0.5, 0.6])  # a sure pneumonia of unsure kind
+    assert np.allclose(screening_confidence(p[:, :3] / p[:, :3].sum(1, keepdims=True), CLASSES[:3]),
+                       (p[:, :3] / p[:, :3].sum(1, keepdims=True)).max(1))

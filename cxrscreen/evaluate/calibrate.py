@@ -50,7 +50,7 @@ def calibrate_site(archive: str | Path, labels_csv: str | Path, out_dir: str | P
     temperature = fit_temperature(out.logits, y)
     pos = classes.index(positive) if positive in classes else 0
     probs = softmax(out.logits, temperature)
-    threshold = refer_threshold(probs, y, pos, target_sensitivity)
+    threshold = refer_threshold(probs, y, pos, target_sensitivity, classes)
     base, reference = runner.loaded.ood, None
     if base is not None and out.embeddings is not None:
         reference = base.with_site(out.embeddings, y, out.appearance)

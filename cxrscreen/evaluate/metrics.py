@@ -94,15 +94,20 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
 
 
-def refer_threshold(probs: np.ndarray, y: np.ndarray, positive: int, target_sensitivity: float = 0.99) -> float:
-    """Smallest confidence threshold t such that, when every image with top probability < t is
+def refer_threshold(probs: np.ndarray, y: np.ndarray, positive: int, target_sensitivity: float = 0.99,
+                    classes: list[str] | None = None) -> float:
+    """Smallest confidence threshold t such that, when every image with confidence < t is
     referred to a reader, at least ``target_sensitivity`` of the ``positive`` class is caught
-    (predicted positive or referred). Returns 0.0 when the model alone already reaches it."""
+    (predicted positive or referred). Confidence: ``referral.screening_confidence`` with
+    ``classes``, else the top probability. Returns 0.0 when the model alone already reaches it."""
+    from cxrscreen.referral import screening_confidence
+
     y = np.asarray(y)
     pos = y == positive
     if not pos.any():
         return 0.0
-    conf, pred = probs.max(1), probs.argmax(1)
+    conf = screening_confidence(probs, classes) if classes else probs.max(1)
+    pred = probs.argmax(1)
     for t in np.unique(np.concatenate([[0.0], conf[pos] + 1e-6])):
         caught = (pred[pos] == positive) | (conf[pos] < t)
         if caught.mean() >= target_sensitivity:

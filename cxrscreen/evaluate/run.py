@@ -14,6 +14,7 @@ from cxrscreen.config import from_dict
 from cxrscreen.evaluate.metrics import (accuracy_at_coverage, classification_metrics, fit_temperature,
                                         refer_threshold, softmax)
 from cxrscreen.masks import dice_scores
+from cxrscreen.referral import screening_confidence
 from cxrscreen.models import load_model
 from cxrscreen.train.config import TrainConfig
 from cxrscreen.train.data import labeled_splits
@@ -82,12 +83,12 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
     y_val = targets(val, val_ok)
     temperature = fit_temperature(val_out.logits, y_val)
     pos = index.get(positive, 0)
-    threshold = refer_threshold(softmax(val_out.logits, temperature), y_val, pos, target_sensitivity)
+    threshold = refer_threshold(softmax(val_out.logits, temperature), y_val, pos, target_sensitivity, classes)
     ood_threshold = None
     if reference is not None:
         reference.set_scale(val_out.embeddings, val_out.appearance)
         ood_threshold = float(np.quantile(reference.score(val_out.embeddings, val_out.appearance), 1 - ood_refer_rate))
-    val_referred = softmax(val_out.logits, temperature).max(1) < threshold
+    val_referred = screening_confidence(softmax(val_out.logits, temperature), classes) < threshold
     if ood_threshold is not None:
         val_referred |= reference.score(val_out.embeddings, val_out.appearance) > ood_threshold
     out, pol, ok = _outputs(runner, test["file"].to_list())
@@ -104,7 +105,7 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
               "metrics": classification_metrics(y, probs, classes), "per_source": {},
               "near_duplicates_train_" + split: len(cross),
               "train_class_share": {c: float((train["target"] == c).mean()) for c in classes}}
-    reasons = {"low_confidence": probs.max(1) < threshold,
+    reasons = {"low_confidence": screening_confidence(probs, classes) < threshold,
                "out_of_distribution": ood > ood_threshold if ood_threshold is not None else np.zeros(len(y), bool),
                "atypical_intensity": pol < min_polarity}
     referred = np.any(np.stack(list(reasons.values())), 0)

@@ -20,6 +20,7 @@ def predict_files(model_dir: str | Path, files: list[str]) -> tuple[np.ndarray, 
     """Calibrated probabilities of a checkpoint for image files (the scoring path): (probs, ok mask, classes)."""
     from cxrscreen.evaluate.metrics import softmax
     from cxrscreen.predict import ModelRunner, classify_files
+    from cxrscreen.referral import screening_confidence
 
     runner = ModelRunner(str(model_dir), "classify")
     out, ok = classify_files(runner, files)
@@ -64,7 +65,7 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
     ref.set_scale(va[1].embeddings, va[1].appearance)
     temp = fit_temperature(va[1].logits, y_of(va[0]))
     pos = index.get(positive, 0)
-    thr = refer_threshold(softmax(va[1].logits, temp), y_of(va[0]), pos, target_sensitivity)
+    thr = refer_threshold(softmax(va[1].logits, temp), y_of(va[0]), pos, target_sensitivity, classes)
     ood_thr = float(np.quantile(ref.score(va[1].embeddings, va[1].appearance), 1 - ood_refer_rate))
     row: dict = {"refer_threshold": thr, "ood_threshold": ood_thr}
     scores = {}
@@ -75,7 +76,7 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
         dist = ref.parts(out.embeddings, out.appearance)
         scores[name] = {"combined": maha, "embedding": dist[:, 0], "appearance": dist[:, 1],
                         "knn": knn_score(tr[1].embeddings, out.embeddings), "max_softmax": 1 - probs.max(1)}
-        referred = (probs.max(1) < thr) | (maha > ood_thr)
+        referred = (screening_confidence(probs, classes) < thr) | (maha > ood_thr)
         y, pred = y_of(part), probs.argmax(1)
         seen = y >= 0
         tag = "in_source_test" if name == "test" else "held_out"

@@ -19,7 +19,7 @@ class ScoreConfig:
     NON_NEGATIVE: ClassVar[tuple] = ("refer_below", "ood_threshold", "lung_fraction_min", "lung_fraction_max")
 
     classifier: str = "cxrnet-4class"  # shipped weights or a checkpoint folder (an architecture: allow_untrained)
-    segmenter: str = "unet-lungs"  # shipped weights or a checkpoint folder; "" = none
+    segmenter: str = "unet-lungs-fast"  # shipped weights or a checkpoint folder; "" = none
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 | int8 (TensorRT only)
     int8_calibration: str | None = None  # int8: folder/list of images to calibrate on (a few hundred)

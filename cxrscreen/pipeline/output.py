@@ -24,7 +24,7 @@ def output_schema(classes: list[str], include_phi: bool = False) -> pa.Schema:
     fields = [
         ("key", s), ("source_path", s), ("sha256", s), ("status", s), ("error_type", s), ("error_message", s),
         *[(f"prob_{c}", pa.float32()) for c in classes],
-        ("label", s), ("max_prob", pa.float32()), ("ood_score", pa.float32()), ("polarity", pa.float32()),
+        ("label", s), ("max_prob", pa.float32()), ("screening_confidence", pa.float32()), ("ood_score", pa.float32()), ("polarity", pa.float32()),
         ("refer", pa.bool_()), ("refer_reason", pa.list_(s)),
         ("lung_mask_png", pa.binary()), ("lung_fraction", pa.float32()), ("lung_bbox", pa.list_(pa.float32(), 4)),
         ("lung_bbox_right", pa.list_(pa.float32(), 4)), ("lung_bbox_left", pa.list_(pa.float32(), 4)),

@@ -71,8 +71,8 @@ def check_models(cfg: ScoreConfig) -> dict:
     cls = load_model(cfg.classifier, "classify", allow_untrained=cfg.allow_untrained)
     if cfg.segmenter:
         load_model(cfg.segmenter, "segment", allow_untrained=cfg.allow_untrained)
-    elif cfg.lung_crop or cls.info.lung_crop:
-        raise ValueError(f"{cfg.classifier} classifies lung crops: give a segmenter (e.g. {cls.info.lung_crop or 'unet-lungs'})")
+    elif cfg.lung_crop and not cls.info.lung_crop:
+        raise ValueError("lung_crop needs a segmenter (e.g. --segmenter unet-lungs-fast)")
     if cfg.site:
         SiteProfile.load(cfg.site, cls)
     if cfg.ood_threshold is not None and cls.ood is None and not cfg.site:

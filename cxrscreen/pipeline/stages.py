@@ -21,6 +21,7 @@ from cxrscreen.models.ood import appearance_features
 from cxrscreen.models.site import SiteProfile
 from cxrscreen.pipeline.output import REFER_CODES
 from cxrscreen.predict import ModelRunner
+from cxrscreen.referral import screening_confidence
 from cxrscreen.preprocess import crop_boxes
 
 
@@ -140,6 +141,7 @@ class Classifier(_ModelStage):
             self.cam = GradCAM(self.loaded.module, self.info.in_channels, self.info.input_size, cam)
         self.site = SiteProfile.load(site, self.loaded) if site else None
         self.lung_crop = lung_crop or bool(self.info.lung_crop)  # a crop-trained model is always fed crops
+        self.crop_segmenter = None  # the segmenter a crop-trained model's boxes come from, when not the pipeline's
         self.lung_fraction_range, self.min_polarity = lung_fraction_range, min_polarity
         site = self.site or SiteProfile.from_checkpoint(self.loaded)
         self.temperature = site.temperature
@@ -159,8 +161,7 @@ class Classifier(_ModelStage):
         images = batch.pop("image")
         try:
             if ok.any():
-                boxes = batch["lung_bbox"][ok] if "lung_bbox" in batch else None
-                x = self.runner.model_input(images[ok], boxes, self.lung_crop)
+                x = self.runner.model_input(images[ok], self._boxes(batch, images, ok), self.lung_crop)
                 out = self.runner.classify_input(x, appearance_features(images[ok]), self.ood)
                 probs[ok] = torch.softmax(torch.from_numpy(out.logits) / self.temperature, dim=1).numpy()
                 if out.ood_score is not None:
@@ -175,6 +176,8 @@ class Classifier(_ModelStage):
         top = np.nan_to_num(probs, nan=-1.0).argmax(1)
         batch["label"] = col([self.classes[t] if k else None for t, k in zip(top, ok)])
         batch["max_prob"] = np.where(ok, np.nan_to_num(probs, nan=0).max(1), np.nan).astype(np.float32)
+        batch["screening_confidence"] = np.where(ok, screening_confidence(np.nan_to_num(probs, nan=0), self.classes),
+                                                 np.nan).astype(np.float32)
         batch["ood_score"] = np.where(ok, ood, np.nan).astype(np.float32)
         batch["refer"], batch["refer_reason"] = self._refer(batch, ok)
         batch.update(classifier=col([self.loaded.weights_name] * n),
@@ -183,6 +186,22 @@ class Classifier(_ModelStage):
                      cxrscreen_version=col([__version__] * n),
                      t_classify_ms=np.full(n, (time.perf_counter() - t0) * 1000 / max(n, 1), np.float32))
         return batch
+
+    def _boxes(self, batch: dict, images: np.ndarray, ok: np.ndarray) -> np.ndarray | None:
+        """Lung boxes of the ok rows: a crop-trained model's come from the segmenter it was
+        trained with (the pipeline's when that is the one, else its own copy of it), so its
+        input is the same whichever segmenter draws the masks; others use the pipeline's."""
+        from pathlib import Path
+
+        from cxrscreen.predict import lung_boxes
+
+        trained_with = self.info.lung_crop
+        pipeline = batch["segmenter"][0] if "segmenter" in batch and len(batch["segmenter"]) else None
+        if trained_with and pipeline != Path(trained_with).name:
+            if self.crop_segmenter is None:
+                self.crop_segmenter = ModelRunner(trained_with, "segment", device=str(self.runner.device))
+            return lung_boxes(self.crop_segmenter, images[ok])
+        return batch["lung_bbox"][ok] if "lung_bbox" in batch else None
 
     def _add_cams(self, batch: dict, x: torch.Tensor, ok: np.ndarray) -> None:
         """Grad-CAM of the predicted class (fp32, on the module's device) for the ok rows,
@@ -212,7 +231,7 @@ class Classifier(_ModelStage):
         frac = np.asarray(batch.get("lung_fraction", np.full(n, np.nan)), np.float64)
         polarity = np.asarray(batch.get("polarity", np.full(n, np.nan)), np.float64)
         tests = {
-            "low_confidence": batch["max_prob"] < self.refer_below,
+            "low_confidence": batch["screening_confidence"] < self.refer_below,
             "out_of_distribution": (batch["ood_score"] > self.ood_threshold) if self.ood_threshold is not None
             else np.zeros(n, bool),
             "atypical_lungs": ~np.isnan(frac) & ((frac < lo) | (frac > hi)),
