@@ -19,6 +19,9 @@ def test_bundled_weights_are_small_and_described():
     cls = load_model("cxrnet-4class", "classify")
     assert cls.info.classes == ["covid", "normal", "viral_pneumonia", "bacterial_pneumonia"]
     assert len(cls.weights_sha256) == 64 and cls.info.refer_threshold is not None
+    # what it does not know: an OOD reference fitted on its train split, a threshold on val
+    assert cls.ood is not None and cls.ood.app_basis is not None and cls.info.ood_threshold > 0
+    assert cls.info.lung_crop == "unet-lungs-fast" and cls.info.intensity == "equalize"
     card = json.loads((BUNDLED / "cxrnet-4class" / "model.json").read_text())
     assert card["metrics"]["test"]["n"] == 795  # evaluated on the shared test split
     for name in ("unet-lungs", "unet-lungs-fast"):
@@ -82,3 +85,19 @@ def test_shipped_unet_metrics_come_from_its_weights(name):
     assert abs(again["raw"]["dice"] - recorded["pseudo_masks_val_raw"]["dice"]) < 1e-3
     if name == "unet-lungs":  # the default segmenter
         assert recorded["expert_masks_loo_cleaned"]["dice"] >= 0.95  # issue 5's target, leave-one-out
+
+
+def test_crop_classifier_scores_alike_whichever_segmenter_draws_the_masks():
+    """The shipped classifier was trained on unet-lungs-fast boxes; with --segmenter unet-lungs
+    it still crops with unet-lungs-fast (its own copy), so its probabilities do not change."""
+    from cxrscreen.data.manifest import read_manifest
+
+    df = read_manifest(shared_path("cxr", "manifest.csv")).filter(pl.col("split") == "test")
+    sample = pl.concat([g.head(4) for _, g in df.group_by("label", maintain_order=True)])
+    items = [InputItem(key=p, path=f) for p, f in zip(sample["path"], sample["file"])]
+    probs = {}
+    for seg in ("unet-lungs-fast", "unet-lungs", ""):
+        b = list(score_items_local(items, ScoreConfig(device="cpu", segmenter=seg, batch_size=16)))[0]
+        probs[seg] = np.stack([b[f"prob_{c}"] for c in ("covid", "normal", "viral_pneumonia", "bacterial_pneumonia")], 1)
+    assert np.abs(probs["unet-lungs"] - probs["unet-lungs-fast"]).max() < 1e-4
+    assert np.abs(probs[""] - probs["unet-lungs-fast"]).max() < 1e-4

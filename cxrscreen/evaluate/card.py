@@ -106,7 +106,7 @@ def _trust_section(card: dict, study: list | None) -> list[str]:
              "by recognising the source. These numbers come first because they are the ones that carry over.", ""]
     if study:
         df = read_study(study)
-        cols = {"recipe": "recipe", "held_out": "held-out source", "held_out_accuracy": "accuracy (learned classes)",
+        cols = {"recipe": "recipe", "ood_refer_rate": "OOD rate", "held_out": "held-out source", "held_out_accuracy": "accuracy (learned classes)",
                 "held_out_noncovid_covid": "non-COVID called COVID",
                 "held_out_noncovid_covid_unreferred": "... and not referred",
                 "held_out_covid_caught": "COVID called or referred", "held_out_referred": "referred",
@@ -115,19 +115,20 @@ def _trust_section(card: dict, study: list | None) -> list[str]:
                 "ood_auroc_max_softmax": "OOD AUROC (1 - max p)", "in_source_test_referred": "in-source test referred",
                 "in_source_test_accuracy_at_coverage": "in-source accuracy of the rest", "fold_score": "fold score"}
         table = df.select([pl.col(c).alias(t) for c, t in cols.items() if c in df.columns])
-        worst = df.group_by("recipe").agg(pl.col("fold_score").min().alias("worst"),
-                                          pl.col("in_source_test_accuracy_at_coverage").mean().alias("acc"),
-                                          pl.col("in_source_test_referred").mean().alias("ref")).sort("worst",
-                                                                                                        descending=True)
+        keys = [k for k in ("recipe", "ood_refer_rate") if k in df.columns]
+        worst = df.group_by(keys, maintain_order=True).agg(
+            pl.col("fold_score").min().alias("worst"), pl.col("in_source_test_accuracy_at_coverage").mean().alias("acc"),
+            pl.col("in_source_test_referred").mean().alias("ref"))
         lines += ["### Leave-one-source-out folds of every candidate recipe (`cxrscreen loso`)", "",
                   "Each fold is trained without one source and calibrated as `evaluate` calibrates (temperature and "
                   "COVID referral threshold on the fold's val, OOD reference on its train split, OOD threshold "
                   "referring 5% of its val), then scored on every image of the held-out source with the referral "
                   "`score` applies. *fold score* = mean of (1 - non-COVID called COVID and not referred) and (COVID "
                   "called or referred), over what the source has; recipes are ranked by their **worst** fold.", "",
-                  *markdown_table(table), "", "| recipe | worst fold score | mean in-source referred | "
-                  "mean in-source accuracy of the rest |", "|---|---|---|---|",
-                  *[f"| {r} | {w:.3f} | {_pct(f)} | {_pct(a)} |" for r, w, a, f in worst.iter_rows()], ""]
+                  *markdown_table(table), "", "| " + " | ".join(keys) + " | worst fold score | mean in-source "
+                  "referred | mean in-source accuracy of the rest |", "|---" * (len(keys) + 3) + "|",
+                  *["| " + " | ".join(str(v) for v in r[:-3]) + f" | {r[-3]:.3f} | {_pct(r[-1])} | {_pct(r[-2])} |"
+                    for r in worst.iter_rows()], ""]
     probe, cov = ev.get("source_probe"), ev.get("at_coverage")
     if cov:
         lines.append(f"- **Referral on the test split** (in-source): {_pct(ev.get('referred_fraction'))} referred "

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from cxrscreen.referral import screening_confidence
 from cxrscreen.train.config import TrainConfig
 
 
@@ -20,7 +21,6 @@ def predict_files(model_dir: str | Path, files: list[str]) -> tuple[np.ndarray, 
     """Calibrated probabilities of a checkpoint for image files (the scoring path): (probs, ok mask, classes)."""
     from cxrscreen.evaluate.metrics import softmax
     from cxrscreen.predict import ModelRunner, classify_files
-    from cxrscreen.referral import screening_confidence
 
     runner = ModelRunner(str(model_dir), "classify")
     out, ok = classify_files(runner, files)
