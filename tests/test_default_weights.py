@@ -57,7 +57,7 @@ def test_model_card_is_rendered_from_the_shipped_evaluation():
     ev = BUNDLED / "evaluation"
     card = render_model_card(BUNDLED / "cxrnet-4class", [BUNDLED / "unet-lungs", BUNDLED / "unet-lungs-fast"],
                              ev / "comparison.parquet",
-                             sorted(ev.glob("loso-*.parquet")))
+                             sorted(ev.glob("loso-*.parquet")), [ev / "shortcut-study.parquet"])
     assert (Path(__file__).resolve().parents[1] / "MODEL_CARD.md").read_text() == card
 
 

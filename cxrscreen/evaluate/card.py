@@ -122,7 +122,7 @@ def _trust_section(card: dict, study: list | None) -> list[str]:
         lines += ["### Leave-one-source-out folds of every candidate recipe (`cxrscreen loso`)", "",
                   "Each fold is trained without one source and calibrated as `evaluate` calibrates (temperature and "
                   "COVID referral threshold on the fold's val, OOD reference on its train split, OOD threshold "
-                  "referring 5% of its val), then scored on every image of the held-out source with the referral "
+                  "referring the *OOD rate* share of its val), then scored on every image of the held-out source with the referral "
                   "`score` applies. *fold score* = mean of (1 - non-COVID called COVID and not referred) and (COVID "
                   "called or referred), over what the source has; recipes are ranked by their **worst** fold.", "",
                   *markdown_table(table), "", "| " + " | ".join(keys) + " | worst fold score | mean in-source "
