@@ -51,3 +51,20 @@ def mixed_archive(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     # a good image whose name is not UTF-8 (Latin-1 e-acute): an ordinary row, key "caf\xe9.png"
     (out / "images").joinpath(os.fsdecode(b"caf\xe9.png")).write_bytes(good.read_bytes())
     return out / "images", {f"bad/{k}": v for k, v in bad.items()}
+
+
+@pytest.fixture(scope="session")
+def whole_image_classifier(tmp_path_factory) -> str:
+    """A cxrnet checkpoint (seeded random weights) that classifies whole images, for tests of
+    paths that the shipped lung-crop classifier would take a detour around."""
+    import torch
+
+    from cxrscreen.models import build_model, save_checkpoint
+    from cxrscreen.models.checkpoint import ModelInfo
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("whole_image_classifier")
+    save_checkpoint(out, build_model("cxrnet", 4, 1, widths=(8, 16, 32)),
+                    ModelInfo("cxrnet", "classify", ["covid", "normal", "viral_pneumonia", "bacterial_pneumonia"],
+                              128, 1, {"widths": [8, 16, 32]}))
+    return str(out)

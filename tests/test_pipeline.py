@@ -143,7 +143,7 @@ def test_killed_run_resumes_to_exactly_one_row_per_input(tmp_path):
     assert f"{first} already done, {200 - first} ok" in res.stdout
 
 
-def test_lung_crop_classifies_the_box():
+def test_lung_crop_classifies_the_box(whole_image_classifier):
     import torch
 
     from cxrscreen.pipeline import Classifier
@@ -157,8 +157,8 @@ def test_lung_crop_classifies_the_box():
     whole = crop_boxes(torch.from_numpy(img), np.full((1, 4), np.nan, np.float32), 64)
     assert np.array_equal(whole.numpy(), img)  # no box: whole image
 
-    cls = Classifier("cxrnet-4class", device="cpu", precision="fp32", lung_crop=True)
-    plain = Classifier("cxrnet-4class", device="cpu", precision="fp32")
+    cls = Classifier(whole_image_classifier, device="cpu", precision="fp32", lung_crop=True)
+    plain = Classifier(whole_image_classifier, device="cpu", precision="fp32")
 
     def batch(image, box):
         return {"key": np.array(["a"], object), "status": np.array(["ok"], object),

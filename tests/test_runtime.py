@@ -119,13 +119,15 @@ def test_tensorrt_matches_torch_fp32(mixed_archive):
     _compare(ref, _score(items, device="cuda", runtime="tensorrt", precision="fp16"), tol=0.02, min_dice=0.97)
 
 
-def test_jpegs_decoded_on_the_model_device_match_host_decoding(mixed_archive):
+def test_jpegs_decoded_on_the_model_device_match_host_decoding(mixed_archive, whole_image_classifier):
     """decode_jpeg_on_device: JPEGs travel as bytes and the first model actor decodes them in one
     torchvision.io.decode_jpeg call (nvJPEG on CUDA; here on CPU); broken JPEGs stay error rows."""
     archive, bad = mixed_archive
     items = list(list_inputs(archive))
-    host = _score(items, runtime="torch", precision="fp32", batch_size=len(items))
-    dev = _score(items, runtime="torch", precision="fp32", batch_size=len(items), decode_jpeg_on_device=True)
+    kw = dict(classifier=whole_image_classifier, segmenter="unet-lungs", runtime="torch", precision="fp32",
+              batch_size=len(items))
+    host = _score(items, **kw)
+    dev = _score(items, **kw, decode_jpeg_on_device=True)
     assert dict(zip(dev["key"], dev["error_type"])) == dict(zip(host["key"], host["error_type"]))
     jpeg = np.array([k.endswith(".jpg") for k in host["key"]]) & (host["status"] == "ok")
     assert jpeg.sum() >= 5
