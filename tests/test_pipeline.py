@@ -49,12 +49,12 @@ def test_local_stages_without_ray(mixed_archive):
 def test_ray_score_on_2_cpus_accounts_for_every_input(mixed_archive, ray_2cpu, tmp_path):
     archive, bad = mixed_archive
     summary = score_archive(archive, tmp_path, ScoreConfig(**FAST), progress=False)
-    assert summary.inputs == 34 and summary.ok == 24 and sum(summary.errors.values()) == 10
+    assert summary.inputs == 35 and summary.ok == 25 and sum(summary.errors.values()) == 10
     assert summary.missing == [] and summary.skipped == 0
     df = pl.read_parquet(tmp_path / "*.parquet")
     _check_rows(df, archive, bad)
     table = pq.read_table(tmp_path)  # readable with pyarrow too
-    assert table.num_rows == 34 and "lung_bbox" in table.schema.names
+    assert table.num_rows == 35 and "lung_bbox" in table.schema.names
     assert not list(tmp_path.glob(".*"))  # no temporary files left visible
     ok = df.filter(pl.col("status") == "ok")
     assert (ok["classifier"] == "mobilenet_v3_small (untrained)").all() and (ok["classifier_sha256"] == "untrained").all()
@@ -64,8 +64,8 @@ def test_ray_score_on_2_cpus_accounts_for_every_input(mixed_archive, ray_2cpu, t
     assert "PHANTOM^TEST" not in str(df.to_dicts()) and "syn0" not in str(dicom.select("dicom_study_uid"))
 
     again = score_archive(archive, tmp_path, ScoreConfig(**FAST), progress=False)  # resume: nothing new
-    assert again.skipped == 34 and again.scored == 0
-    assert pl.read_parquet(tmp_path / "*.parquet").height == 34
+    assert again.skipped == 35 and again.scored == 0
+    assert pl.read_parquet(tmp_path / "*.parquet").height == 35
 
 
 @pytest.mark.slow
