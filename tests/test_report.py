@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -46,10 +47,15 @@ def test_crop_trained_model_is_always_fed_lung_crops(trained, two_site_manifest)
     items = list(list_inputs(two_site_manifest.parent / "images"))[:8]
     cls = Classifier(str(crop), device="cpu", runtime="torch")
     assert cls.lung_crop
-    no_seg = cls(decode_items(items))  # no lung boxes: a clear error, not silently uncropped
-    assert (no_seg["status"] == "error").all() and "segmenter" in no_seg["error_message"][0]
-    with_seg = cls(Segmenter(device="cpu", runtime="torch")(decode_items(items)))
-    assert (with_seg["status"] == "ok").all()
+    # never silently uncropped: without the pipeline's boxes, or with another segmenter's, it crops
+    # with its own copy of the segmenter it was trained with, so its probabilities do not change
+    no_seg = cls(decode_items(items))
+    with_seg = cls(Segmenter("unet-lungs", device="cpu", runtime="torch")(decode_items(items)))
+    other = cls(Segmenter("unet-lungs-fast", device="cpu", runtime="torch")(decode_items(items)))
+    assert (no_seg["status"] == "ok").all() and (with_seg["status"] == "ok").all()
+    for c in ("covid", "normal", "viral_pneumonia", "bacterial_pneumonia"):
+        assert np.abs(no_seg[f"prob_{c}"] - with_seg[f"prob_{c}"]).max() < 1e-5
+        assert np.abs(other[f"prob_{c}"] - with_seg[f"prob_{c}"]).max() < 1e-5
 
 
 def test_sources_can_be_kept_or_left_out(two_site_manifest):
