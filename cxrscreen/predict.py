@@ -50,6 +50,7 @@ class ModelRunner:
         from cxrscreen.runtime import make_runtime
 
         self.task = task
+        self._crop_segmenter: ModelRunner | None = None  # loaded on first use by lung_boxes
         self.loaded = load_model(spec, task, allow_untrained=allow_untrained)
         self.info = self.loaded.info
         module, self.embedding_size = self.loaded.module, 0
@@ -88,6 +89,12 @@ class ModelRunner:
                                  "but no segmenter ran: give a segmenter")
             x = crop_boxes(x, boxes, x.shape[-1])
         return to_model_input(x, self.info.input_size, self.info.in_channels, self.info.intensity)
+
+    def lung_boxes(self, images: np.ndarray) -> np.ndarray:
+        """Lung boxes from the segmenter this crop-trained classifier was trained with (loaded once)."""
+        if self._crop_segmenter is None:
+            self._crop_segmenter = ModelRunner(self.info.lung_crop, "segment", device=str(self.device))
+        return lung_boxes(self._crop_segmenter, images)
 
     def segment(self, images) -> np.ndarray:
         """Lung probability maps (B, size, size) of a segmenter."""
@@ -154,7 +161,7 @@ def classify_images(runner: ModelRunner, images: np.ndarray, boxes: np.ndarray |
     """``runner.classify`` over many uint8 work images, in batches (lung boxes from
     ``lung_boxes`` when the checkpoint was trained on lung crops)."""
     if runner.info.lung_crop and boxes is None:
-        boxes = lung_boxes(ModelRunner(runner.info.lung_crop, "segment", device=str(runner.device)), images)
+        boxes = runner.lung_boxes(images)
     parts = [runner.classify(images[i:i + batch], None if boxes is None else boxes[i:i + batch])
              for i in range(0, len(images), batch)]
     if not parts:

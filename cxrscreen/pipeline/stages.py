@@ -141,7 +141,6 @@ class Classifier(_ModelStage):
             self.cam = GradCAM(self.loaded.module, self.info.in_channels, self.info.input_size, cam)
         self.site = SiteProfile.load(site, self.loaded) if site else None
         self.lung_crop = lung_crop or bool(self.info.lung_crop)  # a crop-trained model is always fed crops
-        self.crop_segmenter = None  # the segmenter a crop-trained model's boxes come from, when not the pipeline's
         self.lung_fraction_range, self.min_polarity = lung_fraction_range, min_polarity
         site = self.site or SiteProfile.from_checkpoint(self.loaded)
         self.temperature = site.temperature
@@ -193,14 +192,10 @@ class Classifier(_ModelStage):
         input is the same whichever segmenter draws the masks; others use the pipeline's."""
         from pathlib import Path
 
-        from cxrscreen.predict import lung_boxes
-
         trained_with = self.info.lung_crop
         pipeline = batch["segmenter"][0] if "segmenter" in batch and len(batch["segmenter"]) else None
         if trained_with and pipeline != Path(trained_with).name:
-            if self.crop_segmenter is None:
-                self.crop_segmenter = ModelRunner(trained_with, "segment", device=str(self.runner.device))
-            return lung_boxes(self.crop_segmenter, images[ok])
+            return self.runner.lung_boxes(images[ok])
         return batch["lung_bbox"][ok] if "lung_bbox" in batch else None
 
     def _add_cams(self, batch: dict, x: torch.Tensor, ok: np.ndarray) -> None:
