@@ -1,5 +1,7 @@
 """`cxrscreen bench` end to end on a few phantoms (speed is measured in benchmarks/, not here)."""
 
+from pathlib import Path
+
 import polars as pl
 import pytest
 
@@ -45,3 +47,31 @@ def test_gpu_sampler_parses_nvidia_smi_and_is_empty_without_a_gpu(tmp_path, monk
     with GpuSampler(enabled=False) as none:
         pass
     assert none.summary() == {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gpu_run_script_rehearses_end_to_end_on_cpu(tmp_path):
+    """benchmarks/gpu/run.sh --device cpu: the GPU machine's script, the same steps, on CPU,
+    with ray made unimportable as it is there; every section and the training step land in $OUT."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu" / "run.sh"), "--device", "cpu", "--n", "32",
+                           "--budget", "150"], env=env, capture_output=True, text=True, timeout=900)
+    log = (tmp_path / "log.txt").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert "tests exit: 0" in log and "bench exit: 0" in log and "train_step exit: 0" in log, log[-3000:]
+    rows = pq.read_table(tmp_path / "gpu_bench.parquet").to_pylist()
+    sections = {r["section"] for r in rows}
+    assert {"model", "stage", "parts", "cpu", "agreement"} <= sections, sections
+    timed = [r for r in rows if r["section"] in ("model", "stage") and r.get("images_per_s")]
+    assert timed and all(r["images_per_s"] > 0 for r in timed)
+    agree = [r for r in rows if r["section"] == "agreement"]
+    assert agree and all(r["label_agreement"] >= 0.9 and r["min_mask_dice"] > 0.9 for r in agree)
+    assert len(pq.read_table(tmp_path / "train_step.parquet")) == 4

@@ -1,0 +1,79 @@
+"""Every GPU path against the CPU / fp32 reference. Skipped without CUDA (CI has none);
+``benchmarks/gpu/run.sh`` runs this file on a lent GPU machine, without Ray or polars, so
+nothing here may import them."""
+
+import numpy as np
+import pytest
+import torch
+
+from cxrscreen.io import list_inputs
+from cxrscreen.io.batch import decode_items
+from cxrscreen.masks import decode_mask_png, dice
+from cxrscreen.pipeline import ScoreConfig, score_items_local
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CXRSCREEN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def items(mixed_archive):
+    return list(list_inputs(mixed_archive[0]))
+
+
+def _score(items, **cfg):
+    batches = list(score_items_local(items, ScoreConfig(**{"batch_size": 16, **cfg})))
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def _compare(ref, out, tol, min_dice):
+    ok = ref["status"] == "ok"
+    assert ok.sum() >= 10 and (out["status"] == ref["status"]).all()
+    diff = max(np.abs(ref[c][ok] - out[c][ok]).max() for c in ref if c.startswith("prob_"))
+    assert diff < tol, diff
+    dices = [dice(decode_mask_png(a), decode_mask_png(b)) for a, b in zip(ref["lung_mask_png"][ok], out["lung_mask_png"][ok])]
+    assert min(dices) > min_dice, min(dices)
+
+
+@pytest.fixture(scope="module")
+def cpu_fp32(items):
+    return _score(items, device="cpu", runtime="torch", precision="fp32")
+
+
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-3), ("fp16", 0.02), ("bf16", 0.05)])
+def test_gpu_precisions_match_cpu_fp32(items, cpu_fp32, precision, tol):
+    _compare(cpu_fp32, _score(items, device="cuda", runtime="torch", precision=precision), tol, 0.95)
+
+
+def test_cuda_graphs_match_eager(items):
+    ref = _score(items, device="cuda", runtime="torch", precision="fp16")
+    _compare(ref, _score(items, device="cuda", runtime="torch", precision="fp16", cuda_graphs=True), 1e-3, 0.99)
+
+
+def test_cuda_graphs_replay_each_batch_size(items):
+    """The last batch of an archive is short: a second graph is captured for it, not reused."""
+    ref = _score(items, device="cuda", runtime="torch", precision="fp16", batch_size=7)
+    _compare(ref, _score(items, device="cuda", runtime="torch", precision="fp16", cuda_graphs=True, batch_size=7),
+             1e-3, 0.99)
+
+
+def test_compile_matches_eager(items):
+    ref = _score(items[:16], device="cuda", runtime="torch", precision="fp16")
+    _compare(ref, _score(items[:16], device="cuda", runtime="torch", precision="fp16", compile=True), 0.01, 0.98)
+
+
+def test_nvjpeg_in_the_actor_matches_host_decoding(items):
+    host = _score(items, device="cuda", runtime="torch", precision="fp32")
+    dev = _score(items, device="cuda", runtime="torch", precision="fp32", decode_jpeg_on_device=True)
+    assert dict(zip(dev["key"], dev["error_type"])) == dict(zip(host["key"], host["error_type"]))
+    assert sum(d is not None for d in decode_items(items, defer_jpeg=True)["jpeg_bytes"]) >= 5
+    _compare(host, dev, 0.02, 0.97)  # resize filters differ slightly (PIL vs torch)
+
+
+def test_tensorrt_matches_torch_fp32(items):
+    pytest.importorskip("tensorrt", reason="tensorrt is not installed (pip install 'cxrscreen[tensorrt]')")
+    ref = _score(items[:24], device="cuda", runtime="torch", precision="fp32")
+    _compare(ref, _score(items[:24], device="cuda", runtime="tensorrt", precision="fp16"), 0.02, 0.97)
