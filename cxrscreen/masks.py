@@ -1,11 +1,20 @@
-"""Lung-mask post-processing and measurements (two largest components, holes filled)."""
+"""Lung-mask post-processing and measurements (two largest components, holes filled).
+
+``lung_regions`` cleans one mask with scipy (fastest on a CPU); ``lung_regions_batch`` cleans a
+batch where it lies: on a GPU as tensor ops in one pass over the batch (no per-image Python), on
+a CPU with ``lung_regions`` per image. ``mask_pngs`` encodes a batch of masks as 1-bit PNGs.
+"""
 
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
@@ -78,10 +87,121 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def mask_png(mask: np.ndarray, size: int) -> bytes:
-    """A 0/255 PNG of the mask at ``size`` x ``size`` (nearest neighbour)."""
-    img = Image.fromarray(mask.astype(np.uint8) * 255)
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
+    """A 1-bit PNG of one boolean mask at ``size`` x ``size`` (nearest neighbour)."""
+    return mask_pngs(resize_masks(mask[None], size))[0]
+
+
+def resize_masks(masks, size: int):
+    """Boolean masks (B, H, W), numpy or torch, resized to ``size`` x ``size`` (nearest)."""
+    if masks.shape[-1] == size and masks.shape[-2] == size:
+        return masks
+    t = torch.as_tensor(masks)
+    out = F.interpolate(t[:, None].float(), size=(size, size), mode="nearest")[:, 0] > 0.5
+    return out if isinstance(masks, torch.Tensor) else out.numpy()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def mask_pngs(masks: np.ndarray, level: int = 1) -> list[bytes]:
+    """1-bit greyscale PNGs of boolean masks (B, H, W): rows bit-packed for the whole batch at
+    once, then one zlib call per image (about 20x cheaper than PIL's 8-bit PNG; any viewer
+    shows them, ``decode_mask_png`` reads them)."""
+    masks = np.asarray(masks, bool)
+    b, h, w = masks.shape
+    rows = np.packbits(masks, axis=2)  # (B, H, ceil(W / 8)), most significant bit first
+    raw = np.concatenate([np.zeros((b, h, 1), np.uint8), rows], axis=2)  # filter byte 0 per row
+    head = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+    end = _png_chunk(b"IEND", b"")
+    return [head + _png_chunk(b"IDAT", zlib.compress(r.tobytes(), level)) + end for r in raw]
+
+
+@dataclass
+class BatchRegions:
+    """``lung_regions`` of a batch: cleaned masks (B, H, W) on the input's device, and numpy
+    fractions (B,) and boxes (B, 4) (overall, the patient's right lung, left lung)."""
+
+    masks: torch.Tensor
+    fraction: np.ndarray
+    box: np.ndarray
+    right: np.ndarray
+    left: np.ndarray
+
+
+def lung_regions_batch(masks: torch.Tensor) -> BatchRegions:
+    """``lung_regions`` of every boolean mask of a batch (B, H, W): tensor ops on a GPU, scipy
+    per image on a CPU (each measured fastest where it runs; they agree: tests/test_masks.py)."""
+    if masks.device.type == "cpu":
+        regions = [lung_regions(m) for m in masks.numpy()]
+        stack = (lambda xs, shape: np.stack(xs) if xs else np.zeros(shape, np.float32))  # noqa: E731
+        return BatchRegions(torch.from_numpy(stack([r.mask for r in regions], (0, *masks.shape[1:])).astype(bool)),
+                            np.array([r.fraction for r in regions], np.float32),
+                            stack([r.box for r in regions], (0, 4)), stack([r.right for r in regions], (0, 4)),
+                            stack([r.left for r in regions], (0, 4)))
+    return _lung_regions_tensor(masks)
+
+
+def _spread_along_rows(lab: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Every run of consecutive mask pixels along the last dimension takes its largest label."""
+    starts = mask & ~F.pad(mask[..., :-1], (1, 0))
+    run = torch.where(mask.reshape(-1), torch.cumsum(starts.reshape(-1), 0), 0)
+    best = torch.zeros(int(run.max()) + 1 if run.numel() else 1, dtype=lab.dtype, device=lab.device)
+    best = best.scatter_reduce(0, run, lab.reshape(-1), "amax")
+    return torch.where(mask, best[run].view(lab.shape), 0)
+
+
+def components(mask: torch.Tensor) -> torch.Tensor:
+    """4-connected component labels of a boolean batch (B, H, W) as tensor ops (``ndimage.label``
+    on a GPU): background 0, each component the id of one of its pixels (unique over the batch,
+    int64). Each round, every horizontal then every vertical run of pixels takes its largest
+    label, and labels jump to the label their own pixel holds (pointer jumping); a component
+    settles in about as many rounds as a path through it has turns."""
+    b, h, w = mask.shape
+    lab = torch.where(mask, torch.arange(1, b * h * w + 1, device=mask.device).view(b, h, w), 0)
+    mask_t = mask.transpose(1, 2).contiguous()
+    for _ in range(h * w):
+        new = _spread_along_rows(lab, mask)
+        new = _spread_along_rows(new.transpose(1, 2).contiguous(), mask_t).transpose(1, 2).contiguous()
+        new = torch.maximum(new, torch.where(new > 0, new.view(-1)[(new - 1).clamp(min=0)], 0))
+        if torch.equal(new, lab):
+            return new
+        lab = new
+    return lab
+
+
+def _lung_regions_tensor(mask: torch.Tensor) -> BatchRegions:
+    b, h, w = mask.shape
+    lab = components(mask)
+    ids, counts = torch.unique(lab[lab > 0], return_counts=True)
+    image = (ids - 1) // (h * w)
+    order = torch.argsort(counts, descending=True, stable=True)
+    order = order[torch.argsort(image[order], stable=True)]  # by image, then largest first
+    image = image[order]
+    rank = torch.arange(len(order), device=mask.device) - torch.searchsorted(image, image)
+    top = rank < 2
+    keep, slot = ids[order][top], (image * 2 + rank)[top]  # at most two components per image
+    keep, perm = keep.sort()
+    kept = torch.isin(lab, keep)
+    background = components(~kept)
+    border = torch.cat([background[:, 0], background[:, -1], background[:, :, 0], background[:, :, -1]], 1)
+    cleaned = kept | ((background > 0) & ~torch.isin(background, border[border > 0].unique()))
+    bi, y, x = kept.nonzero(as_tuple=True)
+    s = slot[perm][torch.searchsorted(keep, lab[bi, y, x])]
+    lo = torch.full((b * 2, 2), max(h, w), device=mask.device, dtype=torch.int64)
+    hi = torch.full((b * 2, 2), -1, device=mask.device, dtype=torch.int64)
+    xy = torch.stack([x, y], 1)
+    lo = lo.scatter_reduce(0, s[:, None].expand(-1, 2), xy, "amin")
+    hi = hi.scatter_reduce(0, s[:, None].expand(-1, 2), xy, "amax")
+    scale = np.array([w, h, w, h], np.float32)
+    boxes = (torch.cat([lo, hi + 1], 1).cpu().numpy() / scale).reshape(b, 2, 4).astype(np.float32)
+    present = (hi[:, 0] >= 0).cpu().numpy().reshape(b, 2)
+    right = present & ((boxes[:, :, 0] + boxes[:, :, 2]) / 2 < 0.5)
+
+    def union(sel: np.ndarray) -> np.ndarray:
+        lo_ = np.where(sel[..., None], boxes[:, :, :2], np.inf).min(1)
+        hi_ = np.where(sel[..., None], boxes[:, :, 2:], -np.inf).max(1)
+        return np.where(sel.any(1)[:, None], np.concatenate([lo_, hi_], 1), np.nan).astype(np.float32)
+
+    fraction = cleaned.float().mean((1, 2)).cpu().numpy()
+    return BatchRegions(cleaned, fraction, union(present), union(right), union(present & ~right))

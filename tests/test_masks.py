@@ -52,3 +52,51 @@ def test_mask_png_round_trip():
 def test_fill_holes_matches_scipy(seed, density, size):
     mask = np.random.default_rng(seed).random((size, size + 3)) < density
     assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+
+
+def _random_masks(seed: int, n: int = 12, size: int = 48) -> np.ndarray:
+    """Blobby masks with specks and holes, a serpentine (many turns), an empty and a full one."""
+    rng = np.random.default_rng(seed)
+    masks = ndimage.gaussian_filter(rng.random((n, size, size)), (0, 2.5, 2.5)) > 0.5
+    masks[0] = False
+    masks[1] = True
+    masks[2] = False
+    for k, row in enumerate(range(4, size - 6, 2)):  # bars joined at alternate ends: one long path
+        masks[2, row, 3:size - 3] = True
+        masks[2, row:row + 3, 3 if k % 2 else size - 4] = True
+    return masks
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batched_tensor_post_processing_matches_scipy_per_image(seed):
+    """The GPU path (tensor ops, run here on CPU) gives exactly what lung_regions gives per image."""
+    import torch
+
+    from cxrscreen.masks import _lung_regions_tensor, components, lung_regions_batch
+
+    masks = _random_masks(seed)
+    lab = components(torch.from_numpy(masks)).numpy()
+    for m, l in zip(masks, lab):
+        ref, n = ndimage.label(m)
+        assert len(np.unique(l[m])) == n  # same partition as scipy: one id per component
+        pairs = set(zip(ref[m].tolist(), l[m].tolist()))
+        assert len(pairs) == n
+    ref = lung_regions_batch(torch.from_numpy(masks))  # CPU tensors: scipy per image
+    out = _lung_regions_tensor(torch.from_numpy(masks))
+    assert (ref.masks == out.masks).all()
+    for k in ("fraction", "box", "right", "left"):
+        np.testing.assert_allclose(getattr(out, k), getattr(ref, k), atol=1e-6, err_msg=k)
+
+
+def test_mask_pngs_are_1_bit_and_round_trip_at_any_size():
+    from PIL import Image
+    import io
+
+    from cxrscreen.masks import mask_pngs, resize_masks
+
+    masks = _random_masks(3, n=4, size=37)  # a width that is not a multiple of 8
+    pngs = mask_pngs(masks)
+    assert Image.open(io.BytesIO(pngs[0])).mode == "1"
+    assert all((decode_mask_png(p) == m).all() for p, m in zip(pngs, masks))
+    big = resize_masks(masks, 74)
+    assert big.shape == (4, 74, 74) and (big[:, ::2, ::2] == masks).all()

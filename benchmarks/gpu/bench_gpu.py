@@ -11,8 +11,8 @@ section so that a run stopped by its time limit still returns what it measured:
   score, referral included), with the GPU utilisation sampled by nvidia-smi; also from JPEG
   bytes in memory decoded by the segmenter actor (nvJPEG on CUDA).
 - ``parts``: where a stage's time goes: raw batched ``decode_jpeg`` on the device and on the
-  CPU, host-device copy of a uint8 batch, and the per-image host work of the segmenter stage
-  (``lung_regions`` + ``mask_png``) on one core and on all cores.
+  CPU, host-device copy of a uint8 batch, and the segmenter stage's mask post-processing:
+  per image with scipy + PIL (as before) and batched (``lung_regions_batch`` + ``mask_pngs``).
 - ``cpu``: the CPU-side ceiling: decode + resize of PNG and JPEG files on every core.
 - ``agreement``: fp16 and bf16 (graphs on) against fp32 on the same real images: max |dp|,
   label agreement, minimum lung-mask Dice.
@@ -26,7 +26,6 @@ import argparse
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch
 from cxrscreen.bench import GpuSampler, agreement, bench_decode, machine_info
 from cxrscreen.io.batch import decode_items
 from cxrscreen.io.sources import InputItem
-from cxrscreen.masks import lung_regions, mask_png
+from cxrscreen.masks import lung_regions, lung_regions_batch, mask_pngs, resize_masks
 from cxrscreen.pipeline.config import ScoreConfig
 from cxrscreen.pipeline.stages import Classifier, Segmenter
 from cxrscreen.predict import ModelRunner
@@ -188,13 +187,18 @@ def stage_section(run: Run, cfg: ScoreConfig, images: np.ndarray, jpeg_files: li
     run.save()
 
 
-def _host_postprocess(probs: np.ndarray) -> int:
+def _post_process_per_image(probs: np.ndarray) -> int:
+    """The segmenter stage's post-processing before it was batched: scipy + PIL per image."""
+    from PIL import Image
+    import io
+
     for p in probs:
-        mask_png(lung_regions(p > 0.5).mask, 256)
+        buf = io.BytesIO()
+        Image.fromarray(lung_regions(p > 0.5).mask.astype(np.uint8) * 255).save(buf, format="PNG")
     return len(probs)
 
 
-def parts_section(run: Run, cfg: ScoreConfig, images: np.ndarray, jpeg_files: list[Path], cpus: int, reps: int) -> None:
+def parts_section(run: Run, cfg: ScoreConfig, images: np.ndarray, jpeg_files: list[Path], reps: int) -> None:
     """Where a stage's time goes: decode_jpeg on device/CPU, host->device copy, host post-processing."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -212,16 +216,16 @@ def parts_section(run: Run, cfg: ScoreConfig, images: np.ndarray, jpeg_files: li
         run.add("parts", "host->device copy, uint8 work images", batch_size=bs, images_per_s=bs / t,
                 gb_per_s=host.numel() / t / 1e9)
     seg = ModelRunner(cfg.segmenter, "segment", device=run.device, runtime="torch")
-    probs = seg.segment(images[:64])
-    t = median_seconds(lambda: _host_postprocess(probs), "cpu", max(2, reps // 2), warm=1)
-    run.add("parts", "segmenter host work, one core", images_per_s=len(probs) / t,
-            note="lung_regions + mask_png per image")
-    chunks = [probs] * (cpus * 2)
-    with ProcessPoolExecutor(cpus) as pool:
-        list(pool.map(_host_postprocess, chunks[:cpus]))
-        t0 = time.perf_counter()
-        n = sum(pool.map(_host_postprocess, chunks))
-        run.add("parts", f"segmenter host work, {cpus} processes", images_per_s=n / (time.perf_counter() - t0))
+    probs = seg.segment_probs(images[:bs])
+    t = median_seconds(lambda: _post_process_per_image(probs[:64].cpu().numpy()), "cpu", max(2, reps // 4), warm=1)
+    run.add("parts", "mask post-processing per image (before)", images_per_s=64 / t,
+            note="scipy lung_regions + PIL 8-bit PNG, one core")
+    for where in dict.fromkeys((run.device, "cpu")):
+        p = probs.to(where)
+        t = median_seconds(lambda: mask_pngs(resize_masks(lung_regions_batch(p > 0.5).masks, 256).cpu().numpy()),
+                           run.device, max(2, reps // 4), warm=1)
+        run.add("parts", f"mask post-processing batched on {where}", batch_size=bs, images_per_s=bs / t,
+                note="lung_regions_batch + 1-bit mask_pngs")
     run.save()
 
 
@@ -270,7 +274,7 @@ def main() -> None:
     run.add("run", "start", gpu=run.info["gpu"], cpus=cpus, images=len(images), budget_s=a.budget)
     model_section(run, cfg, images, sizes, precisions, a.reps)
     stage_section(run, cfg, images, files["jpeg"], sizes[1:] or sizes)
-    parts_section(run, cfg, images, files["jpeg"], cpus, a.reps)
+    parts_section(run, cfg, images, files["jpeg"], a.reps)
     cpu_section(run, cfg, files, a.n, cpus)
     agreement_section(run, cfg, files["png"][:96])
     run.add("run", "end", seconds_left=run.left())

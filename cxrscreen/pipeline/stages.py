@@ -16,7 +16,7 @@ import torch
 
 from cxrscreen import __version__
 from cxrscreen.io.batch import col, polarity
-from cxrscreen.masks import decode_mask_png, lung_regions, mask_png
+from cxrscreen.masks import decode_mask_png, lung_regions_batch, mask_pngs, resize_masks
 from cxrscreen.models.ood import appearance_features
 from cxrscreen.models.site import SiteProfile
 from cxrscreen.pipeline.output import REFER_CODES
@@ -85,7 +85,7 @@ class Segmenter(_ModelStage):
 
     task = "segment"
 
-    def __init__(self, spec: str = "unet-lungs", mask_size: int = 256, threshold: float = 0.5, **runtime_options):
+    def __init__(self, spec: str = "unet-lungs-fast", mask_size: int = 256, threshold: float = 0.5, **runtime_options):
         super().__init__(spec, **runtime_options)
         self.mask_size, self.threshold = mask_size, threshold
 
@@ -100,11 +100,13 @@ class Segmenter(_ModelStage):
         right, left = boxes.copy(), boxes.copy()
         try:
             if ok.any():
-                probs = self.runner.segment(batch["image"][ok])
-                for j, i in enumerate(np.nonzero(ok)[0]):
-                    r = lung_regions(probs[j] > self.threshold)
-                    masks[i], frac[i], boxes[i], right[i], left[i] = (mask_png(r.mask, self.mask_size), r.fraction,
-                                                                      r.box, r.right, r.left)
+                regions = lung_regions_batch(self.runner.segment_probs(batch["image"][ok]) > self.threshold)
+                pngs = mask_pngs(resize_masks(regions.masks, self.mask_size).cpu().numpy())
+                rows = np.nonzero(ok)[0]
+                for i, png in zip(rows, pngs):
+                    masks[i] = png
+                frac[rows], boxes[rows], right[rows], left[rows] = (regions.fraction, regions.box, regions.right,
+                                                                    regions.left)
         except Exception as e:  # noqa: BLE001 - one bad batch must not abort the archive
             self._fail(batch, ok, e)
         batch.update(lung_mask_png=masks, lung_fraction=frac, lung_bbox=boxes, lung_bbox_right=right, lung_bbox_left=left,
@@ -208,10 +210,10 @@ class Classifier(_ModelStage):
         heat, _, _ = self.cam(x.to(next(self.loaded.module.parameters()).device))
         small = torch.nn.functional.interpolate(torch.from_numpy(heat)[:, None], size=(self.cam_size,) * 2,
                                                 mode="bilinear", align_corners=False)[:, 0].numpy()
-        mask_pngs = batch.get("lung_mask_png", np.full(n, None, object))
+        stored_masks = batch.get("lung_mask_png", np.full(n, None, object))
         for j, i in enumerate(np.nonzero(ok)[0]):
             pngs[i] = heatmap_png(small[j])
-            mask_bytes = mask_pngs[i]
+            mask_bytes = stored_masks[i]
             if mask_bytes is not None:
                 mask = torch.from_numpy(decode_mask_png(mask_bytes).astype(np.uint8) * 255)
                 if self.lung_crop:  # the heatmap is in the coordinates of the crop
