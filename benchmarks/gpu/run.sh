@@ -60,8 +60,9 @@ fi
 
 # 2. the CUDA tests (they skip without CUDA)
 export CXRSCREEN_CACHE=$WORK/cache
-timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -o addopts="" 2>&1 | tail -25
-echo "tests exit: ${PIPESTATUS[0]}"
+timeout 240 $PY -m pytest -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_gpu.py > "$OUT/pytest.txt" 2>&1
+echo "tests exit: $?"
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.txt"
 
 # 3. the GPU benchmarks (pre-decoded, JPEG bytes, parts, CPU ceiling, agreement)
 DATA=.gpudata
