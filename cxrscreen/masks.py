@@ -142,13 +142,23 @@ def lung_regions_batch(masks: torch.Tensor) -> BatchRegions:
     return _lung_regions_tensor(masks)
 
 
-def _spread_along_rows(lab: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Every run of consecutive mask pixels along the last dimension takes its largest label."""
-    starts = mask & ~F.pad(mask[..., :-1], (1, 0))
-    run = torch.where(mask.reshape(-1), torch.cumsum(starts.reshape(-1), 0), 0)
-    best = torch.zeros(int(run.max()) + 1 if run.numel() else 1, dtype=lab.dtype, device=lab.device)
-    best = best.scatter_reduce(0, run, lab.reshape(-1), "amax")
-    return torch.where(mask, best[run].view(lab.shape), 0)
+def _spread_runs(lab: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Every run of consecutive mask pixels along ``dim`` (1: columns, 2: rows) of a batch
+    (B, H, W) takes its largest label (one scatter-max into a slot per run: its first pixel)."""
+    b, h, w = mask.shape
+    prev = torch.zeros_like(mask)
+    if dim == 2:
+        prev[:, :, 1:] = mask[:, :, :-1]
+    else:
+        prev[:, 1:] = mask[:, :-1]
+    pos = torch.arange(mask.shape[dim], device=mask.device).view((1, -1, 1) if dim == 1 else (1, 1, -1))
+    start = torch.where(mask & ~prev, pos, -1).cummax(dim).values  # where this pixel's run began
+    ys = start if dim == 1 else torch.arange(h, device=mask.device).view(1, -1, 1)
+    xs = start if dim == 2 else torch.arange(w, device=mask.device).view(1, 1, -1)
+    slot = torch.where(mask, torch.arange(b, device=mask.device).view(-1, 1, 1) * (h * w) + ys * w + xs, b * h * w)
+    best = torch.zeros(b * h * w + 1, dtype=lab.dtype, device=lab.device).scatter_reduce(
+        0, slot.reshape(-1), lab.reshape(-1), "amax")
+    return torch.where(mask, best[slot], 0)
 
 
 def components(mask: torch.Tensor) -> torch.Tensor:
@@ -159,10 +169,8 @@ def components(mask: torch.Tensor) -> torch.Tensor:
     settles in about as many rounds as a path through it has turns."""
     b, h, w = mask.shape
     lab = torch.where(mask, torch.arange(1, b * h * w + 1, device=mask.device).view(b, h, w), 0)
-    mask_t = mask.transpose(1, 2).contiguous()
     for _ in range(h * w):
-        new = _spread_along_rows(lab, mask)
-        new = _spread_along_rows(new.transpose(1, 2).contiguous(), mask_t).transpose(1, 2).contiguous()
+        new = _spread_runs(_spread_runs(lab, mask, 2), mask, 1)
         new = torch.maximum(new, torch.where(new > 0, new.view(-1)[(new - 1).clamp(min=0)], 0))
         if torch.equal(new, lab):
             return new
@@ -172,22 +180,21 @@ def components(mask: torch.Tensor) -> torch.Tensor:
 
 def _lung_regions_tensor(mask: torch.Tensor) -> BatchRegions:
     b, h, w = mask.shape
+    n = b * h * w
     lab = components(mask)
-    ids, counts = torch.unique(lab[lab > 0], return_counts=True)
-    image = (ids - 1) // (h * w)
-    order = torch.argsort(counts, descending=True, stable=True)
-    order = order[torch.argsort(image[order], stable=True)]  # by image, then largest first
-    image = image[order]
-    rank = torch.arange(len(order), device=mask.device) - torch.searchsorted(image, image)
-    top = rank < 2
-    keep, slot = ids[order][top], (image * 2 + rank)[top]  # at most two components per image
-    keep, perm = keep.sort()
-    kept = torch.isin(lab, keep)
+    sizes = torch.bincount(lab.reshape(-1), minlength=n + 1)[1:].view(b, h * w)  # by id - 1
+    top_size, top = sizes.topk(min(2, h * w), dim=1)  # the two largest components of each image
+    keep = torch.where(top_size > 0, top + 1 + torch.arange(b, device=mask.device)[:, None] * (h * w), 0)
+    slot_of = torch.full((n + 1,), -1, dtype=torch.int64, device=mask.device)
+    slot_of[keep.reshape(-1)] = torch.arange(keep.numel(), device=mask.device)  # image * 2 + rank
+    slot_of[0] = -1
+    kept = slot_of[lab] >= 0
     background = components(~kept)
-    border = torch.cat([background[:, 0], background[:, -1], background[:, :, 0], background[:, :, -1]], 1)
-    cleaned = kept | ((background > 0) & ~torch.isin(background, border[border > 0].unique()))
+    touches = torch.zeros(n + 1, dtype=torch.bool, device=mask.device)
+    touches[torch.cat([background[:, 0], background[:, -1], background[:, :, 0], background[:, :, -1]], 1)] = True
+    cleaned = kept | ((background > 0) & ~touches[background])
     bi, y, x = kept.nonzero(as_tuple=True)
-    s = slot[perm][torch.searchsorted(keep, lab[bi, y, x])]
+    s = slot_of[lab[bi, y, x]]
     lo = torch.full((b * 2, 2), max(h, w), device=mask.device, dtype=torch.int64)
     hi = torch.full((b * 2, 2), -1, device=mask.device, dtype=torch.int64)
     xy = torch.stack([x, y], 1)

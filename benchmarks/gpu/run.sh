@@ -4,6 +4,7 @@
 #
 #   benchmarks/gpu/run.sh                       # on the GPU machine (about 6 minutes on an H200)
 #   benchmarks/gpu/run.sh --device cpu --n 64   # the same steps on CPU, small (the rehearsal)
+#   options: --budget S (benchmark seconds; later sections are skipped past it), --no-train
 #
 # The GPU machine has PyTorch 2.11 / torchvision 0.26 and no segmentation-models-pytorch,
 # pydicom, polars or ray, and cannot download: wheels travel in git-ignored .whl/ (and .whl2/:
@@ -13,12 +14,13 @@
 # CPU rehearsal proves the same.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-DEVICE=cuda N=2048 BUDGET=240 SIZES=32,128,256,512 REPS=10 STEPS=6
+DEVICE=cuda N=2048 BUDGET=240 SIZES=32,128,256,512 REPS=10 STEPS=6 TRAIN=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
     --n) N=$2; shift 2 ;;
     --budget) BUDGET=$2; shift 2 ;;
+    --no-train) TRAIN=0; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -86,8 +88,10 @@ timeout $((BUDGET + 90)) $PY benchmarks/gpu/bench_gpu.py --device "$DEVICE" --da
 echo "bench exit: $?"
 
 # 4. training steps
-timeout 120 $PY benchmarks/train_step.py --device "$DEVICE" --steps "$STEPS" --out "$OUT/train_step.parquet"
-echo "train_step exit: $?"
+if [ "$TRAIN" = 1 ]; then
+  timeout 120 $PY benchmarks/train_step.py --device "$DEVICE" --steps "$STEPS" --out "$OUT/train_step.parquet"
+  echo "train_step exit: $?"
+fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,temperature.gpu,clocks.sm,memory.used --format=csv
 rm -rf "$WORK"
 echo "== done $(date -u +%FT%TZ)"

@@ -62,13 +62,15 @@ class _ModelStage:
                     batch["status"][i], batch["error_type"][i] = "error", "decode_failed"
                     batch["error_message"][i] = f"jpeg: {e}"
         size = batch["image"].shape[-1]
-        for i, img in zip(rows, decoded):
-            if img is not None:
-                resized = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode="bilinear",
-                                                          antialias=True, align_corners=False)
-                batch["image"][i] = resized[0, 0].round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+        done = [(i, img) for i, img in zip(rows, decoded) if img is not None]
+        if done:  # resized one by one on the device (sizes differ), copied to the host at once
+            resized = torch.cat([torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode="bilinear",
+                                                                 antialias=True, align_corners=False)[:, 0]
+                                 for _, img in done]).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+            for (i, _), image in zip(done, resized):
+                batch["image"][i] = image
                 if "polarity" in batch:
-                    batch["polarity"][i] = polarity(batch["image"][i])
+                    batch["polarity"][i] = polarity(image)
 
     @staticmethod
     def _fail(batch: dict, ok: np.ndarray, exc: Exception) -> None:
