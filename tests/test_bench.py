@@ -69,7 +69,8 @@ def test_gpu_run_script_rehearses_end_to_end_on_cpu(tmp_path):
     assert "tests exit: 0" in log and "bench exit: 0" in log and "train_step exit: 0" in log, log[-3000:]
     rows = pq.read_table(tmp_path / "gpu_bench.parquet").to_pylist()
     sections = {r["section"] for r in rows}
-    assert {"model", "stage", "parts", "cpu", "agreement"} <= sections, sections
+    assert {"model", "stage", "parts", "profile", "cpu", "agreement"} <= sections, sections
+    assert (tmp_path / "profile.txt").stat().st_size > 0
     timed = [r for r in rows if r["section"] in ("model", "stage") and r.get("images_per_s")]
     assert timed and all(r["images_per_s"] > 0 for r in timed)
     agree = [r for r in rows if r["section"] == "agreement"]

@@ -13,6 +13,8 @@ section so that a run stopped by its time limit still returns what it measured:
 - ``parts``: where a stage's time goes: raw batched ``decode_jpeg`` on the device and on the
   CPU, host-device copy of a uint8 batch, and the segmenter stage's mask post-processing:
   per image with scipy + PIL (as before) and batched (``lung_regions_batch`` + ``mask_pngs``).
+- ``profile``: a ``torch.profiler`` table (``profile.txt``) of the batched mask post-processing
+  and one segmenter forward.
 - ``cpu``: the CPU-side ceiling: decode + resize of PNG and JPEG files on every core.
 - ``agreement``: fp16 and bf16 (graphs on) against fp32 on the same real images: max |dp|,
   label agreement, minimum lung-mask Dice.
@@ -229,6 +231,31 @@ def parts_section(run: Run, cfg: ScoreConfig, images: np.ndarray, jpeg_files: li
     run.save()
 
 
+def profile_section(run: Run, cfg: ScoreConfig, images: np.ndarray) -> None:
+    """``torch.profiler`` table of one batched mask post-processing call (the GPU actors' cap in
+    the 2026-11-27 run) and one segmenter forward, written to ``profile.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    seg = ModelRunner(cfg.segmenter, "segment", device=run.device, runtime="torch")
+    bs = min(len(images), 256)
+    masks = seg.segment_probs(images[:bs]) > 0.5
+    lung_regions_batch(masks)  # warm-up
+    sync(run.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        lung_regions_batch(masks)
+        sync(run.device)
+        seg.segment_probs(images[:bs])
+        sync(run.device)
+    try:
+        table = prof.key_averages().table(sort_by="device_time_total" if run.device == "cuda" else "cpu_time_total",
+                                          row_limit=30)
+    except (KeyError, AttributeError, ValueError):  # older names of the sort key
+        table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
+    (run.out / "profile.txt").write_text(table)
+    run.add("profile", "lung_regions_batch + segmenter forward", batch_size=bs, note="profile.txt")
+
+
 def cpu_section(run: Run, cfg: ScoreConfig, files: dict[str, list[Path]], n: int, cpus: int) -> None:
     """Decode + resize to work images on every core: the CPU side's ceiling."""
     for fmt, fs in files.items():
@@ -275,6 +302,8 @@ def main() -> None:
     model_section(run, cfg, images, sizes, precisions, a.reps)
     stage_section(run, cfg, images, files["jpeg"], sizes[1:] or sizes)
     parts_section(run, cfg, images, files["jpeg"], a.reps)
+    if run.left() > 20:
+        profile_section(run, cfg, images)
     cpu_section(run, cfg, files, a.n, cpus)
     agreement_section(run, cfg, files["png"][:96])
     run.add("run", "end", seconds_left=run.left())
