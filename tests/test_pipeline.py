@@ -85,6 +85,35 @@ def test_parquet_archive_and_phi_on_request(mixed_archive, ray_2cpu, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_resume_with_a_changed_dicom_and_a_new_folder_of_pngs(tmp_path, ray_2cpu):
+    """Issue 17.1: the second run's batches are all skipped, all PNG or one DICOM: they must
+    carry the same typed columns, or Ray fails to unify the blocks' schemas."""
+    import pydicom
+
+    from cxrscreen.data.synth import encode_dicom, encode_png, make_phantom
+
+    arch = tmp_path / "arch"
+    arch.mkdir()
+    for i in range(40):
+        (arch / f"{i:02d}.png").write_bytes(encode_png(make_phantom("normal", 64, i).image))
+    (arch / "study.dcm").write_bytes(encode_dicom(make_phantom("covid", 64, 77).image, "m2_16bit_window"))
+    out = tmp_path / "out"
+    assert score_archive(arch, out, ScoreConfig(**FAST), progress=False).ok == 41
+    ds = pydicom.dcmread(arch / "study.dcm")
+    ds.SeriesDescription = "edited"
+    ds.save_as(arch / "study.dcm")
+    (arch / "more").mkdir()
+    for i in range(72):
+        (arch / "more" / f"{i:02d}.png").write_bytes(encode_png(make_phantom("covid", 64, 100 + i).image))
+    for _ in range(2):  # and again: nothing left to do
+        s = score_archive(arch, out, ScoreConfig(**FAST), progress=False)
+        df = pl.read_parquet(out / "*.parquet")
+        assert df.height == 113 and df["key"].n_unique() == 113 and (df["status"] == "ok").all()
+    assert df.filter(pl.col("key") == "study.dcm")["dicom_modality"][0] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_new_and_changed_files_are_scored_on_resume(tmp_path, ray_2cpu):
     from cxrscreen.data.synth import encode_png, make_phantom
 

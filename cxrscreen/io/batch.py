@@ -32,6 +32,20 @@ PHI_COLUMNS = {"dicom_PatientName": "patient_name", "dicom_PatientID": "patient_
 
 
 WORK_SIZE = 256  # decoded images travel as uint8 WORK_SIZE x WORK_SIZE
+# decode_batch's text columns (None where missing)
+STRING_COLUMNS = ("key", "source_path", "sha256", "status", "error_type", "error_message", "format",
+                  *DICOM_COLUMNS.values(), *PHI_COLUMNS.values())
+
+
+def restore_nulls(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data hands a text column that was None in every row of a block back as float NaN;
+    a stage that passed it on so would give its blocks a float column where others have text,
+    and Ray could not join them (issue 17.1). Turn such columns back into None objects."""
+    for k in STRING_COLUMNS:
+        v = batch.get(k)
+        if v is not None and v.dtype.kind == "f":
+            batch[k] = np.full(len(v), None, object)
+    return batch
 
 
 def resize_uint8(pixels: np.ndarray, size: int = WORK_SIZE) -> np.ndarray:

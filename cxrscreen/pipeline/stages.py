@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cxrscreen import __version__
-from cxrscreen.io.batch import col, polarity
+from cxrscreen.io.batch import col, polarity, restore_nulls
 from cxrscreen.masks import decode_mask_png, lung_regions_batch, mask_pngs, resize_masks
 from cxrscreen.models.ood import appearance_features
 from cxrscreen.models.site import SiteProfile
@@ -93,6 +93,7 @@ class Segmenter(_ModelStage):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
+        restore_nulls(batch)
         self._decode_jpegs(batch)
         n = len(batch["key"])
         ok = batch["status"] == "ok"
@@ -156,6 +157,7 @@ class Classifier(_ModelStage):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
+        restore_nulls(batch)
         self._decode_jpegs(batch)
         n = len(batch["key"])
         ok = batch["status"] == "ok"
