@@ -126,11 +126,12 @@ def audit(manifest, out_path, threshold, drop_path):
 def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained, site, refer_below, ood_threshold,
           batch_size, actors, device, precision, runtime, cuda_graphs, compile_, decode_jpeg_on_device,
           int8_calibration, lung_crop, cam, include_phi, rows_per_file, prune, address, num_cpus):
-    """Score every image of ARCHIVE (folder tree, list file or Parquet): one row per input.
+    """Score every image of ARCHIVE (folder tree, list file, Parquet, or one image): one row per input.
 
     Referral thresholds: an explicit --refer-below / --ood-threshold (or config key) wins, then
     the --site profile's, then the checkpoint's (fitted on its validation split)."""
     from cxrscreen.config import ConfigError, load_config
+    from cxrscreen.io.sources import archive_kind
     from cxrscreen.pipeline import ScoreConfig, score_archive
     from cxrscreen.pipeline.score import check_models
 
@@ -142,6 +143,7 @@ def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained,
                           compile=compile_, decode_jpeg_on_device=decode_jpeg_on_device,
                           int8_calibration=int8_calibration, lung_crop=lung_crop, cam=cam, include_phi=include_phi,
                           rows_per_file=rows_per_file, prune=prune, address=address, num_cpus=num_cpus)
+        archive_kind(archive)
         check_models(cfg)
     except (ConfigError, ValueError) as e:
         raise click.UsageError(str(e)) from None

@@ -235,3 +235,23 @@ def test_scores_on_an_existing_cluster_via_ray_address(tmp_path):
     finally:  # stop only this cluster (not `ray stop`, which would kill every local Ray)
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_one_image_as_archive_is_scored_and_a_wrong_archive_fails_before_ray(tmp_path, ray_2cpu):
+    from click.testing import CliRunner
+
+    from cxrscreen.cli import main
+    from cxrscreen.data.synth import encode_png, make_phantom
+
+    img = tmp_path / "one film.png"
+    img.write_bytes(encode_png(make_phantom("normal", 64, 1).image))
+    s = score_archive(img, tmp_path / "out", ScoreConfig(**FAST), progress=False)
+    assert (s.inputs, s.ok) == (1, 1)
+    assert pl.read_parquet(tmp_path / "out" / "*.parquet")["key"].to_list() == ["one film.png"]
+    (tmp_path / "notes.doc").write_text("not an archive")
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(main, ["score", str(tmp_path / "notes.doc"), "-o", str(tmp_path / "o2")])
+    assert res.exit_code == 2 and "not a folder, an image" in res.output and len(res.output.splitlines()) <= 4
+    assert time.perf_counter() - t0 < 10  # before models and Ray, not after

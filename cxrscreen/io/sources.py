@@ -63,8 +63,11 @@ def has_dicom_magic(path: Path) -> bool:
 
 
 def archive_kind(archive: str | os.PathLike) -> str:
-    """'folder', 'list' or 'parquet' (a folder of only .parquet files counts as parquet)."""
+    """'folder', 'list', 'parquet' (a folder of only .parquet files counts as parquet) or
+    'file' (one image: an image suffix or DICOM magic)."""
     p = Path(archive)
+    if not p.exists():
+        raise ValueError(f"{p}: no such file or folder")
     if p.is_dir():
         seen_parquet = False
         for f in p.rglob("*"):
@@ -77,7 +80,10 @@ def archive_kind(archive: str | os.PathLike) -> str:
         return "parquet"
     if p.suffix.lower() in LIST_SUFFIXES:
         return "list"
-    raise ValueError(f"{p}: not a folder, list file ({', '.join(LIST_SUFFIXES)}) or Parquet")
+    if p.suffix.lower() in IMAGE_SUFFIXES or (p.suffix == "" and has_dicom_magic(p)):
+        return "file"
+    raise ValueError(f"{p}: not a folder, an image ({', '.join(IMAGE_SUFFIXES)} or DICOM), a list file "
+                     f"({', '.join(LIST_SUFFIXES)}) or Parquet")
 
 
 def list_inputs(archive: str | os.PathLike, labels_from_folders: bool = False,
@@ -106,6 +112,8 @@ def list_inputs(archive: str | os.PathLike, labels_from_folders: bool = False,
                 rel = full.relative_to(root)
                 label = label_from_path(rel, label_map) if labels_from_folders else None
                 yield InputItem(key=safe_text(rel.as_posix()), path=str(full), label=label)
+    elif kind == "file":
+        yield InputItem(key=safe_text(root.name), path=str(root))
     elif kind == "list":
         yield from _list_file(root)
     else:

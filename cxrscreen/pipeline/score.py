@@ -144,12 +144,12 @@ def score_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: S
     from tqdm import tqdm
 
     t0 = time.perf_counter()
+    kind = archive_kind(archive)  # a wrong ARCHIVE fails here, before models and Ray
     reference = check_models(cfg)
     ray = init_ray(cfg.address, cfg.num_cpus)
     res = ray.cluster_resources()
     plan = plan_resources(cfg, res.get("CPU", 1), res.get("GPU", 0))
     done = completed(out_dir)
-    kind = archive_kind(archive)
     decode_kwargs = dict(work_size=cfg.work_size, **cfg.decode_options())
     if kind == "parquet":
         files = [str(f) for f in parquet_files(Path(archive))]
