@@ -255,3 +255,72 @@ def test_one_image_as_archive_is_scored_and_a_wrong_archive_fails_before_ray(tmp
     res = CliRunner().invoke(main, ["score", str(tmp_path / "notes.doc"), "-o", str(tmp_path / "o2")])
     assert res.exit_code == 2 and "not a folder, an image" in res.output and len(res.output.splitlines()) <= 4
     assert time.perf_counter() - t0 < 10  # before models and Ray, not after
+
+
+MARKERS = {"PatientName": "MRKNAME^ALICE", "PatientID": "MRKID4711", "PatientBirthDate": "19451108",
+           "OtherPatientIDs": "MRKOTHERID", "InstitutionName": "MRKINSTITUTE", "ReferringPhysicianName": "MRKDOCTOR",
+           "AccessionNumber": "MRKACC99", "PatientAddress": "MRKSTREET 1", "StationName": "MRKSTATION",
+           "OperatorsName": "MRKOPERATOR"}
+
+
+def _phi_dicoms(folder: Path) -> int:
+    """DICOMs full of marker identifiers, broken as real archives break them: a UID whose length
+    swallows the patient module, a patient name with an impossible length, truncations inside the
+    patient module and in the pixels, a marker in a numeric field. Returns how many were written."""
+    import io
+
+    import pydicom
+
+    from cxrscreen.data.synth import encode_dicom, make_phantom
+
+    ds = pydicom.dcmread(io.BytesIO(encode_dicom(make_phantom("normal", 64, 5).image, "m2_16bit_window")))
+    for k, v in MARKERS.items():
+        setattr(ds, k, v)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    good = buf.getvalue()
+    name_at = good.index(b"MRKNAME")
+    variants = {"intact.dcm": good}
+    uid_at = good.index(b"\x08\x00\x18\x00UI")  # SOPInstanceUID: length covers the patient module
+    variants["uid_swallows.dcm"] = good[:uid_at + 6] + (name_at - uid_at + 40).to_bytes(2, "little") + good[uid_at + 8:]
+    pn_at = good.index(b"\x10\x00\x10\x00PN")
+    variants["name_length.dcm"] = good[:pn_at + 6] + (60000).to_bytes(2, "little") + good[pn_at + 8:]
+    variants["cut_in_patient.dcm"] = good[:name_at + 5]
+    variants["cut_in_pixels.dcm"] = good[:len(good) - 3000]
+    assert good.count(b"0.5\\0.5 ") == 1  # PixelSpacing, as written: the same length with a marker
+    variants["marker_in_number.dcm"] = good.replace(b"0.5\\0.5 ", b"MRKNUM\\1")
+    for name, data in variants.items():
+        (folder / name).write_bytes(data)
+    return len(variants)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_no_patient_identifier_reaches_any_output_log_or_console(tmp_path):
+    """Issue 17.6: score marker-laden broken DICOMs with the CLI (its own Ray) and grep
+    everything it left: console, Ray's logs of every process, the output files."""
+    import shutil
+    import tempfile
+
+    arch = tmp_path / "arch"
+    arch.mkdir()
+    n = _phi_dicoms(arch)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # Ray's socket paths must stay short
+    try:
+        res = subprocess.run([sys.executable, "-m", "cxrscreen.cli", "score", str(arch), "-o", str(tmp_path / "out"),
+                              "--num-cpus", "2", "--batch-size", "4"],
+                             env={**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONWARNINGS": "always"},
+                             capture_output=True, timeout=280)
+        assert res.returncode == 0, res.stderr[-2000:]
+        df = pl.read_parquet(tmp_path / "out" / "*.parquet")
+        assert df.height == n and (df.filter(pl.col("key") == "intact.dcm")["status"] == "ok").all()
+        blobs = [("console", res.stdout + res.stderr)]
+        blobs += [(str(f), f.read_bytes()) for f in ray_tmp.rglob("*") if f.is_file() and f.suffix in (".log", ".out", ".err")]
+        blobs += [(str(f), f.read_bytes()) for f in (tmp_path / "out").rglob("*") if f.is_file()]
+        blobs += [("rows", repr(df.drop("lung_mask_png").to_dicts()).encode())]
+        assert len(blobs) > 5
+        for where, blob in blobs:
+            for marker in list(MARKERS.values()) + ["MRKNUM"]:
+                assert marker.encode() not in blob, f"{marker} in {where}"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

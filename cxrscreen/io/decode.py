@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxrscreen.io.errors import ImageError
 
-# Broken DICOM files become error rows; pydicom's own tracebacks would only flood the log.
+# Broken DICOM files become error rows; pydicom's own log lines and warnings would flood the
+# log and can quote raw tag values (patient identifiers): both are silenced where pydicom runs.
 logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 # Pillow's own bomb check would fire before ours with a less useful message.
 Image.MAX_IMAGE_PIXELS = None
@@ -32,6 +34,24 @@ DICOM_SCREENING_FIELDS = (
     "SOPInstanceUID", "PhotometricInterpretation", "BitsStored", "Manufacturer",
 )
 DICOM_PHI_FIELDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge")
+# what a value of each VR may look like (DICOM PS3.5 6.2); anything else is dropped, never shown
+_VR_GRAMMAR = {"UI": r"[0-9.]{1,64}", "CS": r"[A-Z0-9 _]{1,16}", "IS": r"[+-]?[0-9]{1,12}",
+               "DA": r"[0-9]{8}", "AS": r"[0-9]{3}[DWMY]"}
+
+
+def _scrub(message: str) -> str:
+    """An error message without any quoted value (pydicom quotes tag values in its messages)."""
+    return re.sub(r"""b?(['"]).*?\1""", "<value>", message, flags=re.S)[:300]
+
+
+def _pydicom():
+    """pydicom, imported with its logging silenced and value validation off (its warnings quote
+    raw values); pydicom resets its logger's level when first imported."""
+    import pydicom
+
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    return pydicom
 
 
 @dataclass(frozen=True)
@@ -178,7 +198,19 @@ def _decode_raster(data: bytes, options: DecodeOptions) -> Decoded:
 
 
 def _decode_dicom(data: bytes, options: DecodeOptions) -> Decoded:
-    import pydicom
+    """``_read_dicom`` with every warning silenced and every message free of tag values."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return _read_dicom(data, options)
+        except ImageError as e:
+            raise ImageError(e.kind, _scrub(e.reason)) from None
+        except Exception as e:  # noqa: BLE001 - any pydicom failure is this file's error row
+            raise ImageError("decode_failed", _scrub(f"DICOM: {type(e).__name__}: {e}")) from None
+
+
+def _read_dicom(data: bytes, options: DecodeOptions) -> Decoded:
+    pydicom = _pydicom()
     from pydicom import pixels as pxl
     from pydicom.uid import ImplicitVRLittleEndian
 
@@ -206,9 +238,7 @@ def _decode_dicom(data: bytes, options: DecodeOptions) -> Decoded:
         if decoder is None or not decoder.is_available:
             raise ImageError("unsupported_transfer_syntax", f"no installed decoder for {ts.name} ({ts})")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            arr = ds.pixel_array
+        arr = ds.pixel_array
     except Exception as e:  # noqa: BLE001
         msg = f"{type(e).__name__}: {e}"
         truncated = any(s in msg.lower() for s in ("truncat", "less than expected", "end of"))
@@ -277,10 +307,23 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 
 
 def dicom_metadata(ds, include_phi: bool = False) -> dict:
-    """Screening-relevant DICOM attributes as plain strings; patient identifiers only if asked."""
-    fields = DICOM_SCREENING_FIELDS + (DICOM_PHI_FIELDS if include_phi else ())
-    meta = {f"dicom_{k}": str(ds.get(k)) for k in fields if ds.get(k) not in (None, "")}
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-    if spacing:
-        meta["pixel_spacing_mm"] = float(spacing[0])
+    """Screening-relevant DICOM attributes as plain strings; patient identifiers only if asked.
+    A value that breaks its VR's grammar (say a UID whose corrupted length swallowed the
+    following elements, patient name included) is dropped, not copied."""
+    meta = {}
+    for k in DICOM_SCREENING_FIELDS + (DICOM_PHI_FIELDS if include_phi else ()):
+        try:
+            elem = ds.data_element(k)
+            value = "" if elem is None or elem.value is None else str(elem.value).strip()
+        except Exception:  # noqa: BLE001 - an unreadable element is a missing one
+            continue
+        grammar = _VR_GRAMMAR.get(elem.VR, r"[^\x00-\x1f\x7f\\]{1,64}")
+        if value and re.fullmatch(grammar, value):
+            meta[f"dicom_{k}"] = value
+    try:
+        spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+        if spacing:
+            meta["pixel_spacing_mm"] = float(spacing[0])
+    except Exception:  # noqa: BLE001 - unparseable spacing is unknown spacing
+        pass
     return meta
