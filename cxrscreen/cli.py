@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -148,11 +149,16 @@ def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained,
     except (ConfigError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     from cxrscreen.cluster import ClusterUnreachable
+    from cxrscreen.pipeline.output import OutputBusy
+    from cxrscreen.pipeline.score import Interrupted
 
     try:
         summary = score_archive(archive, out_dir, cfg)
-    except ClusterUnreachable as e:
+    except (ClusterUnreachable, OutputBusy) as e:
         raise click.ClickException(str(e)) from None
+    except Interrupted as e:
+        click.echo(f"\ninterrupted: {e}", err=True)
+        sys.exit(130)
     click.echo(str(summary))
     if summary.drift:
         click.echo(f"warning: {summary.drift}")

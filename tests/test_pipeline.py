@@ -324,3 +324,89 @@ def test_no_patient_identifier_reaches_any_output_log_or_console(tmp_path):
                 assert marker.encode() not in blob, f"{marker} in {where}"
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigint_and_sigterm_keep_finished_rows_and_the_next_run_resumes(tmp_path):
+    """Issue 17.4: Ctrl-C (SIGINT to the process group, as a terminal sends it) or SIGTERM writes
+    the rows finished so far, exits non-zero with one line; the next run completes the rest."""
+    import re
+    import threading
+
+    from cxrscreen.data.synth import encode_png, make_phantom
+
+    arch = tmp_path / "arch"
+    arch.mkdir()
+    for i in range(160):
+        (arch / f"{i:03d}.png").write_bytes(encode_png(make_phantom("normal", 64, i).image))
+    cmd = [sys.executable, "-m", "cxrscreen.cli", "score", str(arch), "-o", str(tmp_path / "out"), "--classifier",
+           "mobilenet_v3_small", "--allow-untrained", "--batch-size", "4", "--rows-per-file", "1000", "--num-cpus", "2"]
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        err = []
+        reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(64), b"")), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline:  # until the progress bar shows finished rows
+            done = [int(m) for m in re.findall(rb"\| (\d+)/\d+ \[", b"".join(err))]
+            if done and max(done) >= 8:
+                break
+            time.sleep(0.2)
+        assert done and max(done) >= 8, b"".join(err)[-2000:]
+        os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+        assert proc.wait(timeout=120) == 130
+        reader.join(timeout=10)
+        tail = b"".join(err).decode(errors="replace")
+        assert "interrupted: stopped by SIG" in tail and "run the same command again" in tail
+        rows = pl.read_parquet(tmp_path / "out" / "*.parquet")
+        assert rows.height >= 8 and rows["key"].n_unique() == rows.height  # nothing finished was lost
+        assert rows.height < 160
+    res = subprocess.run(cmd, capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = pl.read_parquet(tmp_path / "out" / "*.parquet")
+    assert rows.height == 160 and rows["key"].n_unique() == 160
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_holds_it(tmp_path):
+    from cxrscreen.pipeline.output import OutputBusy, OutputLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cxrscreen.pipeline.output import OutputLock\n"
+                               f"with OutputLock({str(tmp_path)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputBusy, match=f"another cxrscreen score \\(pid {holder.pid}\\)"):
+            with OutputLock(tmp_path):
+                pass
+        from click.testing import CliRunner
+
+        from cxrscreen.cli import main
+
+        (tmp_path / "a.png").write_bytes(b"")
+        res = CliRunner().invoke(main, ["score", str(tmp_path / "a.png"), "-o", str(tmp_path), "--classifier",
+                                        "mobilenet_v3_small", "--allow-untrained"])
+        assert res.exit_code == 1 and "being written by another cxrscreen score" in res.output
+    finally:
+        holder.kill()
+        holder.wait()
+    with OutputLock(tmp_path):  # released when its process died
+        pass
+
+
+def test_part_files_are_synced_before_they_count(tmp_path, monkeypatch):
+    """Issue 17.5: file data, then the folder entry, reach the disk before a part file is 'done'."""
+    import pyarrow as pa
+
+    from cxrscreen.pipeline.output import PartWriter
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+    w = PartWriter(tmp_path, pa.schema([("key", pa.string())]), rows_per_file=10)
+    w.add(pa.table({"key": ["a", "b"]}))
+    w.flush()
+    part = next(tmp_path.glob("part-*.parquet"))
+    assert [Path(p).name for p in synced] == [f".{part.name}.tmp", tmp_path.name]

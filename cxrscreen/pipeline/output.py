@@ -88,10 +88,62 @@ class PartWriter:
         path = self.out / f"part-{self.run}-{self.seq:05d}.parquet"
         tmp = self.out / f".{path.name}.tmp"
         pq.write_table(pa.concat_tables(self.buffer), tmp)
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
         self.written += self.buffered
         self.seq += 1
         self.buffer, self.buffered, self.last_flush = [], 0, time.monotonic()
+
+
+def durable_replace(tmp: Path, path: Path) -> None:
+    """Rename a written temp file over ``path`` so that a power loss leaves the old file or the
+    whole new one: the file's data is synced before the rename, the folder's entry after it."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class OutputBusy(RuntimeError):
+    """Another process is writing the same output folder."""
+
+
+class OutputLock:
+    """An exclusive lock on an output folder (``.cxrscreen.lock``, ``flock``): a second
+    ``score`` into the same OUT fails at once with one line instead of interleaving its part
+    files. The kernel drops the lock when its process dies, so a killed run leaves none behind."""
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / ".cxrscreen.lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputBusy(f"{self.path.parent} is being written by another cxrscreen score (pid {holder}); "
+                             "wait for it to finish or choose another -o") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
+            self.fd = None
 
 
 def completed(out_dir: str | Path) -> dict[str, str]:
@@ -119,6 +171,6 @@ def drop_superseded(out_dir: str | Path, keys: set[str], keep_run: str) -> int:
         if n:
             tmp = f.with_name(f".{f.name}.tmp")
             pq.write_table(t.filter(pa.compute.invert(stale)), tmp)
-            os.replace(tmp, f)
+            durable_replace(tmp, f)
             dropped += n
     return dropped

@@ -3,6 +3,7 @@ the driver writes atomic Parquet part files and can resume an interrupted run.""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -16,7 +17,8 @@ import numpy as np
 from cxrscreen.io.sources import InputItem, archive_kind, list_inputs, parquet_files
 from cxrscreen.cluster import init_ray
 from cxrscreen.pipeline.config import ScoreConfig
-from cxrscreen.pipeline.output import PartWriter, batch_to_table, completed, drop_superseded, output_schema
+from cxrscreen.pipeline.output import (OutputLock, PartWriter, batch_to_table, completed, drop_superseded,
+                                       output_schema)
 from cxrscreen.io.batch import decode_batch, decode_items
 from cxrscreen.pipeline.stages import Classifier, Segmenter
 
@@ -138,13 +140,45 @@ def _pending_items(archive, cfg: ScoreConfig, done: dict[str, str]) -> list[dict
     return items
 
 
+class Interrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped a run after its finished rows were written; ``str`` says so."""
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """SIGTERM raises KeyboardInterrupt like SIGINT does (main thread only; Ray's handler restored)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def score_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: ScoreConfig = ScoreConfig(),
                   progress: bool = True) -> ScoreSummary:
-    """Score every input of ``archive`` into ``out_dir`` (one row per input, resumable)."""
+    """Score every input of ``archive`` into ``out_dir`` (one row per input, resumable).
+
+    One run at a time per ``out_dir`` (``OutputBusy`` otherwise). SIGINT / SIGTERM write the
+    rows already finished and raise ``Interrupted``; the next run resumes from them."""
+    kind = archive_kind(archive)  # a wrong ARCHIVE fails here, before models and Ray
+    with OutputLock(out_dir):
+        return _score_locked(archive, kind, Path(out_dir), cfg, progress)
+
+
+def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress: bool) -> ScoreSummary:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    kind = archive_kind(archive)  # a wrong ARCHIVE fails here, before models and Ray
     reference = check_models(cfg)
     ray = init_ray(cfg.address, cfg.num_cpus)
     res = ray.cluster_resources()
@@ -182,19 +216,27 @@ def score_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: S
                         compute=ray.data.ActorPoolStrategy(size=cfg.cls_actors), **pool)
     summary = ScoreSummary(inputs=n_inputs)
     bar = tqdm(total=max(n_pending, 0), unit="img", desc="score", disable=not progress, smoothing=0.1)
-    writer, rescored = None, set()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        if writer is None:
-            summary.first_row_s = time.perf_counter() - t0
-            classes = [k[5:] for k in batch if k.startswith("prob_")]
-            writer = PartWriter(out_dir, output_schema(classes, cfg.include_phi), cfg.rows_per_file)
-        writer.add(batch_to_table(batch, writer.schema))
-        rescored.update(k for k in batch["key"] if k in done)  # content changed since the last run
-        _count(summary, batch)
-        bar.update(len(batch["key"]))
-    if writer is not None:
+    writer, rescored, stopped = None, set(), None
+    try:
+        with _interruptible():  # after Ray's start-up, which sets a SIGTERM handler of its own
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                if writer is None:
+                    summary.first_row_s = time.perf_counter() - t0
+                    classes = [k[5:] for k in batch if k.startswith("prob_")]
+                    writer = PartWriter(out_dir, output_schema(classes, cfg.include_phi), cfg.rows_per_file)
+                writer.add(batch_to_table(batch, writer.schema))
+                rescored.update(k for k in batch["key"] if k in done)  # content changed since the last run
+                _count(summary, batch)
+                bar.update(len(batch["key"]))
+    except KeyboardInterrupt as e:
+        stopped = str(e) or "SIGINT"
+    if writer is not None:  # also when stopped: what is finished is kept
         writer.flush()
         drop_superseded(out_dir, rescored, writer.run)
+    if stopped:
+        bar.close()
+        raise Interrupted(f"stopped by {stopped}: {summary.scored} rows finished in this run were written to "
+                          f"{out_dir}; run the same command again to score the rest")
     bar.close()
     summary.skipped = n_inputs - summary.scored
     summary.seconds = time.perf_counter() - t0
