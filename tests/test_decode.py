@@ -200,3 +200,52 @@ def test_high_bit_depth_containers_use_the_significant_bits():
     Image.fromarray(wide).save(buf, format="TIFF")
     d = decode_image(buf.getvalue())
     assert d.pixels.min() == 0 and d.pixels.max() == pytest.approx(1) and np.corrcoef(d.pixels.ravel(), PHANTOM.ravel())[0, 1] > 0.999
+
+
+def _issue_17_10_cases() -> dict[str, tuple[bytes, str, str]]:
+    """name -> (bytes, expected kind, a word the message must contain)."""
+    import io
+
+    import pydicom
+
+    from cxrscreen.data.synth import encode_jpeg, encode_png
+
+    png, jpeg = encode_png(PHANTOM), encode_jpeg(PHANTOM)
+    dcm = encode_dicom(PHANTOM, "m2_16bit_window")
+    name_at = dcm.index(b"PHANTOM")
+    flipped_png = bytearray(png)
+    flipped_png[20] ^= 0xFF  # inside IHDR: width
+    flipped_jpeg = bytearray(jpeg)
+    sof = jpeg.index(b"\xff\xc0")
+    flipped_jpeg[sof + 4] ^= 0xFF  # precision byte of the frame header
+    ds = pydicom.dcmread(io.BytesIO(encode_dicom(PHANTOM, "m2_16bit_window")))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7  # 16-bit data behind an 8-bit header
+    eight = io.BytesIO()
+    ds.save_as(eight, enforce_file_format=True)
+    return {
+        "png_named.dcm": (png, "ok", ""),
+        "random.dcm": (bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)), "not_image", "signature"),
+        "cut_in_header.dcm": (dcm[:name_at + 4], "truncated", "ends inside"),
+        "cut_in_pixels.dcm": (dcm[:-1000], "truncated", "Pixel Data"),
+        "png_ihdr_flipped.png": (bytes(flipped_png), "decode_failed", "corrupt"),
+        "jpeg_header_flipped.jpg": (bytes(flipped_jpeg), "decode_failed", "corrupt"),
+        "png_cut.png": (png[:len(png) // 2], "truncated", "cut short"),
+        "bits8_with_16bit_data.dcm": (eight.getvalue(), "decode_failed", "BitsAllocated"),
+        "window_not_a_number.dcm": (dcm.replace(b"\x28\x00\x50\x10DS", b"\x28\x00\x50\x10DS", 1)
+                                    .replace(b"1024.5", b"abcdef", 1), "decode_failed", "WindowCenter"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_issue_17_10_cases()))
+def test_error_kinds_come_from_the_content_and_messages_name_the_field(name):
+    """Issue 17.10: the format is sniffed from the bytes; truncated only when the file ends early;
+    every message says what is wrong in words (and names the DICOM element)."""
+    data, kind, word = _issue_17_10_cases()[name]
+    if kind == "ok":
+        assert decode_image(data, name=name).format == "png"
+        return
+    with pytest.raises(ImageError) as e:
+        decode_image(data, name=name)
+    assert e.value.kind == kind, e.value
+    assert word in e.value.reason, e.value.reason
+    assert "abcdef" not in e.value.reason  # values are never quoted

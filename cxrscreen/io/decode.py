@@ -122,13 +122,44 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
+RASTER_MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg", b"II*\x00": "tiff", b"MM\x00*": "tiff",
+                b"BM": "bmp"}
+
+
+def sniff_format(data: bytes) -> str | None:
+    """'dicom', 'png', 'jpeg', 'tiff' or 'bmp' from the bytes themselves (never the file name).
+    DICOM first: its 128-byte preamble may itself hold a TIFF header (dual-format files)."""
+    if is_dicom(data):
+        return "dicom"
+    return next((fmt for magic, fmt in RASTER_MAGIC.items() if data.startswith(magic)), None)
+
+
 def decode_image(data: bytes, options: DecodeOptions = DecodeOptions(), name: str = "") -> Decoded:
-    """Decode image bytes (format sniffed from content; ``name`` only helps raw DICOM)."""
+    """Decode image bytes. The format comes from the content: a PNG named ``.dcm`` is a PNG.
+    ``name`` only admits DICOM without the Part 10 preamble (a raw dataset named .dcm)."""
     if not data:
         raise ImageError("empty", "zero bytes")
-    if is_dicom(data) or name.lower().endswith((".dcm", ".dicom")):
+    fmt = sniff_format(data)
+    if fmt == "dicom" or (fmt is None and name.lower().endswith((".dcm", ".dicom")) and _looks_like_raw_dicom(data)):
         return _decode_dicom(data, options)
+    if fmt is None:
+        raise ImageError("not_image", "not a PNG, JPEG, TIFF, BMP or DICOM file (no known signature in its first bytes)")
     return _decode_raster(data, options)
+
+
+def _looks_like_raw_dicom(data: bytes) -> bool:
+    """A DICOM dataset without preamble starts with an element of group 0002 or 0008 (little endian)."""
+    return len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00") and data[3:4] == b"\x00"
+
+
+def _ends_early(data: bytes, fmt: str) -> bool:
+    """True when a PNG lacks its IEND chunk or a JPEG its end-of-image marker: the file was cut."""
+    tail = data.rstrip(b"\0")
+    if fmt == "png":
+        return not tail.endswith(b"IEND\xaeB`\x82")
+    if fmt == "jpeg":
+        return not tail.endswith(b"\xff\xd9")
+    return False
 
 
 # --------------------------------------------------------------------------- raster
@@ -152,13 +183,18 @@ RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # what Pillow may open: no EPS,
 
 
 def _decode_raster(data: bytes, options: DecodeOptions) -> Decoded:
+    """PNG / JPEG / TIFF / BMP. ``truncated`` only when the file ends early (no PNG IEND, no JPEG
+    end marker); a complete file that fails to decode is corrupt (``decode_failed``)."""
+    sniffed = sniff_format(data) or "image"
+    cut = _ends_early(data, sniffed)
     try:
         img = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
     except UnidentifiedImageError:
-        raise ImageError("not_image", "not a PNG, JPEG, TIFF, BMP or DICOM file") from None
+        kind, what = ("truncated", "cut short") if cut else ("decode_failed", "corrupt")
+        raise ImageError(kind, f"{sniffed} header {what}: its signature is there but the header does not parse") from None
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad header
-        kind = "truncated" if "truncat" in str(e).lower() else "decode_failed"
-        raise ImageError(kind, f"header: {type(e).__name__}: {e}") from None
+        kind = "truncated" if cut else "decode_failed"
+        raise ImageError(kind, f"{sniffed} header {'cut short' if cut else 'corrupt'}: {type(e).__name__}: {e}") from None
     w, h = img.size
     if w * h > options.max_pixels:
         raise ImageError("too_large", f"{w}x{h} = {w * h} pixels > limit {options.max_pixels}")
@@ -168,11 +204,9 @@ def _decode_raster(data: bytes, options: DecodeOptions) -> Decoded:
             warnings.simplefilter("ignore")
             img.load()
             img = ImageOps.exif_transpose(img)
-    except OSError as e:
-        kind = "truncated" if "truncat" in str(e).lower() or "broken" in str(e).lower() else "decode_failed"
-        raise ImageError(kind, f"{fmt}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - e.g. SyntaxError on bad PNG chunks
-        raise ImageError("decode_failed", f"{fmt}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - OSError, SyntaxError on bad PNG chunks, ...
+        kind = "truncated" if cut else "decode_failed"
+        raise ImageError(kind, f"{fmt} pixel data {'cut short' if cut else 'corrupt'}: {type(e).__name__}: {e}") from None
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L"):
         # 16-bit containers often hold 10-14 significant bits: scale by the smallest bit depth
@@ -219,14 +253,21 @@ def _read_dicom(data: bytes, options: DecodeOptions) -> Decoded:
     except Exception as e:  # noqa: BLE001
         raise ImageError("decode_failed", f"DICOM header: {type(e).__name__}: {e}") from None
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise ImageError("no_pixel_data", "DICOM file has no Pixel Data element")
+        if _ends_inside_an_element(ds):
+            raise ImageError("truncated", "the file ends inside an element of the header, before Pixel Data (7FE0,0010)")
+        if len(ds) == 0:
+            raise ImageError("not_image", "no DICOM element could be read")
+        raise ImageError("no_pixel_data", "DICOM file has no Pixel Data element (7FE0,0010): not an image object, "
+                                          "or a file cut just before it")
     pi = str(ds.get("PhotometricInterpretation", "")).strip()
     if pi not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ImageError("unsupported_photometric", f"PhotometricInterpretation {pi or 'missing'!r}; "
+        raise ImageError("unsupported_photometric", f"PhotometricInterpretation (0028,0004) {pi or 'missing'!r}; "
                          "only MONOCHROME1/MONOCHROME2 radiographs are screened")
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    rows, cols = _number(ds, "Rows", 0), _number(ds, "Columns", 0)
     if rows * cols > options.max_pixels:
         raise ImageError("too_large", f"{cols}x{rows} = {rows * cols} pixels > limit {options.max_pixels}")
+    for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        _number(ds, keyword, 0, float)
     if "TransferSyntaxUID" not in ds.file_meta:
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     ts = ds.file_meta.TransferSyntaxUID
@@ -237,8 +278,12 @@ def _read_dicom(data: bytes, options: DecodeOptions) -> Decoded:
             decoder = None
         if decoder is None or not decoder.is_available:
             raise ImageError("unsupported_transfer_syntax", f"no installed decoder for {ts.name} ({ts})")
+    if not ts.is_compressed and "PixelData" in ds:
+        _check_pixel_data_length(ds, rows, cols)
     try:
         arr = ds.pixel_array
+    except (KeyError, AttributeError) as e:
+        raise ImageError("decode_failed", f"a required element is missing: {_element_name(e)}") from None
     except Exception as e:  # noqa: BLE001
         msg = f"{type(e).__name__}: {e}"
         truncated = any(s in msg.lower() for s in ("truncat", "less than expected", "end of"))
@@ -256,6 +301,63 @@ def _read_dicom(data: bytes, options: DecodeOptions) -> Decoded:
             "voi": voi, "transfer_syntax": ts.name}
     meta.update(dicom_metadata(ds, include_phi=options.include_phi))
     return Decoded(np.ascontiguousarray(pixels, dtype=np.float32), "dicom", meta)
+
+
+def _ends_inside_an_element(ds) -> bool:
+    """True when the last element read holds fewer bytes than its header declares (pydicom
+    stops silently at the end of a cut file)."""
+    if not len(ds):
+        return False
+    raw = ds.get_item(list(ds.keys())[-1])
+    length, value = getattr(raw, "length", 0), getattr(raw, "value", None)
+    return isinstance(value, bytes) and length not in (0xFFFFFFFF,) and len(value) < length
+
+
+def _number(ds, keyword: str, default, kind=int):
+    """A numeric element (the first value of a multi-valued one) or ``default`` when absent;
+    a value that is not a number is an error naming the element, never quoting the value."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.tag import Tag
+
+    if keyword not in ds:
+        return default
+    try:
+        value = ds[keyword].value
+        value = value[0] if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else value
+        return kind(value)
+    except Exception:  # noqa: BLE001
+        raise ImageError("decode_failed", f"{keyword} {Tag(tag_for_keyword(keyword))} is not a number") from None
+
+
+def _element_name(e: Exception) -> str:
+    """'BitsAllocated (0028,0100)' from pydicom's KeyError(tag) / AttributeError('... BitsAllocated')."""
+    from pydicom.datadict import keyword_for_tag
+    from pydicom.tag import Tag
+
+    arg = e.args[0] if e.args else ""
+    try:
+        tag = Tag(arg)
+        return f"{keyword_for_tag(tag) or 'element'} {tag}"
+    except Exception:  # noqa: BLE001
+        words = re.findall(r"[A-Z][A-Za-z]+", str(arg))
+        return words[-1] if words else "an element"
+
+
+def _check_pixel_data_length(ds, rows: int, cols: int) -> None:
+    """Uncompressed Pixel Data must hold Rows x Columns x frames x samples x BitsAllocated / 8 bytes."""
+    bits = _number(ds, "BitsAllocated", 0)
+    frames, samples = _number(ds, "NumberOfFrames", 1) or 1, _number(ds, "SamplesPerPixel", 1) or 1
+    expected = rows * cols * frames * samples * bits // 8
+    actual = len(ds.PixelData)
+    if not expected:
+        raise ImageError("decode_failed", "Rows (0028,0010), Columns (0028,0011) or BitsAllocated (0028,0100) is 0 or missing")
+    if actual < expected:
+        raise ImageError("truncated", f"Pixel Data (7FE0,0010) holds {actual} bytes; Rows x Columns x BitsAllocated "
+                                      f"declare {expected}: the file was cut")
+    if actual >= 2 * expected:
+        raise ImageError("decode_failed", f"Pixel Data (7FE0,0010) holds {actual // expected}x the {expected} bytes that "
+                                          f"Rows x Columns x BitsAllocated ({bits}) declare: BitsAllocated (0028,0100) "
+                                          "or the image size is wrong")
 
 
 def _apply_voi(values: np.ndarray, ds, options: DecodeOptions) -> tuple[np.ndarray, str]:
