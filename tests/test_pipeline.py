@@ -410,3 +410,76 @@ def test_part_files_are_synced_before_they_count(tmp_path, monkeypatch):
     w.flush()
     part = next(tmp_path.glob("part-*.parquet"))
     assert [Path(p).name for p in synced] == [f".{part.name}.tmp", tmp_path.name]
+
+
+_FAULT_SCRIPT = """
+import json, os, signal, sys, threading, time
+from pathlib import Path
+import ray
+from ray.cluster_utils import Cluster
+import psutil
+from cxrscreen.data.synth import encode_png, make_phantom
+from cxrscreen.pipeline import ScoreConfig, score_archive
+
+mode, arch, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+for i in range(160):
+    (arch / f"{i:03d}.png").write_bytes(encode_png(make_phantom("normal", 64, i).image))
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "node_ip_address": "127.0.0.1",
+                                                        "include_dashboard": False})
+worker = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, _node_ip_address="127.0.0.1")  # the driver on loopback too
+done = {}
+
+def strike():
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        actors = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                title = (p.info["cmdline"] or [""])[0]  # Ray names its actor processes ray::<class>
+                if title.startswith("ray::") and "Classifier" in title and p.pid != os.getpid():
+                    actors.append(p.pid)
+            except psutil.Error:
+                pass
+        if actors:
+            time.sleep(3)  # let it work on a few batches first
+            if mode == "actor":
+                os.kill(actors[0], signal.SIGKILL)
+                done["killed"] = "actor"
+            else:
+                cluster.remove_node(worker, allow_graceful=False)
+                done["killed"] = "node"
+            return
+        time.sleep(0.5)
+
+threading.Thread(target=strike, daemon=True).start()
+cfg = ScoreConfig(classifier="mobilenet_v3_small", allow_untrained=True, batch_size=4, rows_per_file=50,
+                  address=cluster.address)
+s = score_archive(arch, out, cfg, progress=False)
+print(json.dumps({"inputs": s.inputs, "ok": s.ok, "missing": len(s.missing), "rows": s.rows, **done}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(330)
+@pytest.mark.parametrize("mode", ["actor", "node"])
+def test_scoring_survives_a_killed_model_actor_or_worker_node(tmp_path, mode):
+    """Issue 17.14: a local two-node cluster on 127.0.0.1; mid-run a Classifier actor is SIGKILLed
+    (or the worker node is removed): the run completes with exactly one row per input.
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray resolve 127.0.0.1 to loopback, not to the
+    machine's address, so all test traffic stays on loopback."""
+    import json
+
+    (tmp_path / "arch").mkdir()
+    res = subprocess.run([sys.executable, "-c", _FAULT_SCRIPT, mode, str(tmp_path / "arch"), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_ADDRESS": "", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary.get("killed") == mode, summary
+    assert summary["inputs"] == summary["ok"] == summary["rows"] == 160 and summary["missing"] == 0
+    df = pl.read_parquet(tmp_path / "out" / "*.parquet")
+    assert df.height == 160 and df["key"].n_unique() == 160

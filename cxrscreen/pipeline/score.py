@@ -204,6 +204,11 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
             return ScoreSummary(seconds=time.perf_counter() - t0, rows=len(done))
         # small input blocks keep the stream fine-grained (results flow out while work goes on)
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.batch_size, 20_000)))
+    # Fault tolerance is Ray's, kept at the defaults on purpose (they fit: every stage is pure):
+    # a decode task lost with its worker or node is re-run (Ray's task max_retries=3); a dead
+    # model actor is restarted without limit and its in-flight batches are retried on the new
+    # one (Ray Data's max_restarts=-1, max_task_retries=-1). Every input still gets exactly one
+    # row: tests/test_pipeline.py kills a model actor, and a worker node, in the middle of a run.
     ds = ds.map_batches(decode_batch, fn_kwargs=decode_kwargs, batch_size=cfg.batch_size,
                         batch_format="numpy", num_cpus=1)
     model_kwargs = cfg.runtime_options(plan.device, plan.threads)
