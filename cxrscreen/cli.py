@@ -124,13 +124,18 @@ def audit(manifest, out_path, threshold, drop_path):
 @click.option("--prune", is_flag=True, default=None, help="Remove output rows of inputs no longer in the archive.")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")
 @click.option("--num-cpus", type=int, help="CPUs of the embedded local Ray.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object (no progress bar).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary: only errors (see the exit code).")
 def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained, site, refer_below, ood_threshold,
           batch_size, actors, device, precision, runtime, cuda_graphs, compile_, decode_jpeg_on_device,
-          int8_calibration, lung_crop, cam, include_phi, rows_per_file, prune, address, num_cpus):
+          int8_calibration, lung_crop, cam, include_phi, rows_per_file, prune, address, num_cpus, as_json, quiet):
     """Score every image of ARCHIVE (folder tree, list file, Parquet, or one image): one row per input.
 
     Referral thresholds: an explicit --refer-below / --ood-threshold (or config key) wins, then
-    the --site profile's, then the checkpoint's (fitted on its validation split)."""
+    the --site profile's, then the checkpoint's (fitted on its validation split).
+
+    Exit status: 0 done, 1 failed (cluster unreachable, OUT busy, inputs without a row),
+    2 usage (options, config, ARCHIVE, models), 130 interrupted (finished rows kept)."""
     from cxrscreen.config import ConfigError, load_config
     from cxrscreen.io.sources import archive_kind
     from cxrscreen.pipeline import ScoreConfig, score_archive
@@ -153,15 +158,20 @@ def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained,
     from cxrscreen.pipeline.score import Interrupted
 
     try:
-        summary = score_archive(archive, out_dir, cfg)
+        summary = score_archive(archive, out_dir, cfg, progress=not (as_json or quiet))
     except (ClusterUnreachable, OutputBusy) as e:
         raise click.ClickException(str(e)) from None
     except Interrupted as e:
         click.echo(f"\ninterrupted: {e}", err=True)
         sys.exit(130)
-    click.echo(str(summary))
-    if summary.drift:
-        click.echo(f"warning: {summary.drift}")
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"out": str(out_dir), **summary.to_dict()}))
+    elif not quiet:
+        click.echo(f"{summary}; written to {out_dir}")
+        if summary.drift:
+            click.echo(f"warning: {summary.drift}")
     if summary.missing:
         raise click.ClickException(f"{len(summary.missing)} inputs have no output row, e.g. {summary.missing[:3]}")
 

@@ -250,6 +250,15 @@ def test_one_image_as_archive_is_scored_and_a_wrong_archive_fails_before_ray(tmp
     s = score_archive(img, tmp_path / "out", ScoreConfig(**FAST), progress=False)
     assert (s.inputs, s.ok) == (1, 1)
     assert pl.read_parquet(tmp_path / "out" / "*.parquet")["key"].to_list() == ["one film.png"]
+    import json
+
+    args = ["score", str(img), "--classifier", "mobilenet_v3_small", "--allow-untrained", "-o"]
+    res = CliRunner().invoke(main, [*args, str(tmp_path / "j"), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])  # one JSON object for scripts
+    assert (out["inputs"], out["ok"], out["rows"], out["missing"], out["out"]) == (1, 1, 1, 0, str(tmp_path / "j"))
+    res = CliRunner().invoke(main, [*args, str(tmp_path / "q"), "--quiet"])
+    assert res.exit_code == 0 and res.output.strip() == ""
     (tmp_path / "notes.doc").write_text("not an archive")
     t0 = time.perf_counter()
     res = CliRunner().invoke(main, ["score", str(tmp_path / "notes.doc"), "-o", str(tmp_path / "o2")])

@@ -52,6 +52,15 @@ class ScoreSummary:
     def images_per_s(self) -> float:
         return self.scored / self.seconds if self.seconds else 0.0
 
+    def to_dict(self) -> dict:
+        """The summary as plain JSON-able values (``cxrscreen score --json``)."""
+        return {"inputs": self.inputs, "skipped": self.skipped, "ok": self.ok, "errors": dict(self.errors),
+                "referred_by_reason": dict(self.referred), "labels": dict(self.labels),
+                "rows": self.rows, "stale": self.stale, "pruned": self.pruned, "missing": len(self.missing),
+                "seconds": round(self.seconds, 3), "first_row_s": round(self.first_row_s, 3),
+                "images_per_s": round(self.images_per_s, 3), "steady_images_per_s": round(self.steady_images_per_s, 3),
+                "drift": self.drift or None}
+
     def __str__(self) -> str:
         errs = ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"
         refs = ", ".join(f"{k} {v}" for k, v in self.referred.most_common()) or "none"
