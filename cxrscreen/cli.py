@@ -124,11 +124,14 @@ def audit(manifest, out_path, threshold, drop_path):
 @click.option("--prune", is_flag=True, default=None, help="Remove output rows of inputs no longer in the archive.")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")
 @click.option("--num-cpus", type=int, help="CPUs of the embedded local Ray.")
+@click.option("--limit", type=int, help="Score only the first N inputs (a trial run; a later run without it resumes).")
+@click.option("--dry-run", is_flag=True, help="Say what would be scored (inputs by format, rows already in OUT) and stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object (no progress bar).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary: only errors (see the exit code).")
 def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained, site, refer_below, ood_threshold,
           batch_size, actors, device, precision, runtime, cuda_graphs, compile_, decode_jpeg_on_device,
-          int8_calibration, lung_crop, cam, include_phi, rows_per_file, prune, address, num_cpus, as_json, quiet):
+          int8_calibration, lung_crop, cam, include_phi, rows_per_file, prune, address, num_cpus, limit, dry_run,
+          as_json, quiet):
     """Score every image of ARCHIVE (folder tree, list file, Parquet, or one image): one row per input.
 
     Referral thresholds: an explicit --refer-below / --ood-threshold (or config key) wins, then
@@ -148,8 +151,19 @@ def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained,
                           device=device, precision=precision, runtime=runtime, cuda_graphs=cuda_graphs,
                           compile=compile_, decode_jpeg_on_device=decode_jpeg_on_device,
                           int8_calibration=int8_calibration, lung_crop=lung_crop, cam=cam, include_phi=include_phi,
-                          rows_per_file=rows_per_file, prune=prune, address=address, num_cpus=num_cpus)
+                          rows_per_file=rows_per_file, prune=prune, address=address, num_cpus=num_cpus, limit=limit)
         archive_kind(archive)
+        if dry_run:
+            import json
+
+            from cxrscreen.pipeline.score import dry_run as plan
+
+            p = plan(archive, out_dir, cfg)
+            click.echo(json.dumps(p) if as_json else
+                       f"{p['inputs']} inputs ({', '.join(f'{k} {v}' for k, v in p['by_format'].items()) or 'none'}): "
+                       f"{p['new']} new, {p['with_rows_in_out']} with a row in {out_dir} (skipped if unchanged, "
+                       "else scored again); nothing was scored (--dry-run)")
+            return
         check_models(cfg)
     except (ConfigError, ValueError) as e:
         raise click.UsageError(str(e)) from None

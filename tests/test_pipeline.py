@@ -259,6 +259,18 @@ def test_one_image_as_archive_is_scored_and_a_wrong_archive_fails_before_ray(tmp
     assert (out["inputs"], out["ok"], out["rows"], out["missing"], out["out"]) == (1, 1, 1, 0, str(tmp_path / "j"))
     res = CliRunner().invoke(main, [*args, str(tmp_path / "q"), "--quiet"])
     assert res.exit_code == 0 and res.output.strip() == ""
+    for i in range(5):  # --dry-run says what would happen; --limit scores the first N
+        (tmp_path / "five").mkdir(exist_ok=True)
+        (tmp_path / "five" / f"{i}.png").write_bytes(encode_png(make_phantom("normal", 64, 10 + i).image))
+    five = ["score", str(tmp_path / "five"), "--classifier", "mobilenet_v3_small", "--allow-untrained", "-o",
+            str(tmp_path / "five_out")]
+    res = CliRunner().invoke(main, [*five, "--limit", "2", "--json"])
+    assert res.exit_code == 0 and json.loads(res.output.strip().splitlines()[-1])["rows"] == 2
+    res = CliRunner().invoke(main, [*five, "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output) == {"archive": str(tmp_path / "five"), "kind": "folder", "inputs": 5,
+                                      "by_format": {"png": 5}, "with_rows_in_out": 2, "new": 3, "rows_in_out": 2}
+    assert pl.read_parquet(tmp_path / "five_out" / "*.parquet").height == 2  # the dry run scored nothing
     (tmp_path / "notes.doc").write_text("not an archive")
     t0 = time.perf_counter()
     res = CliRunner().invoke(main, ["score", str(tmp_path / "notes.doc"), "-o", str(tmp_path / "o2")])

@@ -15,7 +15,7 @@ class ScoreConfig:
         "device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16", "int8"),
         "runtime": ("auto", "torch", "onnxruntime", "tensorrt"), "cam": ("gradcam", "gradcampp")}
     POSITIVE: ClassVar[tuple] = ("batch_size", "seg_actors", "cls_actors", "actor_cpus", "torch_threads",
-                                 "work_size", "mask_size", "cam_size", "rows_per_file", "max_pixels", "max_bytes", "num_cpus")
+                                 "work_size", "mask_size", "cam_size", "rows_per_file", "max_pixels", "max_bytes", "num_cpus", "limit")
     NON_NEGATIVE: ClassVar[tuple] = ("refer_below", "ood_threshold", "lung_fraction_min", "lung_fraction_max")
 
     classifier: str = "cxrnet-4class"  # shipped weights or a checkpoint folder (an architecture: allow_untrained)
@@ -54,6 +54,7 @@ class ScoreConfig:
     key_column: str = "key"  # Parquet archives: key column (else file#row)
     address: str | None = None  # Ray cluster; None = RAY_ADDRESS or an embedded local Ray
     num_cpus: int | None = None  # embedded Ray only
+    limit: int | None = None  # score only the first N inputs of the archive (a trial run)
 
     def decode_options(self) -> dict:
         """Keyword arguments of ``decode_batch`` / ``decode_items`` (besides the work size)."""

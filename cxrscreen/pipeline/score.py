@@ -141,9 +141,26 @@ def plan_resources(cfg: ScoreConfig, cpus: float, gpus: float) -> ResourcePlan:
     return ResourcePlan(actor_cpus, 0.0, threads, "cpu")
 
 
+def dry_run(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: ScoreConfig = ScoreConfig()) -> dict:
+    """What ``score`` would do, without reading an image or starting Ray: inputs by format, how
+    many already have a row in ``out_dir`` (skipped if their content is unchanged, re-scored
+    otherwise), and how many would be scored for the first time (``cfg.limit`` applied)."""
+    kind = archive_kind(archive)
+    items = list(list_inputs(archive, image_column=cfg.image_column, key_column=cfg.key_column))
+    items = items[:cfg.limit] if cfg.limit else items
+    formats = Counter(("parquet" if kind == "parquet" else Path(it.key).suffix.lower().lstrip(".") or "dicom")
+                      for it in items)
+    rows = completed(out_dir) if Path(out_dir).exists() else {}
+    have = sum(1 for it in items if it.key in rows)
+    return {"archive": str(archive), "kind": kind, "inputs": len(items), "by_format": dict(formats.most_common()),
+            "with_rows_in_out": have, "new": len(items) - have, "rows_in_out": len(rows)}
+
+
 def _pending_items(archive, cfg: ScoreConfig, done: dict[str, str]) -> list[dict]:
     items = []
-    for it in list_inputs(archive, image_column=cfg.image_column, key_column=cfg.key_column):
+    for i, it in enumerate(list_inputs(archive, image_column=cfg.image_column, key_column=cfg.key_column)):
+        if cfg.limit and i >= cfg.limit:
+            break
         # paths travel as bytes: a non-UTF-8 name is a valid path but not valid Arrow text
         items.append({"key": it.key, "path": os.fsencode(it.path), "expected_sha": done.get(it.key)})
     return items
@@ -196,9 +213,11 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     decode_kwargs = dict(work_size=cfg.work_size, **cfg.decode_options())
     if kind == "parquet":
         files = [str(f) for f in parquet_files(Path(archive))]
-        input_keys = _parquet_keys(files, cfg.key_column, cfg.image_column)
+        input_keys = _parquet_keys(files, cfg.key_column, cfg.image_column)[:cfg.limit or None]
         n_inputs = len(input_keys)
         ds = ray.data.read_parquet(files, columns=[cfg.key_column, cfg.image_column])
+        if cfg.limit:
+            ds = ds.limit(cfg.limit)
         ds = ds.map_batches(_parquet_to_items, fn_kwargs=dict(image_column=cfg.image_column,
                                                               key_column=cfg.key_column),
                             batch_format="numpy", batch_size=256)
