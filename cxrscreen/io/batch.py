@@ -147,9 +147,10 @@ def decode_batch(batch: dict[str, np.ndarray], work_size: int = WORK_SIZE, max_p
     for k, dt in (("width", np.int64), ("height", np.int64), ("pixel_spacing_mm", np.float64),
                   ("polarity", np.float32), ("t_decode_ms", np.float32)):
         out[k] = np.asarray(rows[k], dtype=dt)
-    out["image"] = np.stack(images) if images else np.zeros((0, work_size, work_size), np.uint8)
-    if defer_jpeg:
-        out["jpeg_bytes"] = col(jpeg)
+    if images:  # an all-skipped batch has no image column: Ray cannot store a zero-length tensor
+        out["image"] = np.stack(images)  # column as a tensor and would fall back to pickling it
+        if defer_jpeg:
+            out["jpeg_bytes"] = col(jpeg)
     return out
 
 
@@ -161,6 +162,11 @@ def image_batch(images: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def decode_items(items, work_size: int = WORK_SIZE, **options) -> dict[str, np.ndarray]:
-    """``decode_batch`` over a sequence of ``InputItem`` (path or bytes): a model-stage batch."""
-    return decode_batch({"key": col([it.key for it in items]), "path": col([it.path for it in items]),
-                         "data": col([it.data for it in items])}, work_size, **options)
+    """``decode_batch`` over a sequence of ``InputItem`` (path or bytes): a model-stage batch
+    (with an empty ``image`` array when no row is left, for callers outside Ray)."""
+    out = decode_batch({"key": col([it.key for it in items]), "path": col([it.path for it in items]),
+                        "data": col([it.data for it in items])}, work_size, **options)
+    out.setdefault("image", np.zeros((0, work_size, work_size), np.uint8))
+    if options.get("defer_jpeg"):
+        out.setdefault("jpeg_bytes", col([]))
+    return out

@@ -163,7 +163,7 @@ class Classifier(_ModelStage):
         ok = batch["status"] == "ok"
         probs = np.full((n, len(self.classes)), np.nan, np.float32)
         ood = np.full(n, np.nan, np.float32)
-        images = batch.pop("image")
+        images = batch.pop("image", None)  # absent from a batch whose rows were all skipped
         try:
             if ok.any():
                 x = self.runner.model_input(images[ok], self._boxes(batch, images, ok), self.lung_crop)
