@@ -171,6 +171,13 @@ def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained,
     from cxrscreen.pipeline.output import OutputBusy
     from cxrscreen.pipeline.score import Interrupted
 
+    if not (as_json or quiet):  # the first seconds go to Ray's start and model loading: say so
+        import os
+
+        ray_at = cfg.address or os.environ.get("RAY_ADDRESS")
+        click.echo(f"scoring {archive} -> {out_dir}: classifier {cfg.classifier}, segmenter {cfg.segmenter or 'none'}, "
+                   f"device {cfg.device}; starting Ray ({'cluster at ' + ray_at if ray_at else 'embedded, local'}) "
+                   "and loading the models ...", err=True)
     try:
         summary = score_archive(archive, out_dir, cfg, progress=not (as_json or quiet))
     except (ClusterUnreachable, OutputBusy) as e:

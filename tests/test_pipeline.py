@@ -380,6 +380,7 @@ def test_sigint_and_sigterm_keep_finished_rows_and_the_next_run_resumes(tmp_path
         reader.join(timeout=10)
         tail = b"".join(err).decode(errors="replace")
         assert "interrupted: stopped by SIG" in tail and "run the same command again" in tail
+        assert "starting Ray (embedded, local) and loading the models" in tail  # said before the wait
         rows = pl.read_parquet(tmp_path / "out" / "*.parquet")
         assert rows.height >= 8 and rows["key"].n_unique() == rows.height  # nothing finished was lost
         assert rows.height < 160
