@@ -139,6 +139,8 @@ def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained,
 
     Exit status: 0 done, 1 failed (cluster unreachable, OUT busy, inputs without a row),
     2 usage (options, config, ARCHIVE, models), 130 interrupted (finished rows kept)."""
+    import json
+
     from cxrscreen.config import ConfigError, load_config
     from cxrscreen.io.sources import archive_kind
     from cxrscreen.pipeline import ScoreConfig, score_archive
@@ -154,8 +156,6 @@ def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained,
                           rows_per_file=rows_per_file, prune=prune, address=address, num_cpus=num_cpus, limit=limit)
         archive_kind(archive)
         if dry_run:
-            import json
-
             from cxrscreen.pipeline.score import dry_run as plan
 
             p = plan(archive, out_dir, cfg)
@@ -186,8 +186,6 @@ def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained,
         click.echo(f"\ninterrupted: {e}", err=True)
         sys.exit(130)
     if as_json:
-        import json
-
         click.echo(json.dumps({"out": str(out_dir), **summary.to_dict()}))
     elif not quiet:
         click.echo(f"{summary}; written to {out_dir}")

@@ -144,7 +144,7 @@ def decode_image(data: bytes, options: DecodeOptions = DecodeOptions(), name: st
         return _decode_dicom(data, options)
     if fmt is None:
         raise ImageError("not_image", "not a PNG, JPEG, TIFF, BMP or DICOM file (no known signature in its first bytes)")
-    return _decode_raster(data, options)
+    return _decode_raster(data, fmt, options)
 
 
 def _looks_like_raw_dicom(data: bytes) -> bool:
@@ -182,10 +182,10 @@ def deferrable_jpeg(data: bytes, options: DecodeOptions = DecodeOptions()) -> tu
 RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # what Pillow may open: no EPS, PDF, SVG, ...
 
 
-def _decode_raster(data: bytes, options: DecodeOptions) -> Decoded:
-    """PNG / JPEG / TIFF / BMP. ``truncated`` only when the file ends early (no PNG IEND, no JPEG
-    end marker); a complete file that fails to decode is corrupt (``decode_failed``)."""
-    sniffed = sniff_format(data) or "image"
+def _decode_raster(data: bytes, sniffed: str, options: DecodeOptions) -> Decoded:
+    """PNG / JPEG / TIFF / BMP (``sniffed`` by ``sniff_format``). ``truncated`` only when the file
+    ends early (no PNG IEND, no JPEG end marker); a complete file that fails to decode is
+    corrupt (``decode_failed``)."""
     cut = _ends_early(data, sniffed)
     try:
         img = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
@@ -310,20 +310,21 @@ def _ends_inside_an_element(ds) -> bool:
         return False
     raw = ds.get_item(list(ds.keys())[-1])
     length, value = getattr(raw, "length", 0), getattr(raw, "value", None)
-    return isinstance(value, bytes) and length not in (0xFFFFFFFF,) and len(value) < length
+    return isinstance(value, bytes) and length != 0xFFFFFFFF and len(value) < length
 
 
 def _number(ds, keyword: str, default, kind=int):
     """A numeric element (the first value of a multi-valued one) or ``default`` when absent;
     a value that is not a number is an error naming the element, never quoting the value."""
     from pydicom.datadict import tag_for_keyword
+    from pydicom.multival import MultiValue
     from pydicom.tag import Tag
 
     if keyword not in ds:
         return default
     try:
         value = ds[keyword].value
-        value = value[0] if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else value
+        value = value[0] if isinstance(value, (list, tuple, MultiValue)) else value
         return kind(value)
     except Exception:  # noqa: BLE001
         raise ImageError("decode_failed", f"{keyword} {Tag(tag_for_keyword(keyword))} is not a number") from None

@@ -263,14 +263,13 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
                 bar.update(len(batch["key"]))
     except KeyboardInterrupt as e:
         stopped = str(e) or "SIGINT"
+    bar.close()
     if writer is not None:  # also when stopped: what is finished is kept
         writer.flush()
         drop_superseded(out_dir, rescored, writer.run)
     if stopped:
-        bar.close()
         raise Interrupted(f"stopped by {stopped}: {summary.scored} rows finished in this run were written to "
                           f"{out_dir}; run the same command again to score the rest")
-    bar.close()
     summary.skipped = n_inputs - summary.scored
     summary.seconds = time.perf_counter() - t0
     rows = completed(out_dir)

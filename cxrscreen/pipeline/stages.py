@@ -36,6 +36,12 @@ class _ModelStage:
                                   **runtime_options)
         self.loaded, self.info = self.runner.loaded, self.runner.info
 
+    def _prepare(self, batch: dict) -> None:
+        """What every model stage does first: text columns Ray turned into NaN back to nulls
+        (``restore_nulls``), then JPEGs left for the device decoded (``_decode_jpegs``)."""
+        restore_nulls(batch)
+        self._decode_jpegs(batch)
+
     def _decode_jpegs(self, batch: dict) -> None:
         """Decode the ``jpeg_bytes`` rows (``decode_batch(defer_jpeg=True)``) in one
         ``torchvision.io.decode_jpeg`` call on the runtime's device, resize them there to the
@@ -93,8 +99,7 @@ class Segmenter(_ModelStage):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        restore_nulls(batch)
-        self._decode_jpegs(batch)
+        self._prepare(batch)
         n = len(batch["key"])
         ok = batch["status"] == "ok"
         masks = np.full(n, None, object)
@@ -157,8 +162,7 @@ class Classifier(_ModelStage):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        restore_nulls(batch)
-        self._decode_jpegs(batch)
+        self._prepare(batch)
         n = len(batch["key"])
         ok = batch["status"] == "ok"
         probs = np.full((n, len(self.classes)), np.nan, np.float32)
