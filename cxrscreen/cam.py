@@ -12,15 +12,12 @@ ensemble, each member's such map, the members' heatmaps summed).
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-
-from cxrscreen.masks import decode_mask_png
 
 METHODS = ("gradcam", "gradcampp")
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)

@@ -306,8 +306,9 @@ def evaluate(model_dir, data, split, target_sensitivity, ood_refer_rate, predict
     import json
 
     from cxrscreen.evaluate.run import evaluate_model, evaluate_segmenter, write_predictions
+    from cxrscreen.models.checkpoint import read_info
 
-    if json.loads((Path(model_dir) / "model.json").read_text())["task"] == "segment":
+    if read_info(model_dir).task == "segment":
         res = evaluate_segmenter(model_dir, data)
         for k, v in res.items():
             if isinstance(v, dict):

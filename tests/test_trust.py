@@ -210,7 +210,7 @@ def test_site_calibration_refits_and_names_the_profile(manifest, tmp_path):
     assert profile["fitted_on"]["images"] == len(df) and profile["temperature"] > 0
     assert (tmp_path / "site" / "ood.safetensors").exists()
     scored = _score(labels["path"].to_list()[:20], classifier=str(ck), site=str(tmp_path / "site"))
-    assert (scored["refer"] | True).all()
+    assert scored["status"].to_list() == ["ok"] * 20 and scored["ood_score"].is_not_null().all()
     rows = list(score_items_local([InputItem(p, p) for p in labels["path"].to_list()[:4]],
                                   ScoreConfig(classifier=str(ck), segmenter="", site=str(tmp_path / "site"))))
     assert set(rows[0]["site_profile"]) == {"site"}

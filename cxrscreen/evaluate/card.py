@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
-import yaml
+from cxrscreen.models.checkpoint import read_info, read_train_config
 
 
 def _pct(x) -> str:
@@ -56,8 +57,7 @@ def _adaptation_lines(metrics: dict) -> list[str]:
 
 def _segmenter_section(sdir: Path) -> list[str]:
     """A U-Net's card section: data, training, adaptation, Dice on expert and pseudo masks."""
-    s = json.loads((sdir / "model.json").read_text())
-    scfg = yaml.safe_load((sdir / "train_config.yaml").read_text())
+    s, scfg = dataclasses.asdict(read_info(sdir)), read_train_config(sdir)
     sm = s["metrics"]
     lines = [f"## Segmenter `{sdir.name}` (U-Net, encoder {scfg['model_kwargs'].get('encoder_name')}, "
              f"{s['input_size']} px)", "",
@@ -111,7 +111,8 @@ def _trust_section(card: dict, study: list | None) -> list[str]:
                 "held_out_noncovid_covid_unreferred": "... and not referred",
                 "held_out_covid_caught": "COVID called or referred", "held_out_referred": "referred",
                 "ood_auroc_combined": "OOD AUROC (ood_score)", "ood_auroc_embedding": "... embedding part",
-                "ood_auroc_appearance": "... appearance part", "ood_auroc_knn": "OOD AUROC (k-NN)",
+                "ood_auroc_appearance": "... appearance part",
+                "ood_auroc_texture": "... texture part", "ood_auroc_knn": "OOD AUROC (k-NN)",
                 "ood_auroc_max_softmax": "OOD AUROC (1 - max p)", "in_source_test_referred": "in-source test referred",
                 "in_source_test_accuracy_at_coverage": "in-source accuracy of the rest", "fold_score": "fold score"}
         table = df.select([pl.col(c).alias(t) for c, t in cols.items() if c in df.columns])
@@ -156,8 +157,7 @@ def render_model_card(classifier_dir: str | Path, segmenter_dirs: list[str | Pat
     ``comparison``: a report's ``comparison.parquet`` (other models, lung crop vs whole image,
     CAM lung energy); ``loso``: older ``loso.parquet`` files (source shift)."""
     cdir = Path(classifier_dir)
-    card = json.loads((cdir / "model.json").read_text())
-    cfg = yaml.safe_load((cdir / "train_config.yaml").read_text())
+    card, cfg = dataclasses.asdict(read_info(cdir)), read_train_config(cdir)
     ev, test = card.get("evaluation", {}), card["metrics"].get("test")
     if test is None:
         raise ValueError(f"{cdir}: not evaluated yet (run `cxrscreen evaluate {cdir}`)")

@@ -196,17 +196,15 @@ def build_report(model_dirs: list[str | Path], out_dir: str | Path, data: str | 
     """Evaluate every model on ``split`` (leakage checks included) and write ``report.html``,
     ``plots/*.png``, ``comparison.parquet`` and ``comparison.md`` to ``out_dir``.
     ``loso``: ``loso.parquet`` files written by ``leave_one_source_out`` (crop and whole image)."""
-    import yaml
 
-    from cxrscreen.config import from_dict
     from cxrscreen.evaluate.run import evaluate_model
-    from cxrscreen.train.config import TrainConfig
+    from cxrscreen.train.config import checkpoint_config
     from cxrscreen.train.data import labeled_splits
 
     out = Path(out_dir)
     page = _Page(out)
     first = Path(model_dirs[0])
-    cfg = from_dict(TrainConfig, yaml.safe_load((first / "train_config.yaml").read_text()))
+    cfg = checkpoint_config(first)
     if data:
         cfg.data = data
     df, _ = labeled_splits(cfg)

@@ -8,15 +8,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-import yaml
 
-from cxrscreen.config import from_dict
 from cxrscreen.evaluate.metrics import (accuracy_at_coverage, classification_metrics, fit_temperature,
                                         refer_threshold, softmax)
 from cxrscreen.masks import dice_scores
 from cxrscreen.referral import screening_confidence
 from cxrscreen.models import load_model
-from cxrscreen.train.config import TrainConfig
+from cxrscreen.models.checkpoint import update_info
+from cxrscreen.train.config import checkpoint_config
 from cxrscreen.train.data import labeled_splits
 
 
@@ -51,7 +50,7 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
     model_dir = Path(model_dir)
     runner = ModelRunner(str(model_dir), "classify", device, precision, runtime=runtime)
     loaded = runner.loaded
-    cfg = from_dict(TrainConfig, yaml.safe_load((model_dir / "train_config.yaml").read_text()))
+    cfg = checkpoint_config(model_dir)
     own_data = not data or Path(data).resolve() == Path(cfg.data).resolve()
     if data:
         cfg.data = data
@@ -132,12 +131,11 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
     if predictions:
         result["predictions"] = {"rows": test.filter(pl.Series(ok)), "y": y, "probs": probs, "ood_score": ood}
     if update_card and own_data:  # another manifest's calibration and reference do not belong in the card
-        card = json.loads((model_dir / "model.json").read_text())
-        card.update(temperature=temperature, refer_threshold=threshold, ood_threshold=ood_threshold,
-                    ood_refer_rate=ood_refer_rate if ood_threshold is not None else None)
-        card.setdefault("metrics", {})[split] = result["metrics"]
-        card["evaluation"] = {k: v for k, v in result.items() if k not in ("metrics", "predictions")}
-        (model_dir / "model.json").write_text(json.dumps(card, indent=2))
+        update_info(model_dir, temperature=temperature, refer_threshold=threshold, ood_threshold=ood_threshold,
+                    ood_refer_rate=ood_refer_rate if ood_threshold is not None else None,
+                    metrics={**loaded.info.metrics, split: result["metrics"]},
+                    evaluation=json.loads(json.dumps({k: v for k, v in result.items()
+                                                      if k not in ("metrics", "predictions")})))
         if reference is not None:
             reference.save(model_dir)
     return result
@@ -206,7 +204,7 @@ def evaluate_segmenter(model_dir: str | Path, data: str | None = None) -> dict:
 
     model_dir = Path(model_dir)
     loaded = load_model(str(model_dir), "segment")
-    cfg = from_dict(TrainConfig, yaml.safe_load((model_dir / "train_config.yaml").read_text()))
+    cfg = checkpoint_config(model_dir)
     if data:
         cfg.data = data
     task = make_task(cfg)
@@ -218,9 +216,7 @@ def evaluate_segmenter(model_dir: str | Path, data: str | None = None) -> dict:
             continue
         logits = predict_logits(loaded.module, images, cfg, torch.device("cpu"))
         out.update({f"{name}_{v}": m for v, m in mask_metrics(logits[:, 0] > 0, masks > 0).items()})
-    card = json.loads((model_dir / "model.json").read_text())
-    card.setdefault("metrics", {}).update({k: v for k, v in out.items() if isinstance(v, dict)})
-    (model_dir / "model.json").write_text(json.dumps(card, indent=2))
+    update_info(model_dir, metrics={**loaded.info.metrics, **{k: v for k, v in out.items() if isinstance(v, dict)}})
     return out
 
 

@@ -36,7 +36,7 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
     quantile of val). Reports: held-out accuracy on the classes the fold learned; the share of
     held-out non-COVID images labelled COVID **without** referral and of held-out COVID images
     labelled COVID or referred; the OOD score's AUROC for in-source test vs held-out images
-    (``ood_score`` and its embedding and appearance parts, k-NN on the embedding and, as the
+    (``ood_score`` and its embedding, appearance and texture parts, k-NN on the embedding and, as the
     baseline, 1 - max softmax probability); and the in-source
     test split's referral rate and accuracy at coverage."""
     from cxrscreen.evaluate.metrics import (accuracy_at_coverage, binary_auroc, fit_temperature, refer_threshold,
@@ -75,6 +75,7 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
         maha = ref.score(out.embeddings, out.appearance)
         dist = ref.parts(out.embeddings, out.appearance)
         scores[name] = {"combined": maha, "embedding": dist[:, 0], "appearance": dist[:, 1],
+                        "texture": dist[:, 2],
                         "knn": knn_score(tr[1].embeddings, out.embeddings), "max_softmax": 1 - probs.max(1)}
         referred = (screening_confidence(probs, classes) < thr) | (maha > ood_thr)
         y, pred = y_of(part), probs.argmax(1)
@@ -94,7 +95,7 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
         row[f"{tag}_covid_caught"] = float((called | referred)[is_pos].mean()) if is_pos.any() else None
         if tag == "held_out":
             row.update({f"recall_{c}": float((pred[y == i] == i).mean()) for i, c in enumerate(classes) if (y == i).any()})
-    for method in ("combined", "embedding", "appearance", "knn", "max_softmax"):
+    for method in ("combined", "embedding", "appearance", "texture", "knn", "max_softmax"):
         row[f"ood_auroc_{method}"] = binary_auroc(scores["test"][method], scores["held_out"][method])
     return row
 

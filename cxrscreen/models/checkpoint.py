@@ -1,4 +1,6 @@
-"""Checkpoints: ``model.safetensors`` + ``model.json`` (name, classes, sizes, calibration).
+"""Checkpoints: ``model.safetensors`` + ``model.json`` (name, classes, sizes, calibration) +
+``train_config.yaml`` (the recipe), read and written only here (``read_info`` / ``write_info`` /
+``update_info``, ``read_train_config`` / ``write_train_config``).
 
 Only safetensors are loaded: pickled checkpoints (.pt/.pth/.pkl/.bin/.ckpt) are refused,
 because unpickling runs arbitrary code.
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.nn as nn
+import yaml
 
 from cxrscreen.models.ood import OOD_FILE, OODReference
 from cxrscreen.models.registry import REGISTRY, build_model, get_entry
@@ -21,6 +24,8 @@ from cxrscreen.models.registry import REGISTRY, build_model, get_entry
 DEFAULT_CLASSES = ("covid", "normal", "viral_pneumonia", "bacterial_pneumonia")
 BUNDLED = Path(__file__).resolve().parents[1] / "weights"  # weights shipped with the package
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
+INFO_FILE = "model.json"
+TRAIN_CONFIG_FILE = "train_config.yaml"
 
 
 @dataclass
@@ -86,12 +91,56 @@ def validate_info(data: dict, where: str) -> ModelInfo:
     return ModelInfo(**data)
 
 
+def read_info(folder: str | Path) -> ModelInfo:
+    """A checkpoint folder's ``model.json``, checked field by field (``validate_info``)."""
+    path = Path(folder) / INFO_FILE
+    if not path.exists():
+        raise ValueError(f"{folder}: not a checkpoint folder (no {INFO_FILE})")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return validate_info(raw, str(path))
+
+
+def write_info(folder: str | Path, info: ModelInfo) -> Path:
+    path = Path(folder) / INFO_FILE
+    path.write_text(json.dumps(dataclasses.asdict(info), indent=2))
+    return path
+
+
+def update_info(folder: str | Path, **changes) -> ModelInfo:
+    """Rewrite ``model.json`` with some fields replaced; returns the new info."""
+    info = dataclasses.replace(read_info(folder), **changes)
+    validate_info(dataclasses.asdict(info), str(Path(folder) / INFO_FILE))
+    write_info(folder, info)
+    return info
+
+
+def read_train_config(folder: str | Path) -> dict:
+    """A checkpoint folder's ``train_config.yaml`` as a mapping (``cxrscreen.train.config.
+    checkpoint_config`` turns it into a validated ``TrainConfig``)."""
+    path = Path(folder) / TRAIN_CONFIG_FILE
+    if not path.exists():
+        raise ValueError(f"{folder}: no {TRAIN_CONFIG_FILE} (not a trained checkpoint folder)")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a YAML mapping")
+    return data
+
+
+def write_train_config(folder: str | Path, data: dict) -> Path:
+    path = Path(folder) / TRAIN_CONFIG_FILE
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def shipped_weights(task: str | None = None) -> list[str]:
     """Names of the trained weights shipped in ``cxrscreen/weights/`` (for ``task``)."""
     names = []
     for folder in sorted(BUNDLED.iterdir()) if BUNDLED.exists() else []:
         card = folder / "model.json"
-        if card.exists() and (task is None or json.loads(card.read_text()).get("task") == task):
+        if card.exists() and (task is None or read_info(folder).task == task):
             names.append(folder.name)
     return names
 
@@ -118,7 +167,7 @@ def save_checkpoint(out_dir: str | Path, module: nn.Module, info: ModelInfo) -> 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     save_file(state, out / "model.safetensors")
-    (out / "model.json").write_text(json.dumps(dataclasses.asdict(info), indent=2))
+    write_info(out, info)
     (out / OOD_FILE).unlink(missing_ok=True)  # fitted on other weights: `evaluate` fits it again
     return out
 
@@ -153,13 +202,9 @@ def load_model(spec: str, task: str, classes: tuple[str, ...] = DEFAULT_CLASSES,
         return LoadedModel(build_model(spec, n, 1).eval(), info, "untrained")
     folder = path if path.is_dir() else path.parent
     weights = path if path.is_file() else folder / "model.safetensors"
-    if not (folder / "model.json").exists() or not weights.exists():
+    if not (folder / INFO_FILE).exists() or not weights.exists():
         raise ValueError(f"{spec}: a checkpoint needs model.json and model.safetensors")
-    try:
-        raw = json.loads((folder / "model.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{folder / 'model.json'}: not valid JSON ({e})") from None
-    info = validate_info(raw, str(folder / "model.json"))
+    info = read_info(folder)
     if info.task != task:
         raise ValueError(f"{spec} holds a {info.task} model, a {task} model is needed here")
     n = 1 if task == "segment" else len(info.classes)

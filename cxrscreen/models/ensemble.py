@@ -10,12 +10,10 @@ the members learn jointly through the averaged output instead.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import yaml
 
 from cxrscreen.models.registry import build_model, register
 
@@ -41,12 +39,12 @@ def combine_checkpoints(member_dirs: list[str | Path], out_dir: str | Path) -> P
     as model; ``model.json`` lists every member's seed, best epoch and validation metrics."""
     from safetensors.torch import load_file, save_file
 
-    from cxrscreen.models.checkpoint import ModelInfo
+    from cxrscreen.models.checkpoint import read_info, read_train_config, write_info, write_train_config
 
     dirs = [Path(d) for d in member_dirs]
     if len(dirs) < 2:
         raise ValueError("an ensemble needs at least two members")
-    infos = [ModelInfo(**json.loads((d / "model.json").read_text())) for d in dirs]
+    infos = [read_info(d) for d in dirs]
     first = infos[0]
     same = ("name", "task", "classes", "input_size", "in_channels", "kwargs", "lung_crop", "intensity")
     for d, info in zip(dirs[1:], infos[1:]):
@@ -60,7 +58,7 @@ def combine_checkpoints(member_dirs: list[str | Path], out_dir: str | Path) -> P
     state = {f"members.{i}.{k}": v for i, d in enumerate(dirs) for k, v in load_file(d / "model.safetensors").items()}
     save_file(state, out / "model.safetensors")
     (out / "ood.safetensors").unlink(missing_ok=True)
-    configs = [yaml.safe_load((d / "train_config.yaml").read_text()) for d in dirs]
+    configs = [read_train_config(d) for d in dirs]
     members = [{"dir": str(d), "seed": c.get("seed"), "best_epoch": i.metrics.get("best_epoch"),
                 "epochs_run": i.metrics.get("epochs_run"), "train_seconds": i.metrics.get("train_seconds"),
                 "val": i.metrics.get("val")} for d, c, i in zip(dirs, configs, infos)]
@@ -69,7 +67,6 @@ def combine_checkpoints(member_dirs: list[str | Path], out_dir: str | Path) -> P
                                ood_threshold=None, ood_refer_rate=None,
                                evaluation={}, metrics={"members": members, "workers": first.metrics.get("workers"),
                                                        "train_seconds": sum(m["train_seconds"] or 0 for m in members)})
-    (out / "model.json").write_text(json.dumps(dataclasses.asdict(info), indent=2))
-    (out / "train_config.yaml").write_text(yaml.safe_dump(
-        {**configs[0], "model": "ensemble", "model_kwargs": kwargs, "out": str(out)}, sort_keys=False))
+    write_info(out, info)
+    write_train_config(out, {**configs[0], "model": "ensemble", "model_kwargs": kwargs, "out": str(out)})
     return out

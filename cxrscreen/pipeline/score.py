@@ -4,7 +4,6 @@ the driver writes atomic Parquet part files and can resume an interrupted run.""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import time
 from collections import Counter

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from cxrscreen.config import from_dict
 from cxrscreen.models import load_model, save_checkpoint
-from cxrscreen.train.config import AugmentConfig, TrainConfig
+from cxrscreen.train.config import AugmentConfig, TrainConfig, checkpoint_config
 from cxrscreen.train.data import ArrayDataset
 from cxrscreen.train.trainer import (bce_dice_loss, dice_scores, make_task, predict_logits, prepare_model,
                                      train_step)
@@ -52,7 +50,7 @@ def adapt_segmenter(model_dir: str | Path, out_dir: str | Path, steps: int = 40,
 
     model_dir, out = Path(model_dir), Path(out_dir)
     base = load_model(str(model_dir), "segment")
-    cfg = from_dict(TrainConfig, yaml.safe_load((model_dir / "train_config.yaml").read_text()))
+    cfg = checkpoint_config(model_dir)
     if data:
         cfg.data = data
     task = make_task(cfg)

@@ -94,3 +94,11 @@ def class_map_for(cfg: TrainConfig) -> dict:
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}; choose from {sorted(TASKS)} or give class_map")
     return TASKS[cfg.task]
+
+
+def checkpoint_config(folder) -> TrainConfig:
+    """The ``TrainConfig`` a checkpoint folder was trained with (its ``train_config.yaml``, validated)."""
+    from cxrscreen.config import from_dict
+    from cxrscreen.models.checkpoint import read_train_config
+
+    return from_dict(TrainConfig, read_train_config(folder))

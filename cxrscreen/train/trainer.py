@@ -16,13 +16,12 @@ import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
-import yaml
 
 from cxrscreen.config import to_dict
 from cxrscreen.evaluate.metrics import classification_metrics, fit_temperature, softmax
 from cxrscreen.masks import dice_scores
 from cxrscreen.models import build_model, check_input_size, get_entry
-from cxrscreen.models.checkpoint import ModelInfo, save_checkpoint
+from cxrscreen.models.checkpoint import ModelInfo, read_info, save_checkpoint, update_info, write_train_config
 from cxrscreen.train.config import TrainConfig
 from cxrscreen.train.data import ArrayDataset, labeled_splits, load_images, segmentation_splits
 
@@ -382,11 +381,10 @@ def train(cfg: TrainConfig, progress=print) -> Path:
     state = json.loads((out / "train_state.json").read_text())
     hist = pl.DataFrame(json.loads(result.metrics["history"]))  # the last report holds every epoch
     hist.write_parquet(out / "history.parquet")
-    info = json.loads((out / "model.json").read_text())
-    info["metrics"].update(train_seconds=time.perf_counter() - t0, epochs_run=len(hist),
-                           best_epoch=state["epoch"], workers=cfg.num_workers)
-    (out / "model.json").write_text(json.dumps(info, indent=2))
-    (out / "train_config.yaml").write_text(yaml.safe_dump(to_dict(saved), sort_keys=False))
+    metrics = read_info(out).metrics
+    info = update_info(out, metrics={**metrics, "train_seconds": time.perf_counter() - t0, "epochs_run": len(hist),
+                                     "best_epoch": state["epoch"], "workers": cfg.num_workers})
+    write_train_config(out, to_dict(saved))
     progress(f"best validation score {state['best']:.4f} at epoch {state['epoch']}; "
-             f"{info['metrics']['train_seconds']:.0f} s; checkpoint in {out}")
+             f"{info.metrics['train_seconds']:.0f} s; checkpoint in {out}")
     return out
