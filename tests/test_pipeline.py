@@ -44,6 +44,27 @@ def test_local_stages_without_ray(mixed_archive):
     assert mask.pixels.shape == (64, 64) and set(np.unique(mask.pixels)) <= {0.0, 1.0}
 
 
+def test_each_stage_adds_exactly_its_declared_columns(mixed_archive):
+    from cxrscreen.io.batch import TRANSIENT_COLUMNS, decode_items, stage_columns
+    from cxrscreen.pipeline.stages import Classifier, Segmenter
+
+    def names(*stages):
+        return {n for n, _ in stage_columns(stages, CLASSES)}
+
+    archive, _ = mixed_archive
+    items = list(list_inputs(archive))[:12]
+    batch = decode_items(items)
+    assert set(batch) == names("decode") | {"image"}
+    assert set(decode_items(items, include_phi=True)) == names("decode", "phi") | {"image"}
+    assert set(decode_items(items, defer_jpeg=True)) == names("decode") | set(TRANSIENT_COLUMNS)
+    batch = Segmenter("unet-lungs-fast", device="cpu", runtime="torch")(batch)
+    assert set(batch) == names("decode", "segment") | {"image"}
+    out = Classifier("mobilenet_v3_small", allow_untrained=True, cam="gradcam", device="cpu", runtime="torch")(batch)
+    assert set(out) == names("decode", "segment", "classify", "cam")  # the work images are not written
+    assert list(output_schema(CLASSES).names) == [n for n, _ in stage_columns(("decode", "classify", "segment", "cam"),
+                                                                               CLASSES)]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ray_score_on_2_cpus_accounts_for_every_input(mixed_archive, ray_2cpu, tmp_path):

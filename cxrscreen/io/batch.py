@@ -32,9 +32,40 @@ PHI_COLUMNS = {"dicom_PatientName": "patient_name", "dicom_PatientID": "patient_
 
 
 WORK_SIZE = 256  # decoded images travel as uint8 WORK_SIZE x WORK_SIZE
-# decode_batch's text columns (None where missing)
-STRING_COLUMNS = ("key", "source_path", "sha256", "status", "error_type", "error_message", "format",
-                  *DICOM_COLUMNS.values(), *PHI_COLUMNS.values())
+
+# The batch contract: every column a stage adds to the batch (name, type, stage), in output
+# order; ``prob_{class}`` stands for one column per class, stage ``phi`` is decode's with
+# ``include_phi``, ``cam`` the classifier's with a heatmap. Types: string, float32, float64,
+# int64, bool, binary, box (4 float32: x0, y0, x1, y1), codes (list of strings).
+# ``pipeline.output.output_schema`` is built from it; tests check each stage adds exactly these.
+COLUMNS = (
+    ("key", "string", "decode"), ("source_path", "string", "decode"), ("sha256", "string", "decode"),
+    ("status", "string", "decode"), ("error_type", "string", "decode"), ("error_message", "string", "decode"),
+    ("prob_{class}", "float32", "classify"), ("label", "string", "classify"), ("max_prob", "float32", "classify"),
+    ("screening_confidence", "float32", "classify"), ("ood_score", "float32", "classify"),
+    ("polarity", "float32", "decode"), ("refer", "bool", "classify"), ("refer_reason", "codes", "classify"),
+    ("lung_mask_png", "binary", "segment"), ("lung_fraction", "float32", "segment"), ("lung_bbox", "box", "segment"),
+    ("lung_bbox_right", "box", "segment"), ("lung_bbox_left", "box", "segment"),
+    ("cam_png", "binary", "cam"), ("cam_method", "string", "cam"), ("cam_lung_energy", "float32", "cam"),
+    ("format", "string", "decode"), ("width", "int64", "decode"), ("height", "int64", "decode"),
+    ("pixel_spacing_mm", "float64", "decode"), *((c, "string", "decode") for c in DICOM_COLUMNS.values()),
+    *((c, "string", "phi") for c in PHI_COLUMNS.values()),
+    ("classifier", "string", "classify"), ("classifier_sha256", "string", "classify"),
+    ("site_profile", "string", "classify"), ("segmenter", "string", "segment"), ("segmenter_sha256", "string", "segment"),
+    ("cxrscreen_version", "string", "classify"), ("t_decode_ms", "float32", "decode"),
+    ("t_segment_ms", "float32", "segment"), ("t_classify_ms", "float32", "classify"),
+)
+TRANSIENT_COLUMNS = ("image", "jpeg_bytes")  # travel between stages (work images, JPEGs for the device); never written
+
+
+def stage_columns(stages: tuple[str, ...], classes: list[str] = ()) -> list[tuple[str, str]]:
+    """(name, type) of the columns the given stages add, in output order."""
+    return [(name.format(**{"class": c}), kind) for name, kind, stage in COLUMNS if stage in stages
+            for c in (classes if "{class}" in name else [None])]
+
+
+# every text column whose missing values are None
+STRING_COLUMNS = tuple(n for n, kind, _ in COLUMNS if kind == "string")
 
 
 def restore_nulls(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -92,9 +123,7 @@ def decode_batch(batch: dict[str, np.ndarray], work_size: int = WORK_SIZE, max_p
     paths = batch.get("path", np.full(n, None, object))
     datas = batch.get("data", np.full(n, None, object))
     expected = batch.get("expected_sha", np.full(n, None, object))
-    rows: dict[str, list] = {c: [] for c in (
-        "key", "source_path", "sha256", "status", "error_type", "error_message", "format",
-        "width", "height", "pixel_spacing_mm", "polarity", "t_decode_ms", *meta_cols.values())}
+    rows: dict[str, list] = {c: [] for c, _ in stage_columns(("decode", "phi") if include_phi else ("decode",))}
     images, jpeg = [], []
     for i in range(n):
         t0 = time.perf_counter()

@@ -12,31 +12,19 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
-from cxrscreen.io.batch import DICOM_COLUMNS, PHI_COLUMNS
+from cxrscreen.io.batch import stage_columns
 
 # stable codes of ``refer_reason`` (a list per row), in the order they are listed
 REFER_CODES = ("unreadable", "low_confidence", "out_of_distribution", "atypical_lungs", "atypical_intensity")
 
 
 def output_schema(classes: list[str], include_phi: bool = False) -> pa.Schema:
-    """Column names and types of every output row (documented in README.md)."""
-    s = pa.string()
-    fields = [
-        ("key", s), ("source_path", s), ("sha256", s), ("status", s), ("error_type", s), ("error_message", s),
-        *[(f"prob_{c}", pa.float32()) for c in classes],
-        ("label", s), ("max_prob", pa.float32()), ("screening_confidence", pa.float32()), ("ood_score", pa.float32()), ("polarity", pa.float32()),
-        ("refer", pa.bool_()), ("refer_reason", pa.list_(s)),
-        ("lung_mask_png", pa.binary()), ("lung_fraction", pa.float32()), ("lung_bbox", pa.list_(pa.float32(), 4)),
-        ("lung_bbox_right", pa.list_(pa.float32(), 4)), ("lung_bbox_left", pa.list_(pa.float32(), 4)),
-        ("cam_png", pa.binary()), ("cam_method", s), ("cam_lung_energy", pa.float32()),
-        ("format", s), ("width", pa.int64()), ("height", pa.int64()), ("pixel_spacing_mm", pa.float64()),
-        *[(c, s) for c in DICOM_COLUMNS.values()],
-        *[(c, s) for c in (PHI_COLUMNS.values() if include_phi else ())],
-        ("classifier", s), ("classifier_sha256", s), ("site_profile", s), ("segmenter", s),
-        ("segmenter_sha256", s), ("cxrscreen_version", s), ("t_decode_ms", pa.float32()), ("t_segment_ms", pa.float32()),
-        ("t_classify_ms", pa.float32()),
-    ]
-    return pa.schema(fields)
+    """Column names and types of every output row (documented in README.md): the batch
+    contract ``cxrscreen.io.batch.COLUMNS`` of every stage."""
+    types = {"string": pa.string(), "float32": pa.float32(), "float64": pa.float64(), "int64": pa.int64(),
+             "bool": pa.bool_(), "binary": pa.binary(), "box": pa.list_(pa.float32(), 4), "codes": pa.list_(pa.string())}
+    stages = ("decode", "classify", "segment", "cam") + (("phi",) if include_phi else ())
+    return pa.schema([(name, types[kind]) for name, kind in stage_columns(stages, classes)])
 
 
 def batch_to_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
