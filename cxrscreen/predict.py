@@ -150,6 +150,27 @@ def decode_files_polarity(files: Sequence[str], work_size: int = WORK_SIZE, batc
     return images, ok, pol
 
 
+def segment_images(runner: ModelRunner, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """``runner.segment`` (lung probability maps) over many uint8 work images, in batches."""
+    parts = [runner.segment(images[i:i + batch]) for i in range(0, len(images), batch)]
+    size = runner.info.input_size
+    return np.concatenate(parts) if parts else np.zeros((0, size, size), np.float32)
+
+
+def module_logits(module: torch.nn.Module, images: np.ndarray, size: int, channels: int = 1,
+                  intensity: str = "raw", device: str | torch.device = "cpu", batch: int = 64) -> np.ndarray:
+    """Outputs of an in-memory module (a model being trained or adapted, not yet a checkpoint)
+    for uint8 work images: the model input ``ModelRunner.model_input`` makes
+    (``preprocess.to_model_input``), in batches, without gradients."""
+    module.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            x = to_model_input(torch.from_numpy(images[i:i + batch]).to(device), size, channels, intensity)
+            out.append(module(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
 def lung_boxes(segmenter: ModelRunner, images: np.ndarray, threshold: float = 0.5, batch: int = 32) -> np.ndarray:
     """Normalised lung boxes [x0, y0, x1, y1] of uint8 work images (NaN where no lung was found),
     from the cleaned mask exactly as the pipeline's ``Segmenter`` finds them."""

@@ -66,21 +66,18 @@ def test_model_card_is_rendered_from_the_shipped_evaluation():
 def test_shipped_unet_metrics_come_from_its_weights(name):
     """An adapted U-Net's recorded pseudo-mask Dice is recomputed from the shipped weights on
     ../shared/data/seg (val split); the default one's leave-one-out expert Dice meets the target."""
-    import torch
-    import yaml
-
-    from cxrscreen.config import from_dict
     from cxrscreen.evaluate.run import mask_metrics
-    from cxrscreen.train import TrainConfig
-    from cxrscreen.train.trainer import make_task, predict_logits
+    from cxrscreen.models.checkpoint import read_info
+    from cxrscreen.predict import ModelRunner, segment_images
+    from cxrscreen.train.config import checkpoint_config
+    from cxrscreen.train.trainer import make_task
 
     folder = BUNDLED / name
-    recorded = json.loads((folder / "model.json").read_text())["metrics"]
-    cfg = from_dict(TrainConfig, yaml.safe_load((folder / "train_config.yaml").read_text()))
+    recorded = read_info(folder).metrics
+    cfg = checkpoint_config(folder)
     cfg.data = str(shared_path("seg", "manifest.csv"))
     images, masks = make_task(cfg).arrays("val")
-    logits = predict_logits(load_model(name, "segment").module, images, cfg, torch.device("cpu"))
-    again = mask_metrics(logits[:, 0] > 0, masks > 0)
+    again = mask_metrics(segment_images(ModelRunner(name, "segment", device="cpu"), images) > 0.5, masks > 0)
     assert again["raw"]["n"] == recorded["pseudo_masks_val_raw"]["n"]
     assert abs(again["raw"]["dice"] - recorded["pseudo_masks_val_raw"]["dice"]) < 1e-3
     if name == "unet-lungs":  # the default segmenter

@@ -7,13 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
 from cxrscreen.evaluate.metrics import (accuracy_at_coverage, classification_metrics, fit_temperature,
                                         refer_threshold, softmax)
 from cxrscreen.masks import dice_scores
 from cxrscreen.referral import screening_confidence
-from cxrscreen.models import load_model
 from cxrscreen.models.checkpoint import update_info
 from cxrscreen.train.config import checkpoint_config
 from cxrscreen.train.data import labeled_splits
@@ -200,10 +198,12 @@ def evaluate_segmenter(model_dir: str | Path, data: str | None = None) -> dict:
     expert masks (ground truth, ``test``) and on the pseudo-mask validation split - labeled apart.
     A model adapted on the expert masks (``cxrscreen adapt-segmenter``) is scored on the pseudo
     masks only: its expert numbers are the leave-one-out ones written by the adaptation."""
-    from cxrscreen.train.trainer import make_task, predict_logits
+    from cxrscreen.predict import ModelRunner, segment_images
+    from cxrscreen.train.trainer import make_task
 
     model_dir = Path(model_dir)
-    loaded = load_model(str(model_dir), "segment")
+    runner = ModelRunner(str(model_dir), "segment")
+    loaded = runner.loaded
     cfg = checkpoint_config(model_dir)
     if data:
         cfg.data = data
@@ -214,8 +214,8 @@ def evaluate_segmenter(model_dir: str | Path, data: str | None = None) -> dict:
         images, masks = task.arrays(split)
         if not len(images):
             continue
-        logits = predict_logits(loaded.module, images, cfg, torch.device("cpu"))
-        out.update({f"{name}_{v}": m for v, m in mask_metrics(logits[:, 0] > 0, masks > 0).items()})
+        probs = segment_images(runner, images)
+        out.update({f"{name}_{v}": m for v, m in mask_metrics(probs > 0.5, masks > 0).items()})
     update_info(model_dir, metrics={**loaded.info.metrics, **{k: v for k, v in out.items() if isinstance(v, dict)}})
     return out
 

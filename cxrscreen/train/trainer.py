@@ -40,13 +40,11 @@ def make_loader(images, targets, cfg: TrainConfig, train: bool, sampler_weights=
 
 
 def predict_logits(model, images: np.ndarray, cfg: TrainConfig, device) -> np.ndarray:
-    """Model outputs for uint8 images, in batches, without gradients."""
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for x, _ in make_loader(images, np.zeros(len(images)), cfg, train=False):
-            out.append(model(x.to(device).contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    """Outputs of a model being trained for uint8 work images (``cxrscreen.predict.module_logits``
+    at the recipe's input size, channels and intensity)."""
+    from cxrscreen.predict import module_logits
+
+    return module_logits(model, images, input_size(cfg), cfg.in_channels, cfg.intensity, device, cfg.batch_size)
 
 
 class ClassifyTask:
