@@ -29,7 +29,7 @@ SEGMENTERS = ("unet-lungs", "unet-lungs-fast", "")  # "" = classification only
 
 def masks(items, cfg: ScoreConfig, cpus: int) -> np.ndarray:
     """The lung masks ``score`` would store (cleaned), as booleans."""
-    seg = Segmenter(**cfg.segmenter_options(), **cfg.runtime_options(threads=cpus))
+    seg = Segmenter(cfg.segmenter_options(), cfg.runtime_options(threads=cpus))
     chunks = [items[i:i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
     return np.stack([decode_mask_png(png) for c in chunks
                      for png in seg(decode_items(c, cfg.work_size))["lung_mask_png"]])

@@ -35,9 +35,9 @@ class Screener:
 
         self.cfg = from_dict(ScoreConfig, dict(options, classifier=classifier, segmenter=segmenter))
         check_models(self.cfg)
-        kw = self.cfg.runtime_options()
-        self.segmenter = Segmenter(**self.cfg.segmenter_options(), **kw) if segmenter else None
-        self.classifier = Classifier(**self.cfg.classifier_options(), **kw)
+        runtime = self.cfg.runtime_options()
+        self.segmenter = Segmenter(self.cfg.segmenter_options(), runtime) if segmenter else None
+        self.classifier = Classifier(self.cfg.classifier_options(), runtime)
         self.schema = output_schema(self.classifier.classes, self.cfg.include_phi)
 
     def __call__(self, images: Sequence) -> pl.DataFrame:

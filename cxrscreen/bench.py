@@ -65,9 +65,9 @@ def bench_decode(items: list[InputItem], cfg: ScoreConfig, cpus: int) -> float:
 
 
 def _models(cfg: ScoreConfig, threads: int):
-    kw = cfg.runtime_options(threads=threads)
-    seg = Segmenter(**cfg.segmenter_options(), **kw) if cfg.segmenter else None
-    cls = Classifier(**cfg.classifier_options(), **kw)
+    runtime = cfg.runtime_options(threads=threads)
+    seg = Segmenter(cfg.segmenter_options(), runtime) if cfg.segmenter else None
+    cls = Classifier(cfg.classifier_options(), runtime)
     return seg, cls
 
 

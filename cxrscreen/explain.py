@@ -58,8 +58,8 @@ def explain_archive(archive, out_dir, classifier: str = "cxrnet-4class", segment
     from cxrscreen.pipeline.stages import Classifier, Segmenter
 
     cfg = ScoreConfig(classifier=classifier, segmenter=segmenter, cam=method, batch_size=batch_size)
-    seg = Segmenter(**cfg.segmenter_options(), **cfg.runtime_options()) if segmenter else None
-    cls = Classifier(**cfg.classifier_options(), **cfg.runtime_options())
+    seg = Segmenter(cfg.segmenter_options(), cfg.runtime_options()) if segmenter else None
+    cls = Classifier(cfg.classifier_options(), cfg.runtime_options())
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     items = list(list_inputs(archive))[:limit]

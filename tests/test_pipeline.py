@@ -13,7 +13,8 @@ import pytest
 
 from cxrscreen.io import list_inputs
 from cxrscreen.io.decode import decode_image
-from cxrscreen.pipeline import ScoreConfig, score_archive, score_items_local
+from cxrscreen.pipeline import (ClassifierOptions, RuntimeOptions, ScoreConfig, SegmenterOptions, score_archive,
+                                score_items_local)
 from cxrscreen.pipeline.output import batch_to_table, output_schema
 from cxrscreen.pipeline.score import plan_resources
 
@@ -57,9 +58,10 @@ def test_each_stage_adds_exactly_its_declared_columns(mixed_archive):
     assert set(batch) == names("decode") | {"image"}
     assert set(decode_items(items, include_phi=True)) == names("decode", "phi") | {"image"}
     assert set(decode_items(items, defer_jpeg=True)) == names("decode") | set(TRANSIENT_COLUMNS)
-    batch = Segmenter("unet-lungs-fast", device="cpu", runtime="torch")(batch)
+    cpu = RuntimeOptions(device="cpu", runtime="torch")
+    batch = Segmenter(SegmenterOptions("unet-lungs-fast"), cpu)(batch)
     assert set(batch) == names("decode", "segment") | {"image"}
-    out = Classifier("mobilenet_v3_small", allow_untrained=True, cam="gradcam", device="cpu", runtime="torch")(batch)
+    out = Classifier(ClassifierOptions("mobilenet_v3_small", allow_untrained=True, cam="gradcam"), cpu)(batch)
     assert set(out) == names("decode", "segment", "classify", "cam")  # the work images are not written
     assert list(output_schema(CLASSES).names) == [n for n, _ in stage_columns(("decode", "classify", "segment", "cam"),
                                                                                CLASSES)]
@@ -207,8 +209,9 @@ def test_lung_crop_classifies_the_box(whole_image_classifier):
     whole = crop_boxes(torch.from_numpy(img), np.full((1, 4), np.nan, np.float32), 64)
     assert np.array_equal(whole.numpy(), img)  # no box: whole image
 
-    cls = Classifier(whole_image_classifier, device="cpu", precision="fp32", lung_crop=True)
-    plain = Classifier(whole_image_classifier, device="cpu", precision="fp32")
+    cpu = RuntimeOptions(device="cpu", precision="fp32")
+    cls = Classifier(ClassifierOptions(whole_image_classifier, lung_crop=True), cpu)
+    plain = Classifier(ClassifierOptions(whole_image_classifier), cpu)
 
     def batch(image, box):
         return {"key": np.array(["a"], object), "status": np.array(["ok"], object),

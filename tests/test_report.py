@@ -11,7 +11,10 @@ from cxrscreen.evaluate.run import evaluate_model
 from cxrscreen.evaluate.source_shift import leave_one_source_out
 from cxrscreen.io import list_inputs
 from cxrscreen.io.batch import decode_items
+from cxrscreen.pipeline.config import ClassifierOptions, RuntimeOptions, SegmenterOptions
 from cxrscreen.pipeline.stages import Classifier, Segmenter
+
+CPU = RuntimeOptions(device="cpu", runtime="torch")
 from cxrscreen.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow  # trains models and builds reports (seconds to minutes each)
@@ -45,13 +48,13 @@ def test_crop_trained_model_is_always_fed_lung_crops(trained, two_site_manifest)
     _, crop = trained
     assert json.loads((crop / "model.json").read_text())["lung_crop"] == "unet-lungs"
     items = list(list_inputs(two_site_manifest.parent / "images"))[:8]
-    cls = Classifier(str(crop), device="cpu", runtime="torch")
+    cls = Classifier(ClassifierOptions(str(crop)), CPU)
     assert cls.lung_crop
     # never silently uncropped: without the pipeline's boxes, or with another segmenter's, it crops
     # with its own copy of the segmenter it was trained with, so its probabilities do not change
     no_seg = cls(decode_items(items))
-    with_seg = cls(Segmenter("unet-lungs", device="cpu", runtime="torch")(decode_items(items)))
-    other = cls(Segmenter("unet-lungs-fast", device="cpu", runtime="torch")(decode_items(items)))
+    with_seg = cls(Segmenter(SegmenterOptions("unet-lungs"), CPU)(decode_items(items)))
+    other = cls(Segmenter(SegmenterOptions("unet-lungs-fast"), CPU)(decode_items(items)))
     assert (no_seg["status"] == "ok").all() and (with_seg["status"] == "ok").all()
     for c in ("covid", "normal", "viral_pneumonia", "bacterial_pneumonia"):
         assert np.abs(no_seg[f"prob_{c}"] - with_seg[f"prob_{c}"]).max() < 1e-5
@@ -147,8 +150,8 @@ def test_a_crop_models_heatmap_is_shown_on_the_crop(trained, two_site_manifest):
 
     _, crop = trained
     items = list(list_inputs(two_site_manifest.parent / "images"))[:3]
-    cls = Classifier(str(crop), device="cpu", runtime="torch", cam="gradcam", cam_size=256)
-    batch, images = explain_items(items, cls, Segmenter(device="cpu", runtime="torch"))
+    cls = Classifier(ClassifierOptions(str(crop), cam="gradcam", cam_size=256), CPU)
+    batch, images = explain_items(items, cls, Segmenter(runtime=CPU))
     shown = overlays(batch, images, cls.lung_crop)
     assert len(shown) == 3
     for i, picture in shown:

@@ -167,8 +167,8 @@ def stage_section(run: Run, cfg: ScoreConfig, images: np.ndarray, jpeg_files: li
     """The pipeline's actors on pre-decoded images and on JPEG bytes (decoded by the segmenter actor)."""
     precision = "fp16" if run.device == "cuda" else "bf16"
     c = replace(cfg, device=run.device, precision=precision, runtime="torch", cuda_graphs=run.device == "cuda")
-    seg = Segmenter(**c.segmenter_options(), **c.runtime_options())
-    cls = Classifier(**c.classifier_options(), **c.runtime_options())
+    seg = Segmenter(c.segmenter_options(), c.runtime_options())
+    cls = Classifier(c.classifier_options(), c.runtime_options())
     for bs in batch_sizes:
         if run.left() < 20:
             run.add("stage", "skipped", reason=f"time budget: batch {bs}")

@@ -87,6 +87,7 @@ def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | Non
     from cxrscreen.explain import explain_items, overlays
     from cxrscreen.io.sources import InputItem
     from cxrscreen.models import load_model
+    from cxrscreen.pipeline.config import ClassifierOptions, RuntimeOptions, SegmenterOptions
     from cxrscreen.pipeline.stages import Classifier, Segmenter
     from cxrscreen.predict import classify_images
     from cxrscreen.train.data import load_images
@@ -109,8 +110,9 @@ def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | Non
     pick = np.sort(rng.choice(len(rows), min(samples, len(rows)), replace=False))
     files = [rows["file"][int(i)] for i in pick]
     segmenter = segmenter or info.lung_crop  # a crop-trained model needs its lung boxes
-    cls = Classifier(str(model_dir), device="cpu", runtime="torch", cam="gradcam", cam_size=256)
-    seg = Segmenter(segmenter, device="cpu", runtime="torch") if segmenter else None
+    cpu = RuntimeOptions(device="cpu", runtime="torch")
+    cls = Classifier(ClassifierOptions(str(model_dir), cam="gradcam", cam_size=256), cpu)
+    seg = Segmenter(SegmenterOptions(segmenter), cpu) if segmenter else None
     batch, images = explain_items([InputItem(key=Path(f).name, path=f) for f in files], cls, seg)
     titles = [f"true {classes[y[i]]}\npred {classes[probs[i].argmax()]} {probs[i].max():.2f}" for i in pick]
     page.figure(f"{tag}-samples", plots.image_grid(list(images), titles), f"{tag}: sample test predictions")
@@ -157,6 +159,7 @@ def _segmentation_section(page: _Page, segmenter: str, seg_data: str | None, sam
     from cxrscreen.masks import decode_mask_png
     from cxrscreen.models import load_model
     from cxrscreen.io.batch import image_batch
+    from cxrscreen.pipeline.config import RuntimeOptions, SegmenterOptions
     from cxrscreen.pipeline.stages import Segmenter
     from cxrscreen.train.data import load_images
 
@@ -178,7 +181,7 @@ def _segmentation_section(page: _Page, segmenter: str, seg_data: str | None, sam
     truth, ok_m = load_images(df["mask_file"].to_list())
     good = ok & ok_m
     images, truth, files = images[good], truth[good], [f for f, g in zip(df["file"], good) if g]
-    batch = Segmenter(segmenter, device="cpu", runtime="torch")(image_batch(images))
+    batch = Segmenter(SegmenterOptions(segmenter), RuntimeOptions(device="cpu", runtime="torch"))(image_batch(images))
     panels, titles = [], []
     for i, f in enumerate(files):
         pred = decode_mask_png(batch["lung_mask_png"][i])

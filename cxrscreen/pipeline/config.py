@@ -1,9 +1,50 @@
-"""Settings of a scoring run (mapped from configs/score.yaml)."""
+"""Settings of a scoring run (mapped from configs/score.yaml) and the typed options each
+model stage takes whole (``RuntimeOptions``, ``SegmenterOptions``, ``ClassifierOptions``:
+their defaults are the one source of ``ScoreConfig``'s)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a model stage runs its model (``cxrscreen.runtime.make_runtime``)."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 | int8 (TensorRT only)
+    threads: int | None = None  # torch threads; None = the runtime's default
+    runtime: str = "auto"  # auto | torch | onnxruntime | tensorrt
+    cuda_graphs: bool = False
+    compile: bool = False
+    int8_calibration: str | None = None  # int8: images to calibrate on
+
+
+@dataclass(frozen=True)
+class SegmenterOptions:
+    """The ``Segmenter`` stage: which weights, mask threshold and stored mask size."""
+
+    spec: str = "unet-lungs-fast"  # shipped weights or a checkpoint folder
+    mask_size: int = 256
+    threshold: float = 0.5
+    allow_untrained: bool = False
+
+
+@dataclass(frozen=True)
+class ClassifierOptions:
+    """The ``Classifier`` stage: which weights, referral thresholds and rules, heatmaps."""
+
+    spec: str = "cxrnet-4class"  # shipped weights or a checkpoint folder
+    lung_crop: bool = False
+    refer_below: float | None = None  # None: the site profile's, else the checkpoint's
+    ood_threshold: float | None = None  # None: the site profile's, else the checkpoint's
+    min_polarity: float = 0.0
+    lung_fraction_range: tuple[float, float] = (0.05, 0.7)
+    cam: str | None = None
+    cam_size: int = 128
+    site: str | None = None
+    allow_untrained: bool = False
 
 
 @dataclass
@@ -18,14 +59,14 @@ class ScoreConfig:
                                  "work_size", "mask_size", "cam_size", "rows_per_file", "max_pixels", "max_bytes", "num_cpus", "limit")
     NON_NEGATIVE: ClassVar[tuple] = ("refer_below", "ood_threshold", "lung_fraction_min", "lung_fraction_max")
 
-    classifier: str = "cxrnet-4class"  # shipped weights or a checkpoint folder (an architecture: allow_untrained)
-    segmenter: str = "unet-lungs-fast"  # shipped weights or a checkpoint folder; "" = none
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 | int8 (TensorRT only)
+    classifier: str = ClassifierOptions.spec  # shipped weights or a checkpoint folder (an architecture: allow_untrained)
+    segmenter: str = SegmenterOptions.spec  # shipped weights or a checkpoint folder; "" = none
+    device: str = RuntimeOptions.device  # auto | cpu | cuda
+    precision: str = RuntimeOptions.precision  # auto | fp32 | bf16 | fp16 | int8 (TensorRT only)
     int8_calibration: str | None = None  # int8: folder/list of images to calibrate on (a few hundred)
-    runtime: str = "auto"  # auto | torch | onnxruntime | tensorrt (auto: fastest available, see README)
-    cuda_graphs: bool = False  # torch runtime on CUDA: capture one CUDA graph per batch size
-    compile: bool = False  # torch runtime: torch.compile the models
+    runtime: str = RuntimeOptions.runtime  # auto | torch | onnxruntime | tensorrt (auto: fastest available, see README)
+    cuda_graphs: bool = RuntimeOptions.cuda_graphs  # torch runtime on CUDA: capture one CUDA graph per batch size
+    compile: bool = RuntimeOptions.compile  # torch runtime: torch.compile the models
     batch_size: int = 16
     seg_actors: int = 1
     cls_actors: int = 1
@@ -33,17 +74,17 @@ class ScoreConfig:
     torch_threads: int | None = None  # per actor; None = sized from the cluster
     work_size: int = 256  # decoded images travel as uint8 work_size x work_size
     decode_jpeg_on_device: bool = False  # JPEGs travel as bytes, decoded in batch by the model actor (nvJPEG on GPU)
-    lung_crop: bool = False  # classify the lung bounding box instead of the whole image
-    mask_size: int = 256  # stored lung-mask PNG size
+    lung_crop: bool = ClassifierOptions.lung_crop  # classify the lung bounding box instead of the whole image
+    mask_size: int = SegmenterOptions.mask_size  # stored lung-mask PNG size
     cam: str | None = None  # gradcam | gradcampp: add a heatmap of the predicted class per row
-    cam_size: int = 128  # stored heatmap PNG size
+    cam_size: int = ClassifierOptions.cam_size  # stored heatmap PNG size
     refer_below: float | None = None  # refer below this top probability; None = site profile's, else checkpoint's
     ood_threshold: float | None = None  # refer above this ood_score; None = site profile's, else checkpoint's
-    min_polarity: float = 0.0  # refer (atypical_intensity) below this mediastinum-vs-lung contrast
+    min_polarity: float = ClassifierOptions.min_polarity  # refer (atypical_intensity) below this mediastinum-vs-lung contrast
     site: str | None = None  # a site profile folder (cxrscreen calibrate): temperature, thresholds, OOD reference
     allow_untrained: bool = False  # accept an architecture name (random weights) as a model
-    lung_fraction_min: float = 0.05  # refer when the lung area fraction is outside this range:
-    lung_fraction_max: float = 0.7  # (probably not a frontal chest radiograph)
+    lung_fraction_min: float = ClassifierOptions.lung_fraction_range[0]  # refer when the lung area fraction
+    lung_fraction_max: float = ClassifierOptions.lung_fraction_range[1]  # is outside this range (not a frontal CXR?)
     rows_per_file: int = 1000  # rows per output part file (each written atomically)
     prune: bool = False  # remove rows of inputs no longer in the archive (default: keep them, counted as stale)
     max_pixels: int = 80_000_000
@@ -61,17 +102,18 @@ class ScoreConfig:
         return dict(max_pixels=self.max_pixels, max_bytes=self.max_bytes, prefer_lut=self.prefer_lut, include_phi=self.include_phi,
                     defer_jpeg=self.decode_jpeg_on_device)
 
-    def segmenter_options(self) -> dict:
-        return dict(spec=self.segmenter, mask_size=self.mask_size, allow_untrained=self.allow_untrained)
+    def segmenter_options(self) -> SegmenterOptions:
+        return SegmenterOptions(spec=self.segmenter, mask_size=self.mask_size, allow_untrained=self.allow_untrained)
 
-    def classifier_options(self) -> dict:
-        return dict(spec=self.classifier, lung_crop=self.lung_crop, refer_below=self.refer_below,
-                    ood_threshold=self.ood_threshold, min_polarity=self.min_polarity, site=self.site,
-                    cam=self.cam, cam_size=self.cam_size, allow_untrained=self.allow_untrained,
-                    lung_fraction_range=(self.lung_fraction_min, self.lung_fraction_max))
+    def classifier_options(self) -> ClassifierOptions:
+        return ClassifierOptions(spec=self.classifier, lung_crop=self.lung_crop, refer_below=self.refer_below,
+                                 ood_threshold=self.ood_threshold, min_polarity=self.min_polarity, site=self.site,
+                                 cam=self.cam, cam_size=self.cam_size, allow_untrained=self.allow_untrained,
+                                 lung_fraction_range=(self.lung_fraction_min, self.lung_fraction_max))
 
-    def runtime_options(self, device: str | None = None, threads: int | None = None) -> dict:
-        """Keyword arguments of the Segmenter / Classifier runtimes."""
-        return dict(device=device or self.device, precision=self.precision, threads=threads or self.torch_threads,
-                    runtime=self.runtime, cuda_graphs=self.cuda_graphs, compile=self.compile,
-                    **({"int8_calibration": self.int8_calibration} if self.precision == "int8" else {}))
+    def runtime_options(self, device: str | None = None, threads: int | None = None) -> RuntimeOptions:
+        """The model stages' runtime (``device`` / ``threads``: as planned for the cluster)."""
+        return RuntimeOptions(device=device or self.device, precision=self.precision,
+                              threads=threads or self.torch_threads, runtime=self.runtime,
+                              cuda_graphs=self.cuda_graphs, compile=self.compile,
+                              int8_calibration=self.int8_calibration if self.precision == "int8" else None)

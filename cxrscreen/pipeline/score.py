@@ -242,9 +242,9 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     pool = dict(batch_size=cfg.batch_size, batch_format="numpy", num_cpus=plan.actor_cpus,
                 num_gpus=plan.actor_gpus or None)
     if cfg.segmenter:
-        ds = ds.map_batches(Segmenter, fn_constructor_kwargs=dict(**cfg.segmenter_options(), **model_kwargs),
+        ds = ds.map_batches(Segmenter, fn_constructor_kwargs=dict(options=cfg.segmenter_options(), runtime=model_kwargs),
                             compute=ray.data.ActorPoolStrategy(size=cfg.seg_actors), **pool)
-    ds = ds.map_batches(Classifier, fn_constructor_kwargs=dict(**cfg.classifier_options(), **model_kwargs),
+    ds = ds.map_batches(Classifier, fn_constructor_kwargs=dict(options=cfg.classifier_options(), runtime=model_kwargs),
                         compute=ray.data.ActorPoolStrategy(size=cfg.cls_actors), **pool)
     summary = ScoreSummary(inputs=n_inputs)
     bar = tqdm(total=max(n_pending, 0), unit="img", desc="score", disable=not progress, smoothing=0.1)
@@ -316,11 +316,10 @@ def _count(summary: ScoreSummary, batch: dict) -> None:
 def score_items_local(items: Iterable[InputItem], cfg: ScoreConfig = ScoreConfig(),
                       segmenter: Segmenter | None = None, classifier: Classifier | None = None) -> Iterable[dict]:
     """The same stages without Ray, one batch at a time (for tests, notebooks and benchmarks)."""
-    kw = cfg.runtime_options()
     if segmenter is None and cfg.segmenter:
-        segmenter = Segmenter(**cfg.segmenter_options(), **kw)
+        segmenter = Segmenter(cfg.segmenter_options(), cfg.runtime_options())
     if classifier is None:
-        classifier = Classifier(**cfg.classifier_options(), **kw)
+        classifier = Classifier(cfg.classifier_options(), cfg.runtime_options())
     buf: list[InputItem] = []
 
     def run(chunk):

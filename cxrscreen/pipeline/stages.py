@@ -19,6 +19,7 @@ from cxrscreen.io.batch import col, polarity, restore_nulls
 from cxrscreen.masks import decode_mask_png, lung_regions_batch, mask_pngs, resize_masks
 from cxrscreen.models.ood import appearance_features
 from cxrscreen.models.site import SiteProfile
+from cxrscreen.pipeline.config import ClassifierOptions, RuntimeOptions, SegmenterOptions
 from cxrscreen.pipeline.output import REFER_CODES
 from cxrscreen.predict import ModelRunner
 from cxrscreen.referral import screening_confidence
@@ -30,10 +31,10 @@ class _ModelStage:
 
     task = ""
 
-    def __init__(self, spec: str, device: str = "auto", precision: str = "auto", threads: int | None = None,
-                 runtime: str = "auto", allow_untrained: bool = False, **runtime_options):
-        self.runner = ModelRunner(spec, self.task, device, precision, threads, runtime, allow_untrained,
-                                  **runtime_options)
+    def __init__(self, spec: str, runtime: RuntimeOptions, allow_untrained: bool = False):
+        self.runner = ModelRunner(spec, self.task, runtime.device, runtime.precision, runtime.threads, runtime.runtime,
+                                  allow_untrained, runtime.int8_calibration, cuda_graphs=runtime.cuda_graphs,
+                                  compile=runtime.compile)
         self.loaded, self.info = self.runner.loaded, self.runner.info
 
     def _prepare(self, batch: dict) -> None:
@@ -93,9 +94,9 @@ class Segmenter(_ModelStage):
 
     task = "segment"
 
-    def __init__(self, spec: str = "unet-lungs-fast", mask_size: int = 256, threshold: float = 0.5, **runtime_options):
-        super().__init__(spec, **runtime_options)
-        self.mask_size, self.threshold = mask_size, threshold
+    def __init__(self, options: SegmenterOptions = SegmenterOptions(), runtime: RuntimeOptions = RuntimeOptions()):
+        super().__init__(options.spec, runtime, options.allow_untrained)
+        self.mask_size, self.threshold = options.mask_size, options.threshold
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
@@ -138,25 +139,22 @@ class Classifier(_ModelStage):
     task = "classify"
     DEFAULT_REFER_BELOW = 0.6
 
-    def __init__(self, spec: str = "cxrnet-4class", lung_crop: bool = False, refer_below: float | None = None,
-                 ood_threshold: float | None = None, min_polarity: float = 0.0,
-                 lung_fraction_range: tuple[float, float] = (0.05, 0.7), cam: str | None = None,
-                 cam_size: int = 128, site: str | None = None, **runtime_options):
-        super().__init__(spec, **runtime_options)
-        self.cam, self.cam_size = None, cam_size
-        if cam:
+    def __init__(self, options: ClassifierOptions = ClassifierOptions(), runtime: RuntimeOptions = RuntimeOptions()):
+        super().__init__(options.spec, runtime, options.allow_untrained)
+        self.cam, self.cam_size = None, options.cam_size
+        if options.cam:
             from cxrscreen.cam import GradCAM
 
             self.loaded.module.to(self.runner.device)  # the runtime holds its own copy; CAM runs beside it
-            self.cam = GradCAM(self.loaded.module, self.info.in_channels, self.info.input_size, cam)
-        self.site = SiteProfile.load(site, self.loaded) if site else None
-        self.lung_crop = lung_crop or bool(self.info.lung_crop)  # a crop-trained model is always fed crops
-        self.lung_fraction_range, self.min_polarity = lung_fraction_range, min_polarity
+            self.cam = GradCAM(self.loaded.module, self.info.in_channels, self.info.input_size, options.cam)
+        self.site = SiteProfile.load(options.site, self.loaded) if options.site else None
+        self.lung_crop = options.lung_crop or bool(self.info.lung_crop)  # a crop-trained model is always fed crops
+        self.lung_fraction_range, self.min_polarity = options.lung_fraction_range, options.min_polarity
         site = self.site or SiteProfile.from_checkpoint(self.loaded)
         self.temperature = site.temperature
-        self.refer_below = next(v for v in (refer_below, site.refer_threshold, self.DEFAULT_REFER_BELOW)
+        self.refer_below = next(v for v in (options.refer_below, site.refer_threshold, self.DEFAULT_REFER_BELOW)
                                 if v is not None)
-        self.ood_threshold = ood_threshold if ood_threshold is not None else site.ood_threshold
+        self.ood_threshold = options.ood_threshold if options.ood_threshold is not None else site.ood_threshold
         self.ood = site.reference if site.reference is not None else self.loaded.ood
         self.classes = list(self.info.classes)
 
