@@ -14,8 +14,14 @@ from cxrscreen.runtime import RUNTIMES
 
 @click.group()
 @click.version_option(__version__, prog_name="cxrscreen")
-def main():
+@click.option("-v", "--verbose", is_flag=True, help="Also show Ray's own log lines (worker output, warnings, "
+              "C++ logs); by default only cxrscreen's lines and errors are printed.")
+def main(verbose):
     """Batch screening of chest X-rays for COVID-19 and pneumonia."""
+    if verbose:
+        import os
+
+        os.environ["CXRSCREEN_VERBOSE"] = "1"
 
 
 @main.command()

@@ -3,9 +3,11 @@ a cluster with ``RAY_ADDRESS`` / ``address``."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sys
 
 
 class ClusterUnreachable(RuntimeError):
@@ -30,18 +32,53 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                                  "`ray start --head`, fix RAY_ADDRESS / --address, or unset it for a local Ray") from None
 
 
+def verbose() -> bool:
+    """Whether Ray's own log lines are shown (``cxrscreen -v``, or ``CXRSCREEN_VERBOSE=1``)."""
+    return os.environ.get("CXRSCREEN_VERBOSE", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def _stderr_silenced(on: bool):
+    """File descriptor 2 pointed at /dev/null for the block (C++ lines bypass Python's sys.stderr)."""
+    if not on:
+        yield
+        return
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None):
-    """Connect to ``address`` (else ``RAY_ADDRESS``) or start an embedded local Ray."""
+    """Connect to ``address`` (else ``RAY_ADDRESS``) or start an embedded local Ray.
+
+    Quiet unless ``verbose()``: Ray's driver log lines below errors, its C++ log lines and the
+    workers' forwarded output are not printed (our own errors still reach the user: a failing
+    row is an error row, a failing run an exception); ``-v`` shows all of them."""
     import ray
 
+    loud = verbose()
+    if not loud:
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # read by the driver's core worker at init
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # Ray Data sets up its logger again per run
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        kwargs = dict(include_dashboard=False, logging_level=logging.WARNING if loud else logging.ERROR,
+                      log_to_driver=loud)
         if address:
             check_reachable(address)
-            ray.init(address=address, **kwargs)
-        else:  # "local": always a fresh embedded instance, never a stray `ray start` cluster
-            ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        with _stderr_silenced(not loud):  # the core worker announces the log level it read
+            if address:
+                ray.init(address=address, **kwargs)
+            else:  # "local": always a fresh embedded instance, never a stray `ray start` cluster
+                ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.INFO if loud else logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -27,3 +27,14 @@ def test_synth_split_audit_ingest(tmp_path):
     res = runner.invoke(main, ["ingest", str(out / "manifest.csv"), "-o", str(tmp_path / "shards"), "--shard-size", "5"])
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "shards").glob("shard-*.parquet"))) == 3
+
+
+def test_verbose_flag_turns_rays_own_log_lines_on(tmp_path, monkeypatch):
+    from cxrscreen.cluster import verbose
+
+    monkeypatch.delenv("CXRSCREEN_VERBOSE", raising=False)  # restored after the test
+    assert not verbose()
+    assert CliRunner().invoke(main, ["synth", "-o", str(tmp_path / "a"), "-n", "2", "--size", "32"]).exit_code == 0
+    assert not verbose()
+    assert CliRunner().invoke(main, ["-v", "synth", "-o", str(tmp_path / "b"), "-n", "2", "--size", "32"]).exit_code == 0
+    assert verbose()

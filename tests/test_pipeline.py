@@ -193,6 +193,9 @@ def test_killed_run_resumes_to_exactly_one_row_per_input(tmp_path):
     df = pl.read_parquet(out / "part-*.parquet")
     assert df.height == 200 and df["key"].n_unique() == 200
     assert f"{first} already done, {200 - first} ok" in res.stdout
+    # quiet by default: Ray's own lines (token auth, C++ core worker, Ray Data's log) are not printed
+    for noise in ("core_worker", "Token authentication", "streaming_executor", "Progress bars disabled", "logging.cc"):
+        assert noise not in res.stderr, res.stderr[-2000:]
 
 
 def test_lung_crop_classifies_the_box(whole_image_classifier):
