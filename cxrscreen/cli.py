@@ -128,6 +128,8 @@ def audit(manifest, out_path, threshold, drop_path):
 @click.option("--include-phi", is_flag=True, default=None, help="Write DICOM patient identifiers (off by default).")
 @click.option("--rows-per-file", type=int, help="Rows per output part file.")
 @click.option("--prune", is_flag=True, default=None, help="Remove output rows of inputs no longer in the archive.")
+@click.option("--worklist/--no-worklist", default=None,
+              help="Write the triage worklist (OUT/worklist.csv, OUT/worklist.html) after the run [default: on].")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")
 @click.option("--num-cpus", type=int, help="CPUs of the embedded local Ray.")
 @click.option("--limit", type=int, help="Score only the first N inputs (a trial run; a later run without it resumes).")
@@ -136,8 +138,8 @@ def audit(manifest, out_path, threshold, drop_path):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary: only errors (see the exit code).")
 def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained, site, refer_below, ood_threshold,
           batch_size, actors, device, precision, runtime, cuda_graphs, compile_, decode_jpeg_on_device,
-          int8_calibration, lung_crop, cam, include_phi, rows_per_file, prune, address, num_cpus, limit, dry_run,
-          as_json, quiet):
+          int8_calibration, lung_crop, cam, include_phi, rows_per_file, prune, worklist, address, num_cpus, limit,
+          dry_run, as_json, quiet):
     """Score every image of ARCHIVE (folder tree, list file, Parquet, or one image): one row per input.
 
     Referral thresholds: an explicit --refer-below / --ood-threshold (or config key) wins, then
@@ -159,7 +161,8 @@ def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained,
                           device=device, precision=precision, runtime=runtime, cuda_graphs=cuda_graphs,
                           compile=compile_, decode_jpeg_on_device=decode_jpeg_on_device,
                           int8_calibration=int8_calibration, lung_crop=lung_crop, cam=cam, include_phi=include_phi,
-                          rows_per_file=rows_per_file, prune=prune, address=address, num_cpus=num_cpus, limit=limit)
+                          rows_per_file=rows_per_file, prune=prune, worklist=worklist, address=address,
+                          num_cpus=num_cpus, limit=limit)
         archive_kind(archive)
         if dry_run:
             from cxrscreen.pipeline.score import dry_run as plan
@@ -191,14 +194,34 @@ def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained,
     except Interrupted as e:
         click.echo(f"\ninterrupted: {e}", err=True)
         sys.exit(130)
+    lists = None
+    if cfg.worklist and summary.rows:
+        from cxrscreen.worklist import write_worklist
+
+        lists = write_worklist(out_dir)
     if as_json:
-        click.echo(json.dumps({"out": str(out_dir), **summary.to_dict()}))
+        click.echo(json.dumps({"out": str(out_dir), "worklist": str(lists[1]) if lists else None, **summary.to_dict()}))
     elif not quiet:
-        click.echo(f"{summary}; written to {out_dir}")
+        click.echo(f"{summary}; written to {out_dir}" + (f"; worklist {lists[1]} (and .csv)" if lists else ""))
         if summary.drift:
             click.echo(f"warning: {summary.drift}")
     if summary.missing:
         raise click.ClickException(f"{len(summary.missing)} inputs have no output row, e.g. {summary.missing[:3]}")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--max-html-rows", default=10_000, show_default=True, help="Rows shown in worklist.html (the CSV has all).")
+def worklist(out_dir, max_html_rows):
+    """Write the triage worklist of a scored OUT folder again: worklist.csv (every row, by
+    priority) and worklist.html (thumbnails with the lung outline; opens offline)."""
+    from cxrscreen.worklist import write_worklist
+
+    try:
+        csv_path, html_path = write_worklist(out_dir, max_html_rows)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(f"wrote {html_path} and {csv_path}")
 
 
 @main.command()
