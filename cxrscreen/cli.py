@@ -106,6 +106,8 @@ def audit(manifest, out_path, threshold, drop_path):
               help="Output folder of Parquet part files (re-running resumes).")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="YAML score config (see configs/score.yaml); options below override it.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key (repeatable), e.g. --set mask_size=128 --set lung_fraction_min=0.1.")
 @click.option("--classifier", help="Shipped weights (cxrnet-4class) or a checkpoint folder.")
 @click.option("--segmenter", help="Shipped weights (unet-lungs, unet-lungs-fast), a checkpoint folder, or '' for none.")
 @click.option("--allow-untrained", is_flag=True, default=None, help="Accept an architecture name (random weights).")
@@ -136,7 +138,7 @@ def audit(manifest, out_path, threshold, drop_path):
 @click.option("--dry-run", is_flag=True, help="Say what would be scored (inputs by format, rows already in OUT) and stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object (no progress bar).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary: only errors (see the exit code).")
-def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained, site, refer_below, ood_threshold,
+def score(archive, out_dir, config_path, settings, classifier, segmenter, allow_untrained, site, refer_below, ood_threshold,
           batch_size, actors, device, precision, runtime, cuda_graphs, compile_, decode_jpeg_on_device,
           int8_calibration, lung_crop, cam, include_phi, rows_per_file, prune, worklist, address, num_cpus, limit,
           dry_run, as_json, quiet):
@@ -149,20 +151,24 @@ def score(archive, out_dir, config_path, classifier, segmenter, allow_untrained,
     2 usage (options, config, ARCHIVE, models), 130 interrupted (finished rows kept)."""
     import json
 
-    from cxrscreen.config import ConfigError, load_config
+    from cxrscreen.config import ConfigError, load_config, parse_settings
     from cxrscreen.io.sources import archive_kind
     from cxrscreen.pipeline import ScoreConfig, score_archive
     from cxrscreen.pipeline.score import check_models
 
     try:
-        cfg = load_config(ScoreConfig, config_path, classifier=classifier, segmenter=segmenter,
-                          allow_untrained=allow_untrained, site=site, refer_below=refer_below,
-                          ood_threshold=ood_threshold, batch_size=batch_size, cls_actors=actors, seg_actors=actors,
-                          device=device, precision=precision, runtime=runtime, cuda_graphs=cuda_graphs,
-                          compile=compile_, decode_jpeg_on_device=decode_jpeg_on_device,
-                          int8_calibration=int8_calibration, lung_crop=lung_crop, cam=cam, include_phi=include_phi,
-                          rows_per_file=rows_per_file, prune=prune, worklist=worklist, address=address,
-                          num_cpus=num_cpus, limit=limit)
+        flags = dict(classifier=classifier, segmenter=segmenter, allow_untrained=allow_untrained, site=site,
+                     refer_below=refer_below, ood_threshold=ood_threshold, batch_size=batch_size, cls_actors=actors,
+                     seg_actors=actors, device=device, precision=precision, runtime=runtime, cuda_graphs=cuda_graphs,
+                     compile=compile_, decode_jpeg_on_device=decode_jpeg_on_device,
+                     int8_calibration=int8_calibration, lung_crop=lung_crop, cam=cam, include_phi=include_phi,
+                     rows_per_file=rows_per_file, prune=prune, worklist=worklist, address=address,
+                     num_cpus=num_cpus, limit=limit)
+        given = parse_settings(settings)
+        both = sorted(k for k in given if flags.get(k) is not None)
+        if both:
+            raise ConfigError(f"{', '.join(both)} given both as an option and with --set: give it once")
+        cfg = load_config(ScoreConfig, config_path, settings=given, **flags)
         archive_kind(archive)
         if dry_run:
             from cxrscreen.pipeline.score import dry_run as plan

@@ -119,11 +119,31 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     return merged
 
 
-def load_config(cls: type[T], path: str | Path | None = None, **overrides) -> T:
-    """Load ``cls`` from a YAML file (or defaults), then apply non-None keyword overrides."""
+def load_config(cls: type[T], path: str | Path | None = None, settings: dict | None = None, **overrides) -> T:
+    """Load ``cls`` from a YAML file (or defaults), then apply non-None keyword overrides, then
+    ``settings`` (``--set``: applied as given, null included)."""
     data = read_yaml(path) if path else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
+    data.update(settings or {})
     return from_dict(cls, data)
+
+
+def parse_settings(pairs: tuple[str, ...] | list[str]) -> dict:
+    """``KEY=VALUE`` strings (``--set``) -> a dict; each value is read as YAML (``0.5``, ``true``,
+    ``null``, ``[a, b]``), so it is checked against the field's type like a config file's."""
+    out, problems = {}, []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {pair!r}: expected KEY=VALUE")
+            continue
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return out
 
 
 def to_dict(cfg) -> dict:

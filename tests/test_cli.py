@@ -38,3 +38,21 @@ def test_verbose_flag_turns_rays_own_log_lines_on(tmp_path, monkeypatch):
     assert not verbose()
     assert CliRunner().invoke(main, ["-v", "synth", "-o", str(tmp_path / "b"), "-n", "2", "--size", "32"]).exit_code == 0
     assert verbose()
+
+
+def test_set_overrides_any_score_key_and_is_checked(tmp_path):
+    from cxrscreen.config import load_config, parse_settings
+    from cxrscreen.pipeline import ScoreConfig
+
+    given = parse_settings(["mask_size=128", "refer_below=null", "lung_fraction_min=0.1", "segmenter="])
+    cfg = load_config(ScoreConfig, None, settings=given, refer_below=0.7)
+    assert (cfg.mask_size, cfg.refer_below, cfg.lung_fraction_min, cfg.segmenter) == (128, None, 0.1, "")
+    archive = tmp_path / "a"
+    assert CliRunner().invoke(main, ["synth", "-o", str(archive), "-n", "2", "--size", "32"]).exit_code == 0
+    run = ["score", str(archive / "images"), "-o", str(tmp_path / "out"), "--dry-run"]
+    assert CliRunner().invoke(main, run + ["--set", "mask_size=128"]).exit_code == 0
+    bad = CliRunner().invoke(main, run + ["--set", "mask_size=big", "--set", "nonsense=1"])
+    assert bad.exit_code == 2 and "mask_size: expected int" in bad.output and "nonsense: unknown key" in bad.output
+    twice = CliRunner().invoke(main, run + ["--set", "batch_size=4", "--batch-size", "8"])
+    assert twice.exit_code == 2 and "give it once" in twice.output
+    assert CliRunner().invoke(main, run + ["--set", "oops"]).exit_code == 2
