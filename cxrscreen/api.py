@@ -96,7 +96,7 @@ def score(archive: str | Path, out: str | Path | None = None, **options) -> pl.D
         folder = Path(out) if out is not None else Path(tmp)
         summary = score_archive(archive, folder, cfg, progress=False)
         if out is not None and cfg.worklist and summary.rows:
-            from cxrscreen.worklist import write_worklist
+            from cxrscreen.results import write_worklist
 
             write_worklist(folder)
         return pl.read_parquet(sorted(folder.glob("part-*.parquet"))) if any(folder.glob("part-*.parquet")) \

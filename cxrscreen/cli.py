@@ -202,7 +202,7 @@ def score(archive, out_dir, config_path, settings, classifier, segmenter, allow_
         sys.exit(130)
     lists = None
     if cfg.worklist and summary.rows:
-        from cxrscreen.worklist import write_worklist
+        from cxrscreen.results import write_worklist
 
         lists = write_worklist(out_dir)
     if as_json:
@@ -221,13 +221,28 @@ def score(archive, out_dir, config_path, settings, classifier, segmenter, allow_
 def worklist(out_dir, max_html_rows):
     """Write the triage worklist of a scored OUT folder again: worklist.csv (every row, by
     priority) and worklist.html (thumbnails with the lung outline; opens offline)."""
-    from cxrscreen.worklist import write_worklist
+    from cxrscreen.results import write_worklist
 
     try:
         csv_path, html_path = write_worklist(out_dir, max_html_rows)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     click.echo(f"wrote {html_path} and {csv_path}")
+
+
+@main.command("export-masks")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--to", "to_dir", required=True, type=click.Path(file_okay=False), help="Folder for the mask PNGs.")
+def export_masks_cmd(out_dir, to_dir):
+    """Write each scored row's lung mask as a PNG at its original image's size (for viewers):
+    TO/<key without extension>.png, 0 = background, 255 = lung."""
+    from cxrscreen.results import export_masks
+
+    try:
+        n = export_masks(out_dir, to_dir)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(f"wrote {n} masks to {to_dir}")
 
 
 @main.command()

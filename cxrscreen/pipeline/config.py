@@ -86,7 +86,7 @@ class ScoreConfig:
     lung_fraction_min: float = ClassifierOptions.lung_fraction_range[0]  # refer when the lung area fraction
     lung_fraction_max: float = ClassifierOptions.lung_fraction_range[1]  # is outside this range (not a frontal CXR?)
     rows_per_file: int = 1000  # rows per output part file (each written atomically)
-    worklist: bool = True  # write worklist.csv and worklist.html into OUT after the run (cxrscreen.worklist)
+    worklist: bool = True  # write worklist.csv and worklist.html into OUT after the run (cxrscreen.results)
     prune: bool = False  # remove rows of inputs no longer in the archive (default: keep them, counted as stale)
     max_pixels: int = 80_000_000
     max_bytes: int = 512 * 2**20  # larger input files are error rows (too_large), never read into memory

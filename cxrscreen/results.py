@@ -1,7 +1,9 @@
-"""The triage worklist of a scored archive: ``worklist.csv`` (every row) and a self-contained
-``worklist.html`` (thumbnails with the lung-mask outline, probabilities, reasons, source path;
-pages of 50 rows, works offline), written into the output folder after every ``score`` run and
-by ``cxrscreen worklist OUT``.
+"""What to do with a scored output folder: read it (``read_output``), the triage worklist, and
+lung masks for viewers (``export_masks``).
+
+The worklist: ``worklist.csv`` (every row) and a self-contained ``worklist.html`` (thumbnails
+with the lung-mask outline, probabilities, reasons, source path; pages of 50 rows, works
+offline), written into the output folder after every ``score`` run and by ``cxrscreen worklist OUT``.
 
 Priority (rank 1 first), documented in README.md:
 
@@ -118,6 +120,29 @@ def write_worklist(out_dir: str | Path, max_html_rows: int = 10_000) -> tuple[Pa
                          .replace("__PAGE__", str(PAGE))
                          .replace("__ROWS__", json.dumps(rows).replace("</", "<\\/")))
     return csv_path, html_path
+
+
+def export_masks(out_dir: str | Path, to: str | Path) -> int:
+    """Each scored row's lung mask as an 8-bit PNG (0 / 255) at its original image's width and
+    height, at ``to/<key without its extension>.png`` (folders of the key kept; ``..`` and leading
+    ``/`` dropped, ``#`` of Parquet row keys made ``_``). Returns the number written."""
+    from PIL import Image
+
+    from cxrscreen.masks import decode_mask_png
+
+    df = read_output(out_dir).filter((pl.col("status") == "ok") & pl.col("lung_mask_png").is_not_null())
+    root = Path(to)
+    n = 0
+    for key, png, w, h in df.select("key", "lung_mask_png", "width", "height").iter_rows():
+        parts = [p for p in Path(key.replace("#", "_")).with_suffix(".png").parts if p not in ("..", "/", "")]
+        dest = root.joinpath(*parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        mask = Image.fromarray(decode_mask_png(png).astype(np.float32))
+        size = (int(w), int(h)) if w and h and w > 0 and h > 0 else mask.size
+        big = np.asarray(mask.resize(size, Image.Resampling.BILINEAR)) >= 0.5
+        Image.fromarray((big * 255).astype(np.uint8)).save(dest)
+        n += 1
+    return n
 
 
 _PAGE = """<!doctype html>

@@ -14,7 +14,7 @@ from cxrscreen.cli import main
 from cxrscreen.io import list_inputs
 from cxrscreen.pipeline import ScoreConfig, score_items_local
 from cxrscreen.pipeline.output import batch_to_table, output_schema
-from cxrscreen.worklist import PAGE, TIERS, write_worklist
+from cxrscreen.results import PAGE, TIERS, write_worklist
 
 CLASSES = ["covid", "normal", "viral_pneumonia", "bacterial_pneumonia"]
 
@@ -70,3 +70,32 @@ def test_worklist_html_renders_in_a_headless_browser(scored, tmp_path):
     outline = (rgb[..., 0] - rgb[..., 1] > 60) & (rgb[..., 0] - rgb[..., 2] > 60)  # the red lung outlines
     grey = (np.abs(rgb[..., 0] - rgb[..., 1]) < 6) & (rgb[..., 0] > 40) & (rgb[..., 0] < 215)  # thumbnails
     assert outline.sum() > 200 and grey.sum() > 20_000
+
+
+def test_export_masks_at_the_original_size(scored, tmp_path):
+    from PIL import Image
+
+    out, archive, _ = scored
+    res = CliRunner().invoke(main, ["export-masks", str(out), "--to", str(tmp_path / "masks")])
+    assert res.exit_code == 0, res.output
+    df = pl.read_parquet(out / "part-*.parquet").filter(pl.col("status") == "ok")
+    files = sorted((tmp_path / "masks").rglob("*.png"))
+    assert len(files) == len(df) and f"wrote {len(df)} masks" in res.output
+    assert not list((tmp_path / "masks").rglob("*.png.png")) and not list((tmp_path / "masks").rglob("*.dcm*"))
+    for row in df.iter_rows(named=True):
+        mask = np.asarray(Image.open((tmp_path / "masks" / row["key"]).with_suffix(".png")))
+        assert mask.shape == (row["height"], row["width"]) and set(np.unique(mask)) <= {0, 255}
+        assert abs((mask > 0).mean() - row["lung_fraction"]) < 0.03
+    # a non-square film keeps its aspect: the mask is stretched back to width x height
+    img = np.asarray(Image.open(next(archive.rglob("*.png"))).convert("L"))[:, 16:112]
+    Image.fromarray(img).save(tmp_path / "wide.png")
+    wide = tmp_path / "wide-out"
+    wide.mkdir()
+    cfg = ScoreConfig(classifier="mobilenet_v3_small", allow_untrained=True, mask_size=64)
+    batch = next(iter(score_items_local(list_inputs(tmp_path / "wide.png"), cfg)))
+    pq.write_table(batch_to_table(batch, output_schema(CLASSES)), wide / "part-x-00000.parquet")
+    from cxrscreen.results import export_masks
+
+    assert export_masks(wide, tmp_path / "wide-masks") == 1
+    (mask_file,) = (tmp_path / "wide-masks").rglob("*.png")
+    assert Image.open(mask_file).size == (96, 128)
