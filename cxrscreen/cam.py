@@ -153,3 +153,24 @@ def triplet(image: np.ndarray, mask: np.ndarray | None = None, cam: np.ndarray |
     if cam is not None:
         panels.append(overlay(image, cam))
     return np.concatenate(panels, axis=1)
+
+
+def captioned(picture: np.ndarray, text: str, colour_bar: bool = True) -> np.ndarray:
+    """``picture`` (RGB) with a white strip below it: ``text`` on the left and, with
+    ``colour_bar``, the heatmap's jet scale from 0 (weak) to 1 (strong) on the right."""
+    import matplotlib
+    from PIL import ImageDraw
+
+    h, w, _ = picture.shape
+    strip = Image.new("RGB", (w, 30), "white")
+    draw = ImageDraw.Draw(strip)
+    draw.text((4, 9), text, fill=(0, 0, 0))
+    if colour_bar and w >= 240:
+        bar_w = min(160, w // 4)
+        ramp = matplotlib.colormaps["jet"](np.linspace(0, 1, bar_w))[:, :3]
+        bar = np.rint(np.repeat(ramp[None], 12, axis=0) * 255).astype(np.uint8)
+        x0 = w - bar_w - 18
+        strip.paste(Image.fromarray(bar), (x0, 4))
+        draw.text((x0 - 10, 17), "0", fill=(0, 0, 0))
+        draw.text((x0 + bar_w + 3, 17), "1", fill=(0, 0, 0))
+    return np.concatenate([picture, np.asarray(strip)], axis=0)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cxrscreen.cam import heatmap_from_png, triplet
+from cxrscreen.cam import captioned, heatmap_from_png, triplet
 from cxrscreen.io.batch import decode_items
 from cxrscreen.masks import decode_mask_png
 
@@ -39,7 +39,13 @@ def overlays(batch: dict, images: np.ndarray, lung_crop: bool = False) -> list[t
             image = crop_boxes(torch.from_numpy(image[None]), box, image.shape[-1])[0].numpy()
             if mask is not None:
                 mask = crop_boxes(torch.from_numpy(mask[None].astype(np.uint8) * 255), box, mask.shape[-1])[0].numpy() > 127
-        out.append((int(i), triplet(image, mask, heatmap_from_png(batch["cam_png"][i]))))
+        probs = {k[5:]: batch[k][i] for k in batch if k.startswith("prob_")}
+        label = batch["label"][i]
+        energy = batch["cam_lung_energy"][i]
+        text = (f"{label} {probs.get(label, float('nan')):.2f} | {batch['cam_method'][i]} energy in lungs "
+                + ("n/a" if np.isnan(energy) else f"{energy:.0%}")
+                + (f" | refer: {', '.join(batch['refer_reason'][i])}" if batch["refer_reason"][i] else ""))
+        out.append((int(i), captioned(triplet(image, mask, heatmap_from_png(batch["cam_png"][i])), text)))
     return out
 
 
@@ -67,7 +73,7 @@ def explain_archive(archive, out_dir, classifier: str = "cxrnet-4class", segment
     for i in range(0, len(items), batch_size):
         batch, images = explain_items(items[i:i + batch_size], cls, seg, cfg.work_size)
         for j, picture in overlays(batch, images, cls.lung_crop):
-            name = str(batch["key"][j]).replace("/", "__")
+            name = str(Path(str(batch["key"][j])).with_suffix("")).replace("/", "__")
             Image.fromarray(picture).save(out / "overlays" / f"{name}.png")
         tables.append(batch_to_table(batch, schema))
     table = pa.concat_tables(tables)

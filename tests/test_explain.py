@@ -105,5 +105,12 @@ def test_explain_archive_writes_table_and_overlays(phantom_archive, tmp_path):
     assert len(df) == 5 and (df["status"] == "ok").all() and (df["cam_method"] == "gradcampp").all()
     overlays = sorted((tmp_path / "overlays").glob("*.png"))
     assert len(overlays) == 5
+    assert not any(p.name.endswith(".png.png") for p in overlays)
     img = np.asarray(Image.open(overlays[0]))
-    assert img.shape[2] == 3 and img.shape[1] == 3 * img.shape[0]  # image | lungs | heatmap
+    side = img.shape[1] // 3
+    assert img.shape[2] == 3 and img.shape[0] == side + 30  # image | lungs | heatmap, then the caption strip
+    strip = img[side:].astype(int)
+    assert (strip < 60).all(2).sum() > 50  # caption text (label, probability, CAM energy)
+    blue = (strip[..., 2] > 150) & (strip[..., 0] < 60)
+    red = (strip[..., 0] > 150) & (strip[..., 2] < 60)
+    assert blue.sum() > 20 and red.sum() > 20  # the colour bar: 0 = blue ... 1 = red
