@@ -414,17 +414,24 @@ def report(model_dirs, out_dir, data, split, segmenter, seg_data, loso, samples)
 @click.option("--lung-crop", help="Segmenter: train and test on lung boxes.")
 @click.option("--sources", help="Comma-separated sources to hold out (default: each source in turn).")
 @click.option("--reuse", is_flag=True, help="Audit folds already trained in OUT again instead of training them.")
-@click.option("--ood-refer-rate", default=0.05, show_default=True, help="Share of each fold's val the OOD threshold refers.")
+@click.option("--ood-refer-rate", "ood_refer_rates", default="0.05", show_default=True,
+              help="Share of each fold's val the OOD threshold refers; comma-separated for several (one row each).")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
-def loso(config_path, model, data, epochs, lung_crop, sources, reuse, ood_refer_rate, out_dir):
+def loso(config_path, model, data, epochs, lung_crop, sources, reuse, ood_refer_rates, out_dir):
     """Leave-one-source-out: train without each source, test on it (writes loso.parquet)."""
     from cxrscreen.config import load_config
     from cxrscreen.evaluate.source_shift import leave_one_source_out
     from cxrscreen.train import TrainConfig
 
+    try:
+        rates = tuple(float(r) for r in ood_refer_rates.split(","))
+    except ValueError:
+        raise click.UsageError(f"--ood-refer-rate {ood_refer_rates!r}: expected numbers like 0.05,0.1,0.2") from None
+    if not all(0 < r < 1 for r in rates):
+        raise click.UsageError("--ood-refer-rate: each rate must be between 0 and 1")
     cfg = load_config(TrainConfig, config_path, model=model, data=data, epochs=epochs, lung_crop=lung_crop)
     df = leave_one_source_out(cfg, out_dir, sources.split(",") if sources else None, progress=click.echo, reuse=reuse,
-                              ood_refer_rate=ood_refer_rate)
+                              ood_refer_rates=rates)
     click.echo(str(df))
 
 

@@ -78,8 +78,13 @@ def test_leave_one_source_out(two_site_manifest, tmp_path, ray_2cpu):
                                      .otherwise(pl.col("source")).alias("source"))
     path = two_site_manifest.parent / "viral_at_site_a.csv"
     manifest.write_csv(path)
-    df = leave_one_source_out(_cfg(path, tmp_path, epochs=4), tmp_path, sources=["site_a"], progress=lambda *_: None)
-    row = df.row(0, named=True)
+    df = leave_one_source_out(_cfg(path, tmp_path, epochs=4), tmp_path, sources=["site_a"], progress=lambda *_: None,
+                              ood_refer_rates=(0.05, 0.3))
+    assert df["ood_refer_rate"].to_list() == [0.05, 0.3]  # one row per rate, from one pass over the images
+    low, high = df.row(0, named=True), df.row(1, named=True)
+    assert high["in_source_test_referred"] >= low["in_source_test_referred"] and high["ood_threshold"] < low["ood_threshold"]
+    assert high["ood_auroc_combined"] == low["ood_auroc_combined"] and 0 <= low["ood_auroc_texture"] <= 1
+    row = low
     site_a = manifest.filter(pl.col("source") == "site_a")
     viral = (site_a["label"] == "viral_pneumonia").sum()
     assert row["held_out"] == "site_a" and row["held_out_unseen_class_images"] == viral > 0

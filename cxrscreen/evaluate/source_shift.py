@@ -28,17 +28,19 @@ def predict_files(model_dir: str | Path, files: list[str]) -> tuple[np.ndarray, 
 
 
 def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFrame, learned: list[str],
-               positive: str = "covid", target_sensitivity: float = 0.99, ood_refer_rate: float = 0.05) -> dict:
-    """What a fold model does on the source it never saw, with the referral ``score`` would apply.
+               positive: str = "covid", target_sensitivity: float = 0.99,
+               ood_refer_rates: tuple[float, ...] = (0.05,)) -> list[dict]:
+    """What a fold model does on the source it never saw, with the referral ``score`` would apply:
+    one row per OOD referral rate (the model's outputs are computed once).
 
     Calibrated as ``evaluate`` calibrates (temperature and COVID referral threshold on the fold's
-    val, OOD reference on its train split, OOD threshold at the ``1 - ood_refer_rate``
-    quantile of val). Reports: held-out accuracy on the classes the fold learned; the share of
-    held-out non-COVID images labelled COVID **without** referral and of held-out COVID images
-    labelled COVID or referred; the OOD score's AUROC for in-source test vs held-out images
-    (``ood_score`` and its embedding, appearance and texture parts, k-NN on the embedding and, as the
-    baseline, 1 - max softmax probability); and the in-source
-    test split's referral rate and accuracy at coverage."""
+    val, OOD reference on its train split, OOD threshold at the ``1 - rate`` quantile of val).
+    Reports: held-out accuracy on the classes the fold learned; the share of held-out non-COVID
+    images labelled COVID **without** referral and of held-out COVID images labelled COVID or
+    referred; the OOD score's AUROC for in-source test vs held-out images (``ood_score`` and its
+    embedding, appearance and texture parts, k-NN on the embedding and, as the baseline,
+    1 - max softmax probability); and the in-source test split's referral rate and accuracy at
+    coverage."""
     from cxrscreen.evaluate.metrics import (accuracy_at_coverage, binary_auroc, fit_temperature, refer_threshold,
                                             softmax)
     from cxrscreen.models.ood import OODReference, knn_score
@@ -66,42 +68,51 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
     temp = fit_temperature(va[1].logits, y_of(va[0]))
     pos = index.get(positive, 0)
     thr = refer_threshold(softmax(va[1].logits, temp), y_of(va[0]), pos, target_sensitivity, classes)
-    ood_thr = float(np.quantile(ref.score(va[1].embeddings, va[1].appearance), 1 - ood_refer_rate))
-    row: dict = {"refer_threshold": thr, "ood_threshold": ood_thr}
-    scores = {}
+    val_ood = ref.score(va[1].embeddings, va[1].appearance)
+    scores, common = {}, {"refer_threshold": thr}
     for name in ("test", "held_out"):
         part, out = parts[name]
         probs = softmax(out.logits, temp)
-        maha = ref.score(out.embeddings, out.appearance)
         dist = ref.parts(out.embeddings, out.appearance)
-        scores[name] = {"combined": maha, "embedding": dist[:, 0], "appearance": dist[:, 1],
-                        "texture": dist[:, 2],
-                        "knn": knn_score(tr[1].embeddings, out.embeddings), "max_softmax": 1 - probs.max(1)}
-        referred = (screening_confidence(probs, classes) < thr) | (maha > ood_thr)
-        y, pred = y_of(part), probs.argmax(1)
-        seen = y >= 0
-        tag = "in_source_test" if name == "test" else "held_out"
-        row[f"{tag}_n"] = int(seen.sum())
-        row[f"{tag}_accuracy"] = float((pred[seen] == y[seen]).mean()) if seen.any() else None
-        row[f"{tag}_referred"] = float(referred.mean()) if len(referred) else None
-        cov = accuracy_at_coverage(y[seen], pred[seen], referred[seen])
-        row[f"{tag}_coverage"], row[f"{tag}_accuracy_at_coverage"] = cov["coverage"], cov["accuracy"]
-        is_pos = np.array([t == positive for t in part["target"]])
-        called = pred == pos
-        row[f"{tag}_noncovid_n"] = int((~is_pos).sum())
-        row[f"{tag}_noncovid_covid_unreferred"] = float((called & ~referred)[~is_pos].mean()) if (~is_pos).any() else None
-        row[f"{tag}_noncovid_covid"] = float(called[~is_pos].mean()) if (~is_pos).any() else None
-        row[f"{tag}_covid_n"] = int(is_pos.sum())
-        row[f"{tag}_covid_caught"] = float((called | referred)[is_pos].mean()) if is_pos.any() else None
-        if tag == "held_out":
-            row.update({f"recall_{c}": float((pred[y == i] == i).mean()) for i, c in enumerate(classes) if (y == i).any()})
+        scores[name] = {"combined": ref.score(out.embeddings, out.appearance), "embedding": dist[:, 0],
+                        "appearance": dist[:, 1], "texture": dist[:, 2],
+                        "knn": knn_score(tr[1].embeddings, out.embeddings), "max_softmax": 1 - probs.max(1),
+                        "probs": probs}
     for method in ("combined", "embedding", "appearance", "texture", "knn", "max_softmax"):
-        row[f"ood_auroc_{method}"] = binary_auroc(scores["test"][method], scores["held_out"][method])
-    return row
+        common[f"ood_auroc_{method}"] = binary_auroc(scores["test"][method], scores["held_out"][method])
+    rows = []
+    for rate in ood_refer_rates:
+        ood_thr = float(np.quantile(val_ood, 1 - rate))
+        row: dict = {"ood_refer_rate": rate, "ood_threshold": ood_thr, **common}
+        for name in ("test", "held_out"):
+            part, probs = parts[name][0], scores[name]["probs"]
+            referred = (screening_confidence(probs, classes) < thr) | (scores[name]["combined"] > ood_thr)
+            y, pred = y_of(part), probs.argmax(1)
+            seen = y >= 0
+            tag = "in_source_test" if name == "test" else "held_out"
+            row[f"{tag}_n"] = int(seen.sum())
+            row[f"{tag}_accuracy"] = float((pred[seen] == y[seen]).mean()) if seen.any() else None
+            row[f"{tag}_referred"] = float(referred.mean()) if len(referred) else None
+            cov = accuracy_at_coverage(y[seen], pred[seen], referred[seen])
+            row[f"{tag}_coverage"], row[f"{tag}_accuracy_at_coverage"] = cov["coverage"], cov["accuracy"]
+            is_pos = np.array([t == positive for t in part["target"]])
+            called = pred == pos
+            row[f"{tag}_noncovid_n"] = int((~is_pos).sum())
+            row[f"{tag}_noncovid_covid_unreferred"] = (float((called & ~referred)[~is_pos].mean())
+                                                       if (~is_pos).any() else None)
+            row[f"{tag}_noncovid_covid"] = float(called[~is_pos].mean()) if (~is_pos).any() else None
+            row[f"{tag}_covid_n"] = int(is_pos.sum())
+            row[f"{tag}_covid_caught"] = float((called | referred)[is_pos].mean()) if is_pos.any() else None
+            if tag == "held_out":
+                row.update({f"recall_{c}": float((pred[y == i] == i).mean()) for i, c in enumerate(classes)
+                            if (y == i).any()})
+        rows.append(row)
+    return rows
 
 
 def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[str] | None = None,
-                         progress=print, reuse: bool = False, ood_refer_rate: float = 0.05) -> pl.DataFrame:
+                         progress=print, reuse: bool = False,
+                         ood_refer_rates: tuple[float, ...] = (0.05,)) -> pl.DataFrame:
     """For each source: train ``cfg`` without it (patient-level train/val of the others), then
     audit the fold model on every image of the held-out source (``fold_audit``; classes the
     fold never saw are left out of accuracy and counted; with ``reuse``, a fold already trained
@@ -122,21 +133,22 @@ def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[st
         done = Path(fold_cfg.out) / "model.json"
         model_dir = Path(fold_cfg.out) if reuse and done.exists() else train(fold_cfg, progress=progress)
         held = everything.filter(pl.col("source") == source)
-        row = {"held_out": source, "model": cfg.model, "lung_crop": cfg.lung_crop or "",
-               "intensity": cfg.intensity, "balance": cfg.balance,
-               "train_images": len(fold_df.filter(pl.col("split") == "train")),
-               "held_out_unseen_class_images": int((~held["target"].is_in(fold_classes)).sum()),
-               "ood_refer_rate": ood_refer_rate,
-               **fold_audit(model_dir, fold_df, held, fold_classes, ood_refer_rate=ood_refer_rate)}
-        row["fold_score"] = fold_score(row)
-        rows.append(row)
-        progress(f"  {source}: held-out accuracy {row['held_out_accuracy']}, non-COVID called COVID unreferred "
-                 f"{row['held_out_noncovid_covid_unreferred']}, COVID caught {row['held_out_covid_caught']}, "
-                 f"OOD AUROC {row['ood_auroc_combined']:.3f}")
+        base = {"held_out": source, "model": cfg.model, "lung_crop": cfg.lung_crop or "",
+                "intensity": cfg.intensity, "balance": cfg.balance,
+                "train_images": len(fold_df.filter(pl.col("split") == "train")),
+                "held_out_unseen_class_images": int((~held["target"].is_in(fold_classes)).sum())}
+        for audit in fold_audit(model_dir, fold_df, held, fold_classes, ood_refer_rates=tuple(ood_refer_rates)):
+            row = {**base, **audit}
+            row["fold_score"] = fold_score(row)
+            rows.append(row)
+            progress(f"  {source} (OOD rate {row['ood_refer_rate']}): held-out accuracy {row['held_out_accuracy']}, "
+                     f"non-COVID called COVID unreferred {row['held_out_noncovid_covid_unreferred']}, COVID caught "
+                     f"{row['held_out_covid_caught']}, OOD AUROC {row['ood_auroc_combined']:.3f}")
     df = pl.DataFrame(rows, infer_schema_length=None)
     out.mkdir(parents=True, exist_ok=True)
     df.write_parquet(out / "loso.parquet")
-    progress(f"worst fold score {df['fold_score'].min():.3f}")
+    for (rate,), part in df.group_by(["ood_refer_rate"], maintain_order=True):
+        progress(f"OOD rate {rate}: worst fold score {part['fold_score'].min():.3f}")
     return df
 
 
