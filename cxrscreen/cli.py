@@ -9,6 +9,7 @@ import click
 
 from cxrscreen import __version__
 from cxrscreen.cam import METHODS
+from cxrscreen.referral import OOD_REFER_RATE, TARGET_SENSITIVITY
 from cxrscreen.runtime import RUNTIMES
 
 
@@ -251,7 +252,7 @@ def export_masks_cmd(out_dir, to_dir):
               help="CSV with path (relative to ARCHIVE or absolute) and label (a class of the classifier).")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Profile folder.")
 @click.option("--classifier", default="cxrnet-4class", show_default=True, help="Shipped weights or a checkpoint folder.")
-@click.option("--target-sensitivity", default=0.99, show_default=True,
+@click.option("--target-sensitivity", default=TARGET_SENSITIVITY, show_default=True,
               help="COVID sensitivity (predicted or referred) the referral threshold must reach on the sample.")
 def calibrate(archive, labels_csv, out_dir, classifier, target_sensitivity):
     """Fit a site profile from a labelled sample (100-500 images) of your own archive; use it
@@ -344,8 +345,9 @@ def train(config_path, model, task, data, epochs, batch_size, num_workers, use_g
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", help="Manifest to evaluate on (default: the training data).")
 @click.option("--split", default="test", show_default=True)
-@click.option("--target-sensitivity", default=0.99, show_default=True, help="COVID sensitivity the refer flag must reach on val.")
-@click.option("--ood-refer-rate", default=0.05, show_default=True,
+@click.option("--target-sensitivity", default=TARGET_SENSITIVITY, show_default=True,
+              help="COVID sensitivity the refer flag must reach on val.")
+@click.option("--ood-refer-rate", default=OOD_REFER_RATE, show_default=True,
               help="Share of in-distribution (val) images the OOD threshold refers.")
 @click.option("--predictions", "predictions_path", type=click.Path(dir_okay=False),
               help="Write the per-image probabilities it computed (Parquet: key, file, label, prob_*, ood_score).")
@@ -414,7 +416,7 @@ def report(model_dirs, out_dir, data, split, segmenter, seg_data, loso, samples)
 @click.option("--lung-crop", help="Segmenter: train and test on lung boxes.")
 @click.option("--sources", help="Comma-separated sources to hold out (default: each source in turn).")
 @click.option("--reuse", is_flag=True, help="Audit folds already trained in OUT again instead of training them.")
-@click.option("--ood-refer-rate", "ood_refer_rates", default="0.05", show_default=True,
+@click.option("--ood-refer-rate", "ood_refer_rates", default=str(OOD_REFER_RATE), show_default=True,
               help="Share of each fold's val the OOD threshold refers; comma-separated for several (one row each).")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
 def loso(config_path, model, data, epochs, lung_crop, sources, reuse, ood_refer_rates, out_dir):

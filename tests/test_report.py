@@ -83,7 +83,7 @@ def test_leave_one_source_out(two_site_manifest, tmp_path, ray_2cpu):
     assert df["ood_refer_rate"].to_list() == [0.05, 0.3]  # one row per rate, from one pass over the images
     low, high = df.row(0, named=True), df.row(1, named=True)
     assert high["in_source_test_referred"] >= low["in_source_test_referred"] and high["ood_threshold"] < low["ood_threshold"]
-    assert high["ood_auroc_combined"] == low["ood_auroc_combined"] and 0 <= low["ood_auroc_texture"] <= 1
+    assert high["ood_auroc_combined"] == low["ood_auroc_combined"] and 0 <= low["ood_auroc_max_parts"] <= 1
     row = low
     site_a = manifest.filter(pl.col("source") == "site_a")
     viral = (site_a["label"] == "viral_pneumonia").sum()

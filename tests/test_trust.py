@@ -22,6 +22,7 @@ from cxrscreen.models.ood import OODReference, with_embedding
 from cxrscreen.pipeline import ScoreConfig, score_items_local
 from cxrscreen.pipeline.score import ScoreSummary, drift_warning
 from cxrscreen.preprocess import equalize
+from cxrscreen.referral import OOD_REFER_RATE
 from cxrscreen.train.config import TrainConfig
 
 CLASSES = ["covid", "normal", "viral_pneumonia", "bacterial_pneumonia"]
@@ -64,7 +65,7 @@ def test_evaluate_and_score_give_the_same_probabilities(manifest, tmp_path, inte
     assert np.abs(joined["ood_score"] - joined["ood_score_score"]).max() <= 1e-3
     # evaluate stored the OOD reference and its threshold with the checkpoint
     card = json.loads((ck / "model.json").read_text())
-    assert (ck / "ood.safetensors").exists() and card["ood_threshold"] > 0 and card["ood_refer_rate"] == 0.05
+    assert (ck / "ood.safetensors").exists() and card["ood_threshold"] > 0 and card["ood_refer_rate"] == OOD_REFER_RATE
     assert 0 <= res["at_coverage"]["coverage"] <= 1 and res["referred_fraction"] >= 0
 
 

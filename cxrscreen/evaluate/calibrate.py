@@ -19,6 +19,7 @@ import polars as pl
 
 from cxrscreen.evaluate.metrics import fit_temperature, refer_threshold, softmax
 from cxrscreen.models.site import SiteProfile
+from cxrscreen.referral import TARGET_SENSITIVITY
 
 
 def read_labels(labels_csv: str | Path, archive: str | Path, classes: list[str]) -> pl.DataFrame:
@@ -36,7 +37,7 @@ def read_labels(labels_csv: str | Path, archive: str | Path, classes: list[str])
 
 def calibrate_site(archive: str | Path, labels_csv: str | Path, out_dir: str | Path,
                    classifier: str = "cxrnet-4class", positive: str = "covid",
-                   target_sensitivity: float = 0.99, min_images: int = 20) -> SiteProfile:
+                   target_sensitivity: float = TARGET_SENSITIVITY, min_images: int = 20) -> SiteProfile:
     """Fit and save a ``SiteProfile`` for ``classifier`` from the labelled sample; returns it."""
     from cxrscreen.predict import ModelRunner, classify_files
 

@@ -112,7 +112,7 @@ def _trust_section(card: dict, study: list | None) -> list[str]:
                 "held_out_covid_caught": "COVID called or referred", "held_out_referred": "referred",
                 "ood_auroc_combined": "OOD AUROC (ood_score)", "ood_auroc_embedding": "... embedding part",
                 "ood_auroc_appearance": "... appearance part",
-                "ood_auroc_texture": "... texture part", "ood_auroc_knn": "OOD AUROC (k-NN)",
+                "ood_auroc_max_parts": "... max of the parts", "ood_auroc_knn": "OOD AUROC (k-NN)",
                 "ood_auroc_max_softmax": "OOD AUROC (1 - max p)", "in_source_test_referred": "in-source test referred",
                 "in_source_test_accuracy_at_coverage": "in-source accuracy of the rest", "fold_score": "fold score"}
         table = df.select([pl.col(c).alias(t) for c, t in cols.items() if c in df.columns])
@@ -138,9 +138,9 @@ def _trust_section(card: dict, study: list | None) -> list[str]:
                      + (f"; 3-class read-out of the rest {_pct(ev['at_coverage_3class']['accuracy'])} at coverage "
                         f"{_pct(ev['at_coverage_3class']['coverage'])}" if ev.get("at_coverage_3class") else "") + ".")
     if ev.get("ood_threshold") is not None:
-        lines.append(f"- **OOD threshold** {ev['ood_threshold']:.3f} (`ood_score`: the larger of the Mahalanobis "
-                     "distances of the embedding and of the image's appearance to the nearest training class, each "
-                     f"divided by its validation median), set to refer {_pct(ev.get('ood_refer_rate'))} of the "
+        lines.append(f"- **OOD threshold** {ev['ood_threshold']:.3f} (`ood_score`: the geometric mean of the "
+                     "Mahalanobis distances of the embedding and of the image's appearance to the nearest training "
+                     f"class, each divided by its validation median), set to refer {_pct(ev.get('ood_refer_rate'))} of the "
                      "validation split.")
     if probe and probe.get("balanced_accuracy") is not None:
         lines.append(f"- **Source probe**: a linear model on the embedding tells the test image's source with balanced "

@@ -11,7 +11,7 @@ import polars as pl
 from cxrscreen.evaluate.metrics import (accuracy_at_coverage, classification_metrics, fit_temperature,
                                         refer_threshold, softmax)
 from cxrscreen.masks import dice_scores
-from cxrscreen.referral import screening_confidence
+from cxrscreen.referral import OOD_REFER_RATE, TARGET_SENSITIVITY, screening_confidence
 from cxrscreen.models.checkpoint import update_info
 from cxrscreen.train.config import checkpoint_config
 from cxrscreen.train.data import labeled_splits
@@ -26,7 +26,8 @@ def _outputs(runner, files: list[str]):
 
 
 def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = "test",
-                   positive: str = "covid", target_sensitivity: float = 0.99, ood_refer_rate: float = 0.05,
+                   positive: str = "covid", target_sensitivity: float = TARGET_SENSITIVITY,
+                   ood_refer_rate: float = OOD_REFER_RATE,
                    min_polarity: float = 0.0, update_card: bool = True, allow_duplicates: bool = False,
                    predictions: bool = False, device: str = "auto", precision: str = "auto",
                    runtime: str = "auto") -> dict:

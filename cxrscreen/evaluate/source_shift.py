@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from cxrscreen.referral import screening_confidence
+from cxrscreen.referral import OOD_REFER_RATE, TARGET_SENSITIVITY, screening_confidence
 from cxrscreen.train.config import TrainConfig
 
 
@@ -28,8 +28,8 @@ def predict_files(model_dir: str | Path, files: list[str]) -> tuple[np.ndarray, 
 
 
 def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFrame, learned: list[str],
-               positive: str = "covid", target_sensitivity: float = 0.99,
-               ood_refer_rates: tuple[float, ...] = (0.05,)) -> list[dict]:
+               positive: str = "covid", target_sensitivity: float = TARGET_SENSITIVITY,
+               ood_refer_rates: tuple[float, ...] = (OOD_REFER_RATE,)) -> list[dict]:
     """What a fold model does on the source it never saw, with the referral ``score`` would apply:
     one row per OOD referral rate (the model's outputs are computed once).
 
@@ -38,7 +38,8 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
     Reports: held-out accuracy on the classes the fold learned; the share of held-out non-COVID
     images labelled COVID **without** referral and of held-out COVID images labelled COVID or
     referred; the OOD score's AUROC for in-source test vs held-out images (``ood_score`` and its
-    embedding, appearance and texture parts, k-NN on the embedding and, as the baseline,
+    embedding and appearance parts, their maximum (the fusion used before the geometric mean),
+    k-NN on the embedding and, as the baseline,
     1 - max softmax probability); and the in-source test split's referral rate and accuracy at
     coverage."""
     from cxrscreen.evaluate.metrics import (accuracy_at_coverage, binary_auroc, fit_temperature, refer_threshold,
@@ -75,10 +76,10 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
         probs = softmax(out.logits, temp)
         dist = ref.parts(out.embeddings, out.appearance)
         scores[name] = {"combined": ref.score(out.embeddings, out.appearance), "embedding": dist[:, 0],
-                        "appearance": dist[:, 1], "texture": dist[:, 2],
+                        "appearance": dist[:, 1], "max_parts": np.nanmax(dist / ref.scale, 1),
                         "knn": knn_score(tr[1].embeddings, out.embeddings), "max_softmax": 1 - probs.max(1),
                         "probs": probs}
-    for method in ("combined", "embedding", "appearance", "texture", "knn", "max_softmax"):
+    for method in ("combined", "embedding", "appearance", "max_parts", "knn", "max_softmax"):
         common[f"ood_auroc_{method}"] = binary_auroc(scores["test"][method], scores["held_out"][method])
     rows = []
     for rate in ood_refer_rates:
@@ -112,7 +113,7 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
 
 def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[str] | None = None,
                          progress=print, reuse: bool = False,
-                         ood_refer_rates: tuple[float, ...] = (0.05,)) -> pl.DataFrame:
+                         ood_refer_rates: tuple[float, ...] = (OOD_REFER_RATE,)) -> pl.DataFrame:
     """For each source: train ``cfg`` without it (patient-level train/val of the others), then
     audit the fold model on every image of the held-out source (``fold_audit``; classes the
     fold never saw are left out of accuracy and counted; with ``reuse``, a fold already trained
