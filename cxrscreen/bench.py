@@ -306,6 +306,82 @@ def run_bench(source: str = "phantoms", n: int = 256, cfg: ScoreConfig = ScoreCo
     return df
 
 
+CEILING_INPUTS = ("parquet", "png", "jpeg", "dicom")
+
+
+def ceiling_inputs(source: str, n: int, work: Path, shared: Path | None = None) -> dict[str, Path]:
+    """Archives of ``n`` inputs by kind for the ceiling benchmark: PNG / JPEG / DICOM folders
+    (phantoms: generated at 256 px; cxr: its 224 px PNGs; fullres: its JPEGs) and pre-decoded
+    Parquet (the PNG or JPEG folder ingested with ``--resize 256``, as ``cxrscreen ingest``)."""
+    from cxrscreen.data.ingest import ingest
+    from cxrscreen.data.synth import write_archive
+
+    out: dict[str, Path] = {}
+    if source == "phantoms":
+        for kind in ("png", "jpeg", "dicom"):
+            folder = work / f"ceiling-{kind}-{n}"
+            if not folder.exists():
+                write_archive(folder, n, seed=1, size=256, formats=(kind,))
+            out[kind] = folder / "images"
+    else:
+        out["png" if source == "cxr" else "jpeg"] = prepare_inputs(source, n, work, shared)
+    first = out.get("png") or out["jpeg"]
+    parquet = work / f"ceiling-parquet-{source}-{n}"
+    if not parquet.exists():
+        import polars as pl
+
+        files = sorted(p for p in first.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        ingest(pl.DataFrame({"file": [str(f) for f in files], "path": [str(f.relative_to(first)) for f in files],
+                             "label": ["unknown"] * len(files)}), parquet, resize=256, progress=False)
+    return {"parquet": parquet, **out}
+
+
+def run_ceiling(source: str = "phantoms", n: int = 256, cfg: ScoreConfig = ScoreConfig(),
+                cores: tuple[int, ...] = (1, 2), out: Path | None = None, shared: Path | None = None,
+                work_dir: Path | None = None, echo=print):
+    """The pipeline's ceiling: the real ``score`` pipeline on Ray (same stages, same output) with
+    zero-cost models (``runtime="replay"``: each model's output for the first image, replayed),
+    per input kind and number of cores. Rows: ``mode="ceiling"``, ``input``, ``cores``,
+    ``images_per_s`` (overall and steady), ``images_per_s_per_core`` (steady / cores) and the
+    stages' milliseconds per image (``ms_decode``, ``ms_segment``, ``ms_classify``)."""
+    import polars as pl
+    import ray
+
+    from cxrscreen.cluster import init_ray
+    from cxrscreen.pipeline.score import score_archive
+
+    work = Path(work_dir or tempfile.mkdtemp(prefix="cxrbench-ceiling-"))
+    archives = ceiling_inputs(source, n, work, shared)
+    info, rows = machine_info(), []
+    for kind, archive in archives.items():
+        for c in cores:
+            if kind == "parquet" and c < 2:
+                echo("ceiling parquet 1 core: skipped (Ray Data's Parquet reader needs a whole CPU beside the actors)")
+                continue
+            ray.shutdown()
+            init_ray(cfg.address, c)
+            dest = Path(tempfile.mkdtemp(prefix="cxrbench-out-"))
+            try:
+                s = score_archive(archive, dest, replace(cfg, runtime="replay", num_cpus=c), progress=False)
+                t = pl.read_parquet(dest / "part-*.parquet", columns=["t_decode_ms", "t_segment_ms", "t_classify_ms"])
+            finally:
+                shutil.rmtree(dest, ignore_errors=True)
+            rows.append(dict(source=source, n=n, mode="ceiling", input=kind, cores=c, images_per_s=s.images_per_s,
+                             images_per_s_steady=s.steady_images_per_s,
+                             images_per_s_per_core=s.steady_images_per_s / c,
+                             ms_decode=t["t_decode_ms"].mean(), ms_segment=t["t_segment_ms"].mean(),
+                             ms_classify=t["t_classify_ms"].mean(), ok=s.ok, classifier=cfg.classifier,
+                             segmenter=cfg.segmenter, batch_size=cfg.batch_size, **info))
+            echo(f"ceiling {kind:<8} {c} core(s): {s.steady_images_per_s:8.1f} img/s steady "
+                 f"({s.steady_images_per_s / c:.1f} per core), {s.images_per_s:.1f} overall")
+    ray.shutdown()
+    df = pl.DataFrame(rows, infer_schema_length=None)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.write_parquet(out)
+    return df
+
+
 def ratios(df) -> dict:
     """c/b, c/d, c/e from the best configuration of each mode (none without the pipeline mode)."""
     best = {m: df.filter(df["mode"] == m)["images_per_s"].max() for m in df["mode"].unique()}

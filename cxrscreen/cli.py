@@ -185,7 +185,7 @@ def score(archive, out_dir, config_path, settings, classifier, segmenter, allow_
         raise click.UsageError(str(e)) from None
     from cxrscreen.cluster import ClusterUnreachable
     from cxrscreen.pipeline.output import OutputBusy
-    from cxrscreen.pipeline.score import Interrupted
+    from cxrscreen.pipeline.score import ClusterTooSmall, Interrupted
 
     if not (as_json or quiet):  # the first seconds go to Ray's start and model loading: say so
         import os
@@ -196,7 +196,7 @@ def score(archive, out_dir, config_path, settings, classifier, segmenter, allow_
                    "and loading the models ...", err=True)
     try:
         summary = score_archive(archive, out_dir, cfg, progress=not (as_json or quiet))
-    except (ClusterUnreachable, OutputBusy) as e:
+    except (ClusterUnreachable, ClusterTooSmall, OutputBusy) as e:
         raise click.ClickException(str(e)) from None
     except Interrupted as e:
         click.echo(f"\ninterrupted: {e}", err=True)
@@ -301,17 +301,25 @@ def explain(archive, out_dir, classifier, segmenter, method, limit):
 @click.option("--per-file-n", default=64, show_default=True, help="Inputs for the slow per-file loop.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--no-ray", is_flag=True, help="Skip the Ray pipeline mode (a machine without ray).")
+@click.option("--ceiling", is_flag=True, help="Instead: the pipeline's ceiling, zero-cost models replaying their first "
+              "output, from Parquet and PNG/JPEG/DICOM folders, on 1 and 2 cores (--cores).")
+@click.option("--cores", default="1,2", show_default=True, help="--ceiling: comma-separated core counts.")
 @click.option("--shared", type=click.Path(file_okay=False), default="../shared/data", show_default=True)
 @click.option("-o", "--out", "out_path", default="benchmarks/results/bench.parquet", show_default=True)
 def bench(source, num, config_path, classifier, segmenter, precision, runtime, actors, batch_sizes, per_file_n,
-          device, no_ray, shared, out_path):
-    """Throughput of decode, model, full pipeline, DataLoader and per-file loops (to Parquet)."""
-    from cxrscreen.bench import ratios, run_bench
+          device, no_ray, ceiling, cores, shared, out_path):
+    """Throughput of decode, model, full pipeline, DataLoader and per-file loops (to Parquet);
+    with --ceiling, what the pipeline reaches around an infinitely fast model."""
+    from cxrscreen.bench import ratios, run_bench, run_ceiling
     from cxrscreen.config import load_config
     from cxrscreen.pipeline import ScoreConfig
 
     cfg = load_config(ScoreConfig, config_path, classifier=classifier, segmenter=segmenter, precision=precision,
                       runtime=runtime, device=device)
+    if ceiling:
+        run_ceiling(source, num, cfg, tuple(int(c) for c in cores.split(",")), Path(out_path), Path(shared),
+                    echo=click.echo)
+        return
     df = run_bench(source, num, cfg, tuple(int(a) for a in actors.split(",")),
                    tuple(int(b) for b in batch_sizes.split(",")), per_file_n, Path(out_path), Path(shared),
                    echo=click.echo, use_ray=not no_ray)

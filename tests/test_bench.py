@@ -5,7 +5,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from cxrscreen.bench import ratios, run_bench
+from cxrscreen.bench import ratios, run_bench, run_ceiling
 from cxrscreen.pipeline import ScoreConfig
 
 
@@ -29,6 +29,34 @@ def test_bench_writes_every_mode_and_the_runtime_agreement(tmp_path):
     assert df["compared"][0] == "onnxruntime-fp32"
     assert df["max_abs_prob_diff"][0] < 1e-4 and df["label_agreement"][0] == 1.0 and df["min_mask_dice"][0] > 0.99
     assert ratios(df) == {}  # no pipeline mode without Ray
+
+
+def test_replay_runtime_returns_the_first_output_for_every_image():
+    import torch
+
+    from cxrscreen.models import build_model
+    from cxrscreen.runtime import make_runtime
+
+    torch.manual_seed(0)
+    model = build_model("cxrnet", 4, 1, widths=(8, 16)).eval()
+    rt = make_runtime(model, "cpu", runtime="replay", size=64)
+    a, b = torch.randn(3, 1, 64, 64), torch.randn(5, 1, 64, 64)
+    first = rt(a)
+    with torch.no_grad():
+        assert torch.allclose(first[0], model(a[:1])[0], atol=1e-5)  # the real output of the first image ...
+    assert rt(b).shape == (5, 4) and torch.equal(rt(b)[4], first[0])  # ... replayed for every later one
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ceiling_runs_the_pipeline_on_every_input_kind(tmp_path):
+    out = tmp_path / "ceiling.parquet"
+    df = run_ceiling("phantoms", 24, ScoreConfig(device="cpu", batch_size=8), cores=(2,), out=out, work_dir=tmp_path,
+                     echo=lambda *_: None)
+    assert pl.read_parquet(out).equals(df)
+    assert sorted(df["input"]) == ["dicom", "jpeg", "parquet", "png"] and (df["mode"] == "ceiling").all()
+    assert (df["ok"] == 24).all() and (df["images_per_s_per_core"] > 0).all()
+    assert (df["ms_decode"] > 0).all() and (df["ms_segment"] > 0).all() and (df["ms_classify"] > 0).all()
 
 
 def test_gpu_sampler_parses_nvidia_smi_and_is_empty_without_a_gpu(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from cxrscreen.io.decode import decode_image
 from cxrscreen.pipeline import (ClassifierOptions, RuntimeOptions, ScoreConfig, SegmenterOptions, score_archive,
                                 score_items_local)
 from cxrscreen.pipeline.output import batch_to_table, output_schema
-from cxrscreen.pipeline.score import plan_resources
+from cxrscreen.pipeline.score import ClusterTooSmall, plan_resources
 
 FAST = dict(classifier="mobilenet_v3_small", allow_untrained=True, batch_size=8, rows_per_file=10)
 CLASSES = ["covid", "normal", "viral_pneumonia", "bacterial_pneumonia"]
@@ -167,6 +167,11 @@ def test_resource_plan_leaves_cpus_for_decoding():
     assert plan.device == "cpu" and plan.actor_cpus * 2 <= 1.0 and plan.threads == 2
     big = plan_resources(ScoreConfig(cls_actors=2, seg_actors=2), cpus=32, gpus=0)
     assert big.actor_cpus == 1.0 and big.threads == 8
+    one = plan_resources(ScoreConfig(), cpus=1, gpus=0)  # one CPU: decode tasks still fit beside the actors
+    assert 2 * one.actor_cpus + one.decode_cpus <= 1 and one.decode_cpus > 0
+    assert plan.decode_cpus == 1.0
+    with pytest.raises(ClusterTooSmall, match="nothing is left for decoding"):
+        plan_resources(ScoreConfig(actor_cpus=1.0), cpus=2, gpus=0)
     gpu = plan_resources(ScoreConfig(), cpus=16, gpus=1)
     assert gpu.device == "cuda" and gpu.actor_gpus == 0.5
 

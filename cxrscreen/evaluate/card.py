@@ -106,7 +106,8 @@ def _trust_section(card: dict, study: list | None) -> list[str]:
              "by recognising the source. These numbers come first because they are the ones that carry over.", ""]
     if study:
         df = read_study(study)
-        cols = {"recipe": "recipe", "target_sensitivity": "COVID sensitivity target", "ood_refer_rate": "OOD rate", "held_out": "held-out source", "held_out_accuracy": "accuracy (learned classes)",
+        cols = {"recipe": "recipe", "ood_fusion": "OOD score", "target_sensitivity": "COVID sensitivity target",
+                "ood_refer_rate": "OOD rate", "held_out": "held-out source", "held_out_accuracy": "accuracy (learned classes)",
                 "held_out_noncovid_covid": "non-COVID called COVID",
                 "held_out_noncovid_covid_unreferred": "... and not referred",
                 "held_out_covid_caught": "COVID called or referred", "held_out_referred": "referred",
@@ -116,7 +117,7 @@ def _trust_section(card: dict, study: list | None) -> list[str]:
                 "ood_auroc_max_softmax": "OOD AUROC (1 - max p)", "in_source_test_referred": "in-source test referred",
                 "in_source_test_accuracy_at_coverage": "in-source accuracy of the rest", "fold_score": "fold score"}
         table = df.select([pl.col(c).alias(t) for c, t in cols.items() if c in df.columns])
-        keys = [k for k in ("recipe", "target_sensitivity", "ood_refer_rate") if k in df.columns]
+        keys = [k for k in ("recipe", "ood_fusion", "target_sensitivity", "ood_refer_rate") if k in df.columns]
         worst = df.group_by(keys, maintain_order=True).agg(
             pl.col("fold_score").min().alias("worst"), pl.col("in_source_test_accuracy_at_coverage").mean().alias("acc"),
             pl.col("in_source_test_referred").mean().alias("ref"))
@@ -126,7 +127,7 @@ def _trust_section(card: dict, study: list | None) -> list[str]:
                   "referring the *OOD rate* share of its val), then scored on every image of the held-out source with the referral "
                   "`score` applies. *fold score* = mean of (1 - non-COVID called COVID and not referred) and (COVID "
                   "called or referred), over what the source has; recipes are ranked by their **worst** fold.", "",
-                  *markdown_table(table), "", "| " + " | ".join(keys) + " | worst fold score | mean in-source "
+                  *markdown_table(table), "", "| " + " | ".join(cols[k] for k in keys) + " | worst fold score | mean in-source "
                   "referred | mean in-source accuracy of the rest |", "|---" * (len(keys) + 3) + "|",
                   *["| " + " | ".join(str(v) for v in r[:-3]) + f" | {r[-3]:.3f} | {_pct(r[-1])} | {_pct(r[-2])} |"
                     for r in worst.iter_rows()], ""]

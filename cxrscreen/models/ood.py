@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,8 @@ class OODReference:
     validation split (``scale``), so both count alike; chosen over their maximum on the
     leave-one-source-out folds (README, "What it does not know"). The appearance part is
     optional (None: embedding only)."""
+
+    FUSION: ClassVar[str] = "geometric mean"  # how ``score`` combines the parts (named in audits)
 
     means: np.ndarray
     precision: np.ndarray

@@ -113,31 +113,47 @@ def drift_warning(summary: ScoreSummary, reference: dict, min_rows: int = 50) ->
     return "; ".join(msgs) + ": calibrate on a labelled sample (cxrscreen calibrate) before trusting labels" if msgs else ""
 
 
+class ClusterTooSmall(RuntimeError):
+    """The Ray cluster's CPUs cannot hold the model actors and the decode or read tasks together."""
+
+
 @dataclass
 class ResourcePlan:
     actor_cpus: float
     actor_gpus: float
     threads: int
     device: str
+    decode_cpus: float = 1.0  # per decode task: what the actors leave of a node with fewer CPUs than they need
 
 
 def plan_resources(cfg: ScoreConfig, cpus: float, gpus: float) -> ResourcePlan:
     """Size actor reservations so that decode tasks always get CPUs.
 
     An actor that reserves a whole CPU on a 2-CPU node leaves decode tasks starved and Ray
-    Data waits forever; so CPU actors reserve at most (cpus - 1) / n_actors, and torch
-    threads are split between the actors.
+    Data waits forever; so CPU actors reserve at most (cpus - 1) / n_actors (at least 0.1), a
+    decode task at most what they leave (on one CPU: 0.8), and torch threads are split between
+    the actors.
     """
     n_actors = cfg.cls_actors + (cfg.seg_actors if cfg.segmenter else 0)
     use_gpu = gpus >= 1 and cfg.device in ("auto", "cuda")
     if cfg.device == "cuda" and gpus < 1:
         raise RuntimeError("--device cuda, but the Ray cluster has no GPU")
     if use_gpu:
-        return ResourcePlan(cfg.actor_cpus or 1.0, min(1.0, gpus / n_actors), cfg.torch_threads or 2, "cuda")
+        actor_cpus = cfg.actor_cpus or 1.0
+        return ResourcePlan(actor_cpus, min(1.0, gpus / n_actors), cfg.torch_threads or 2, "cuda",
+                            _decode_cpus(cpus, n_actors * actor_cpus))
     actor_cpus = cfg.actor_cpus or max(0.1, min(1.0, (cpus - 1) / n_actors))
     # at least 2 threads per actor: measured faster on 2 cores (actors alternate, they rarely collide)
     threads = cfg.torch_threads or max(min(int(cpus), 2), int(cpus) // n_actors)
-    return ResourcePlan(actor_cpus, 0.0, threads, "cpu")
+    return ResourcePlan(actor_cpus, 0.0, threads, "cpu", _decode_cpus(cpus, n_actors * actor_cpus))
+
+
+def _decode_cpus(cpus: float, reserved: float) -> float:
+    left = cpus - reserved
+    if left < 0.05:
+        raise ClusterTooSmall(f"the model actors reserve {reserved:g} of the cluster's {cpus:g} CPUs: nothing is "
+                           "left for decoding; lower actor_cpus or the number of actors")
+    return round(min(1.0, left), 3)
 
 
 def dry_run(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: ScoreConfig = ScoreConfig()) -> dict:
@@ -211,15 +227,19 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     done = completed(out_dir)
     decode_kwargs = dict(work_size=cfg.work_size, **cfg.decode_options())
     if kind == "parquet":
+        if res.get("CPU", 1) < 2:
+            raise ClusterTooSmall("a Parquet archive needs a Ray cluster with at least 2 CPUs: Ray Data's Parquet "
+                               "reader takes a whole CPU beside the model actors (on 1 CPU it would wait forever)")
         files = [str(f) for f in parquet_files(Path(archive))]
         input_keys = _parquet_keys(files, cfg.key_column, cfg.image_column)[:cfg.limit or None]
         n_inputs = len(input_keys)
-        ds = ray.data.read_parquet(files, columns=[cfg.key_column, cfg.image_column])
+        ds = ray.data.read_parquet(files, columns=[cfg.key_column, cfg.image_column],
+                                   num_cpus=plan.decode_cpus)
         if cfg.limit:
             ds = ds.limit(cfg.limit)
         ds = ds.map_batches(_parquet_to_items, fn_kwargs=dict(image_column=cfg.image_column,
                                                               key_column=cfg.key_column),
-                            batch_format="numpy", batch_size=256)
+                            batch_format="numpy", batch_size=256, num_cpus=plan.decode_cpus)
         decode_kwargs["done"] = done
         n_pending = max(0, n_inputs - len(done))  # progress-bar estimate
     else:
@@ -237,7 +257,7 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     # one (Ray Data's max_restarts=-1, max_task_retries=-1). Every input still gets exactly one
     # row: tests/test_pipeline.py kills a model actor, and a worker node, in the middle of a run.
     ds = ds.map_batches(decode_batch, fn_kwargs=decode_kwargs, batch_size=cfg.batch_size,
-                        batch_format="numpy", num_cpus=1)
+                        batch_format="numpy", num_cpus=plan.decode_cpus)
     model_kwargs = cfg.runtime_options(plan.device, plan.threads)
     pool = dict(batch_size=cfg.batch_size, batch_format="numpy", num_cpus=plan.actor_cpus,
                 num_gpus=plan.actor_gpus or None)

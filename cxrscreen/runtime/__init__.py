@@ -3,7 +3,8 @@
 Every runtime is a callable ``float (B, C, H, W) tensor -> float32 output tensor`` with
 ``name``, ``device`` (where inputs should be prepared) and ``precision`` attributes:
 ``TorchRuntime`` (CPU/CUDA), ``OnnxRuntime`` (exported ONNX, CPU) and ``TensorRTRuntime``
-(CUDA, needs the ``tensorrt`` extra).
+(CUDA, needs the ``tensorrt`` extra); ``"replay"`` (not a choice of ``score``) is the zero-cost
+stand-in of the ceiling benchmark (``ReplayRuntime``).
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ def make_runtime(module, device: str = "auto", precision: str = "auto", threads:
     """
     from cxrscreen.runtime.torch_runtime import TorchRuntime, cpu_has_fast_bf16, pick_device
 
-    if runtime not in RUNTIMES:
+    if runtime not in RUNTIMES + ("replay",):
         raise ValueError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
     dev = pick_device(device)
+    if runtime == "replay":
+        from cxrscreen.runtime.replay_runtime import ReplayRuntime
+
+        return ReplayRuntime(module, dev)
     if runtime == "auto":
         if dev.type == "cuda":
             runtime = "tensorrt" if _available("tensorrt") else "torch"
