@@ -66,7 +66,7 @@ def test_model_card_is_rendered_from_the_shipped_evaluation():
 def test_shipped_unet_metrics_come_from_its_weights(name):
     """An adapted U-Net's recorded pseudo-mask Dice is recomputed from the shipped weights on
     ../shared/data/seg (val split); the default one's leave-one-out expert Dice meets the target."""
-    from cxrscreen.evaluate.run import mask_metrics
+    from cxrscreen.metrics import mask_metrics
     from cxrscreen.models.checkpoint import read_info
     from cxrscreen.predict import ModelRunner, segment_images
     from cxrscreen.train.config import checkpoint_config

@@ -1,6 +1,6 @@
 import numpy as np
 
-from cxrscreen.evaluate.metrics import (classification_metrics, expected_calibration_error, fit_temperature,
+from cxrscreen.metrics import (classification_metrics, expected_calibration_error, fit_temperature,
                                         refer_threshold, softmax)
 
 

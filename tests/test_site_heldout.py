@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from cxrscreen.evaluate.calibrate import calibrate_site
-from cxrscreen.evaluate.metrics import softmax
+from cxrscreen.metrics import softmax
 from cxrscreen.evaluate.run import evaluate_model
 from cxrscreen.io import InputItem
 from cxrscreen.pipeline import ScoreConfig, score_items_local

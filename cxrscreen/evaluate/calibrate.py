@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from cxrscreen.evaluate.metrics import fit_temperature, refer_threshold, softmax
+from cxrscreen.metrics import fit_temperature, refer_threshold, softmax
 from cxrscreen.models.site import SiteProfile
 from cxrscreen.referral import TARGET_SENSITIVITY
 

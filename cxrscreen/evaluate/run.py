@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from cxrscreen.evaluate.metrics import (accuracy_at_coverage, classification_metrics, fit_temperature,
-                                        refer_threshold, softmax)
-from cxrscreen.masks import dice_scores
+from cxrscreen.metrics import (accuracy_at_coverage, classification_metrics, fit_temperature, mask_metrics,
+                               refer_threshold, softmax)
 from cxrscreen.referral import OOD_REFER_RATE, TARGET_SENSITIVITY, screening_confidence
 from cxrscreen.models.checkpoint import update_info
 from cxrscreen.train.config import checkpoint_config
@@ -177,20 +176,6 @@ def derived_tasks(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
         c = classes.index("covid")
         pb = np.stack([probs[:, c], 1 - probs[:, c]], 1)
         out["binary"] = classification_metrics((y != c).astype(int), pb, ["covid", "non_covid"])
-    return out
-
-
-def mask_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
-    """Dice, IoU and pixel accuracy of boolean masks (B, H, W): ``raw`` and ``cleaned`` (two
-    largest components kept, holes filled: what ``score`` stores)."""
-    from cxrscreen.masks import lung_regions
-
-    out = {}
-    for variant, p in (("raw", pred), ("cleaned", np.stack([lung_regions(m).mask for m in pred]))):
-        inter, union = (p & truth).sum((1, 2)), (p | truth).sum((1, 2))
-        out[variant] = {"n": int(len(p)), "dice": float(dice_scores(p, truth).mean()),
-                        "iou": float(((inter + 1e-6) / (union + 1e-6)).mean()),
-                        "pixel_accuracy": float((p == truth).mean())}
     return out
 
 

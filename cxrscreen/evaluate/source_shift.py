@@ -17,16 +17,6 @@ from cxrscreen.referral import OOD_REFER_RATE, TARGET_SENSITIVITY, screening_con
 from cxrscreen.train.config import TrainConfig
 
 
-def predict_files(model_dir: str | Path, files: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Calibrated probabilities of a checkpoint for image files (the scoring path): (probs, ok mask, classes)."""
-    from cxrscreen.evaluate.metrics import softmax
-    from cxrscreen.predict import ModelRunner, classify_files
-
-    runner = ModelRunner(str(model_dir), "classify")
-    out, ok = classify_files(runner, files)
-    return softmax(out.logits, runner.info.temperature), ok, list(runner.info.classes)
-
-
 def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFrame, learned: list[str],
                positive: str = "covid", target_sensitivity: float = TARGET_SENSITIVITY,
                ood_refer_rates: tuple[float, ...] = (OOD_REFER_RATE,)) -> list[dict]:
@@ -42,7 +32,7 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
     k-NN on the embedding and, as the baseline,
     1 - max softmax probability); and the in-source test split's referral rate and accuracy at
     coverage."""
-    from cxrscreen.evaluate.metrics import (accuracy_at_coverage, binary_auroc, fit_temperature, refer_threshold,
+    from cxrscreen.metrics import (accuracy_at_coverage, binary_auroc, fit_temperature, refer_threshold,
                                             softmax)
     from cxrscreen.models.ood import OODReference, knn_score
     from cxrscreen.predict import ModelRunner, classify_files

@@ -31,6 +31,7 @@ class ScoreSummary:
     seconds: float = 0.0
     missing: list = field(default_factory=list)  # input keys without an output row (should be empty)
     first_row_s: float = 0.0  # start-up: seconds until the first result arrived
+    first_rows: int = 0  # rows of that first result (not counted in the steady rate)
     referred: Counter = field(default_factory=Counter)  # refer_reason code -> rows
     labels: Counter = field(default_factory=Counter)  # predicted label -> rows
     drift: str = ""  # one line when the archive differs from the training data (drift_warning)
@@ -40,8 +41,10 @@ class ScoreSummary:
 
     @property
     def steady_images_per_s(self) -> float:
-        """Throughput after start-up (Ray init, actor and model loading)."""
-        return self.scored / max(self.seconds - self.first_row_s, 1e-9) if self.scored else 0.0
+        """Throughput after start-up (Ray init, actor and model loading): the rows after the first
+        result, over the time after it."""
+        steady = self.scored - self.first_rows
+        return steady / max(self.seconds - self.first_row_s, 1e-9) if steady > 0 else 0.0
 
     @property
     def scored(self) -> int:
@@ -274,6 +277,7 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
                 if writer is None:
                     summary.first_row_s = time.perf_counter() - t0
+                    summary.first_rows = len(batch["key"])
                     classes = [k[5:] for k in batch if k.startswith("prob_")]
                     writer = PartWriter(out_dir, output_schema(classes, cfg.include_phi), cfg.rows_per_file)
                 writer.add(batch_to_table(batch, writer.schema))

@@ -46,7 +46,7 @@ def adapt_segmenter(model_dir: str | Path, out_dir: str | Path, steps: int = 40,
                     batch_size: int = 8, seed: int = 0, data: str | None = None, progress=print) -> dict:
     """Leave-one-out Dice of adapting ``model_dir`` to the expert masks, then the model adapted
     on all of them in ``out_dir`` (model.json holds both, and the base model's held-out scores)."""
-    from cxrscreen.evaluate.run import mask_metrics
+    from cxrscreen.metrics import mask_metrics
 
     model_dir, out = Path(model_dir), Path(out_dir)
     base = load_model(str(model_dir), "segment")

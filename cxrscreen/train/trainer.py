@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from cxrscreen.config import to_dict
-from cxrscreen.evaluate.metrics import classification_metrics, fit_temperature, softmax
+from cxrscreen.metrics import classification_metrics, fit_temperature, softmax
 from cxrscreen.masks import dice_scores
 from cxrscreen.models import build_model, check_input_size, get_entry
 from cxrscreen.models.checkpoint import ModelInfo, read_info, save_checkpoint, update_info, write_train_config

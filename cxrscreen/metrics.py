@@ -1,4 +1,5 @@
-"""Classification metrics in plain numpy (the papers' set, plus calibration)."""
+"""Metrics in plain numpy, below training and evaluation, which both use them: classification
+(the papers' set, plus calibration and referral thresholds) and lung masks."""
 
 from __future__ import annotations
 
@@ -128,3 +129,17 @@ def accuracy_at_coverage(y: np.ndarray, pred: np.ndarray, referred: np.ndarray) 
     return {"coverage": float(kept.mean()) if len(kept) else float("nan"),
             "accuracy": float((np.asarray(pred)[kept] == np.asarray(y)[kept]).mean()) if kept.any() else float("nan"),
             "n": int(len(kept))}
+
+
+def mask_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
+    """Dice, IoU and pixel accuracy of boolean masks (B, H, W): ``raw`` and ``cleaned`` (two
+    largest components kept, holes filled: what ``score`` stores)."""
+    from cxrscreen.masks import dice_scores, lung_regions
+
+    out = {}
+    for variant, p in (("raw", pred), ("cleaned", np.stack([lung_regions(m).mask for m in pred]))):
+        inter, union = (p & truth).sum((1, 2)), (p | truth).sum((1, 2))
+        out[variant] = {"n": int(len(p)), "dice": float(dice_scores(p, truth).mean()),
+                        "iou": float(((inter + 1e-6) / (union + 1e-6)).mean()),
+                        "pixel_accuracy": float((p == truth).mean())}
+    return out
