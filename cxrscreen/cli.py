@@ -368,8 +368,14 @@ def evaluate(model_dir, data, split, target_sensitivity, ood_refer_rate, predict
     from cxrscreen.evaluate.run import evaluate_model, evaluate_segmenter, write_predictions
     from cxrscreen.models.checkpoint import read_info
 
-    if read_info(model_dir).task == "segment":
-        res = evaluate_segmenter(model_dir, data)
+    try:
+        segmenter = read_info(model_dir).task == "segment"
+        res = (evaluate_segmenter(model_dir, data) if segmenter else
+               evaluate_model(model_dir, data, split, target_sensitivity=target_sensitivity,
+                              ood_refer_rate=ood_refer_rate, predictions=bool(predictions_path)))
+    except ValueError as e:  # a missing or mismatched manifest, leakage, a bad checkpoint: one line
+        raise click.UsageError(str(e)) from None
+    if segmenter:
         for k, v in res.items():
             if isinstance(v, dict):
                 click.echo(f"{k:<26} n={v['n']} Dice={v['dice']:.4f} IoU={v['iou']:.4f} "
@@ -377,8 +383,6 @@ def evaluate(model_dir, data, split, target_sensitivity, ood_refer_rate, predict
         if out_path:
             Path(out_path).write_text(json.dumps(res, indent=2))
         return
-    res = evaluate_model(model_dir, data, split, target_sensitivity=target_sensitivity,
-                         ood_refer_rate=ood_refer_rate, predictions=bool(predictions_path))
     if predictions_path:
         write_predictions(res.pop("predictions"), res["classes"], predictions_path)
     m = res["metrics"]
@@ -412,7 +416,10 @@ def report(model_dirs, out_dir, data, split, segmenter, seg_data, loso, samples)
     """HTML report + comparison table (Parquet, Markdown) of one or more trained classifiers."""
     from cxrscreen.evaluate.report import build_report
 
-    path = build_report(list(model_dirs), out_dir, data, split, segmenter or None, seg_data, list(loso), samples)
+    try:
+        path = build_report(list(model_dirs), out_dir, data, split, segmenter or None, seg_data, list(loso), samples)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     click.echo(f"report: {path}; comparison: {Path(out_dir) / 'comparison.md'}")
 
 

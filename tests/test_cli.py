@@ -56,3 +56,16 @@ def test_set_overrides_any_score_key_and_is_checked(tmp_path):
     twice = CliRunner().invoke(main, run + ["--set", "batch_size=4", "--batch-size", "8"])
     assert twice.exit_code == 2 and "give it once" in twice.output
     assert CliRunner().invoke(main, run + ["--set", "oops"]).exit_code == 2
+
+
+def test_evaluate_and_report_name_the_data_option_when_the_manifest_is_not_found(tmp_path, monkeypatch):
+    import shutil
+
+    from cxrscreen.models.checkpoint import BUNDLED
+
+    ck = tmp_path / "ck"
+    shutil.copytree(BUNDLED / "cxrnet-4class", ck)  # its train_config names ../shared/data/... (relative)
+    monkeypatch.chdir(tmp_path)
+    for args in (["evaluate", str(ck)], ["report", str(ck), "-o", str(tmp_path / "rep")]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and "not found from" in res.output and "--data PATH" in res.output, res.output

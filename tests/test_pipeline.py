@@ -303,6 +303,14 @@ def test_one_image_as_archive_is_scored_and_a_wrong_archive_fails_before_ray(tmp
     assert json.loads(res.output) == {"archive": str(tmp_path / "five"), "kind": "folder", "inputs": 5,
                                       "by_format": {"png": 5}, "with_rows_in_out": 2, "new": 3, "rows_in_out": 2}
     assert pl.read_parquet(tmp_path / "five_out" / "*.parquet").height == 2  # the dry run scored nothing
+    from cxrscreen.data.ingest import ingest  # --limit on a Parquet archive of several shards: the first N
+    files = sorted((tmp_path / "five").glob("*.png"))
+    ingest(pl.DataFrame({"file": [str(f) for f in files], "path": [f.name for f in files], "label": ["normal"] * 5}),
+           tmp_path / "shards", shard_size=2, progress=False)
+    res = CliRunner().invoke(main, ["score", str(tmp_path / "shards"), "--classifier", "mobilenet_v3_small",
+                                    "--allow-untrained", "-o", str(tmp_path / "pq_out"), "--limit", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    assert sorted(pl.read_parquet(tmp_path / "pq_out" / "*.parquet")["key"]) == ["0.png", "1.png", "2.png"]
     (tmp_path / "notes.doc").write_text("not an archive")
     t0 = time.perf_counter()
     res = CliRunner().invoke(main, ["score", str(tmp_path / "notes.doc"), "-o", str(tmp_path / "o2")])

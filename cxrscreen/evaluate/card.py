@@ -61,9 +61,10 @@ def _segmenter_section(sdir: Path) -> list[str]:
     sm = s["metrics"]
     lines = [f"## Segmenter `{sdir.name}` (U-Net, encoder {scfg['model_kwargs'].get('encoder_name')}, "
              f"{s['input_size']} px)", "",
-             "- **Data**: trained on ../shared/data/seg/pseudo (1044 thresholded U-Net masks on Kermany "
-             "images of the cxr train split; validation = those of the cxr val split) - pseudo masks, not "
-             "ground truth. Evaluated on the 12 COVID-QU-Ex **expert** masks (ground truth).",
+             "- **Data**: trained on ../shared/data/seg/pseudo (thresholded U-Net masks on Kermany images of "
+             "the cxr train split; validation = those of the cxr val split) - pseudo masks, not ground truth. "
+             f"Evaluated on the {sm.get('adaptation', {}).get('images') or sm.get('expert_masks_raw', {}).get('n', '')} "
+             "COVID-QU-Ex **expert** masks (ground truth).",
              f"- **Training**: {sm.get('epochs_run')} epochs, {sm.get('train_seconds', 0) / 60:.1f} min on CPU, "
              f"{scfg.get('precision', 'fp32')}, weight moving average {scfg.get('ema_decay') or 'off'}, "
              f"augmentation {scfg['augment']}; `cxrscreen/weights/{sdir.name}/model.safetensors` "

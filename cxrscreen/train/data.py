@@ -5,6 +5,7 @@ turns them into augmented model input with ``cxrscreen.preprocess``."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -18,9 +19,18 @@ from cxrscreen.preprocess import crop_boxes, normalise, to_unit
 from cxrscreen.train.config import AugmentConfig, TrainConfig, class_map_for
 
 
+def require_data(path: str) -> str:
+    """``path`` if it exists, else a ValueError that says where it was looked for and how to
+    give another (a checkpoint's ``data`` is relative to the folder it was trained from)."""
+    if not Path(path).exists():
+        raise ValueError(f"data {path!r} not found from {Path.cwd()} (a checkpoint's train_config.yaml names it "
+                         "relative to where it was trained): give the manifest with --data PATH")
+    return path
+
+
 def labeled_splits(cfg: TrainConfig) -> tuple[pl.DataFrame, list[str]]:
     """Manifest rows mapped to the task's classes, with a patient-level ``split``."""
-    df = load_manifest(cfg.data)
+    df = load_manifest(require_data(cfg.data))
     cmap = class_map_for(cfg)
     if cfg.sources:
         df = df.filter(pl.col("source").is_in(cfg.sources))
@@ -59,7 +69,7 @@ def segmentation_splits(cfg: TrainConfig) -> pl.DataFrame:
     Other manifests (e.g. phantoms) keep their own ``split``."""
     from cxrscreen.data.manifest import read_seg_manifest
 
-    df = read_seg_manifest(cfg.data)
+    df = read_seg_manifest(require_data(cfg.data))
     if "subset" in df.columns:
         split = pl.when(pl.col("subset") == "expert").then(pl.lit("test")).otherwise(pl.col("cxr_split"))
         df = df.with_columns(split.alias("split"))
