@@ -252,7 +252,7 @@ def _comparison_section(path) -> list[str]:
             *markdown_table(df.select(cols)), "",
             "`accuracy_3class`: covid / normal / viral (a 4-class model's probabilities renormalised over those "
             "three); `cam_lung_energy`: mean share of Grad-CAM energy inside the segmented lungs on the report's "
-            "sample images; `inference_images_per_s`: torch fp32 model forward, batch 32, best of 5, this 2-core "
+            "sample images; `inference_images_per_s`: work image -> model input -> torch fp32 forward (`predict.module_logits`), batch 32, best of 5, this 2-core "
             "CPU - a rough guide: rows are timed minutes apart, and rows of one architecture and input size show "
             "the spread.", ""]
 
