@@ -368,12 +368,13 @@ def run_ceiling(source: str = "phantoms", n: int = 256, cfg: ScoreConfig = Score
                 shutil.rmtree(dest, ignore_errors=True)
             rows.append(dict(source=source, n=n, mode="ceiling", input=kind, cores=c, images_per_s=s.images_per_s,
                              images_per_s_steady=s.steady_images_per_s,
-                             images_per_s_per_core=s.steady_images_per_s / c,
+                             # None when every row came in the first result (Parquet blocks): no steady state
+                             images_per_s_per_core=s.steady_images_per_s / c if s.steady_images_per_s else None,
                              ms_decode=t["t_decode_ms"].mean(), ms_segment=t["t_segment_ms"].mean(),
                              ms_classify=t["t_classify_ms"].mean(), ok=s.ok, classifier=cfg.classifier,
                              segmenter=cfg.segmenter, batch_size=cfg.batch_size, **info))
             echo(f"ceiling {kind:<8} {c} core(s): {s.steady_images_per_s:8.1f} img/s steady "
-                 f"({s.steady_images_per_s / c:.1f} per core), {s.images_per_s:.1f} overall")
+                 f"({s.steady_images_per_s / c:.1f} per core; 0 = all rows in one burst), {s.images_per_s:.1f} overall")
     ray.shutdown()
     df = pl.DataFrame(rows, infer_schema_length=None)
     if out is not None:

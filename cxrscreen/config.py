@@ -137,6 +137,9 @@ def parse_settings(pairs: tuple[str, ...] | list[str]) -> dict:
         if not sep or not key.strip():
             problems.append(f"--set {pair!r}: expected KEY=VALUE")
             continue
+        if key.strip() in out:
+            problems.append(f"--set {key.strip()}: given twice")
+            continue
         try:
             out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:

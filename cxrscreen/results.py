@@ -125,17 +125,21 @@ def write_worklist(out_dir: str | Path, max_html_rows: int = 10_000) -> tuple[Pa
 def export_masks(out_dir: str | Path, to: str | Path) -> int:
     """Each scored row's lung mask as an 8-bit PNG (0 / 255) at its original image's width and
     height, at ``to/<key without its extension>.png`` (folders of the key kept; ``..`` and leading
-    ``/`` dropped, ``#`` of Parquet row keys made ``_``). Returns the number written."""
+    ``/`` dropped, ``#`` of Parquet row keys made ``_``; where two keys would share a name, e.g.
+    ``a.png`` and ``a.dcm``, the later keeps its extension: ``a.dcm.png``). Returns the number written."""
     from PIL import Image
 
     from cxrscreen.masks import decode_mask_png
 
     df = read_output(out_dir).filter((pl.col("status") == "ok") & pl.col("lung_mask_png").is_not_null())
     root = Path(to)
-    n = 0
+    n, used = 0, set()
     for key, png, w, h in df.select("key", "lung_mask_png", "width", "height").iter_rows():
-        parts = [p for p in Path(key.replace("#", "_")).with_suffix(".png").parts if p not in ("..", "/", "")]
-        dest = root.joinpath(*parts)
+        parts = [p for p in Path(key.replace("#", "_")).parts if p not in ("..", "/", "")]
+        dest = root.joinpath(*parts).with_suffix(".png")
+        if dest in used:
+            dest = root.joinpath(*parts[:-1], parts[-1] + ".png")
+        used.add(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         mask = Image.fromarray(decode_mask_png(png).astype(np.float32))
         size = (int(w), int(h)) if w and h and w > 0 and h > 0 else mask.size

@@ -55,7 +55,9 @@ def test_ceiling_runs_the_pipeline_on_every_input_kind(tmp_path):
                      echo=lambda *_: None)
     assert pl.read_parquet(out).equals(df)
     assert sorted(df["input"]) == ["dicom", "jpeg", "parquet", "png"] and (df["mode"] == "ceiling").all()
-    assert (df["ok"] == 24).all() and (df["images_per_s_per_core"] > 0).all()
+    assert (df["ok"] == 24).all() and (df["images_per_s"] > 0).all()
+    folders = df.filter(pl.col("input") != "parquet")  # Parquet rows may all arrive in one block: no steady rate
+    assert (folders["images_per_s_per_core"] > 0).all()
     assert (df["ms_decode"] > 0).all() and (df["ms_segment"] > 0).all() and (df["ms_classify"] > 0).all()
 
 

@@ -32,7 +32,7 @@ def test_synth_split_audit_ingest(tmp_path):
 def test_verbose_flag_turns_rays_own_log_lines_on(tmp_path, monkeypatch):
     from cxrscreen.cluster import verbose
 
-    monkeypatch.delenv("CXRSCREEN_VERBOSE", raising=False)  # restored after the test
+    monkeypatch.setenv("CXRSCREEN_VERBOSE", "0")  # restored after the test (the -v run below sets it)
     assert not verbose()
     assert CliRunner().invoke(main, ["synth", "-o", str(tmp_path / "a"), "-n", "2", "--size", "32"]).exit_code == 0
     assert not verbose()
@@ -56,6 +56,8 @@ def test_set_overrides_any_score_key_and_is_checked(tmp_path):
     twice = CliRunner().invoke(main, run + ["--set", "batch_size=4", "--batch-size", "8"])
     assert twice.exit_code == 2 and "give it once" in twice.output
     assert CliRunner().invoke(main, run + ["--set", "oops"]).exit_code == 2
+    again = CliRunner().invoke(main, run + ["--set", "mask_size=64", "--set", "mask_size=128"])
+    assert again.exit_code == 2 and "given twice" in again.output
 
 
 def test_evaluate_and_report_name_the_data_option_when_the_manifest_is_not_found(tmp_path, monkeypatch):

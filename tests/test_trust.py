@@ -17,7 +17,7 @@ from cxrscreen.data.synth import encode_png, write_archive
 from cxrscreen.evaluate.run import evaluate_model, write_predictions
 from cxrscreen.io.sources import InputItem
 from cxrscreen.models import build_model, load_model, save_checkpoint
-from cxrscreen.models.checkpoint import ModelInfo
+from cxrscreen.models.checkpoint import BUNDLED, ModelInfo
 from cxrscreen.models.ood import OODReference, with_embedding
 from cxrscreen.pipeline import ScoreConfig, score_items_local
 from cxrscreen.pipeline.score import ScoreSummary, drift_warning
@@ -283,3 +283,23 @@ def test_screening_confidence_merges_the_pneumonias():
     assert np.allclose(screening_confidence(p, CLASSES), [0.8, 0.5, 0.6])  # a sure pneumonia of unsure kind
     assert np.allclose(screening_confidence(p[:, :3] / p[:, :3].sum(1, keepdims=True), CLASSES[:3]),
                        (p[:, :3] / p[:, :3].sum(1, keepdims=True)).max(1))
+
+
+def test_a_reference_saved_before_the_fusion_marker_keeps_its_maximum(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    emb, app = rng.normal(size=(400, 6)) + y[:, None] * 3, rng.normal(size=(400, 576))
+    ref = OODReference.fit(emb, y, app).set_scale(emb[:100], app[:100])
+    ref.save(tmp_path)
+    back = OODReference.load(tmp_path)
+    assert back.fusion == "geometric mean" and np.allclose(back.score(emb[:9], app[:9]), ref.score(emb[:9], app[:9]))
+    old = tmp_path / "old"  # an ood.safetensors written by an earlier version: tensors only, no metadata
+    old.mkdir()
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in ref.__dict__.items()
+               if v is not None and k != "fusion"}, str(old / "ood.safetensors"))
+    legacy = OODReference.load(old)
+    parts = ref.parts(emb[:9], app[:9]) / ref.scale
+    assert legacy.fusion == "max" and np.allclose(legacy.score(emb[:9], app[:9]), parts.max(1), atol=1e-5)
+    assert OODReference.load(BUNDLED / "cxrnet-4class").fusion == "geometric mean"  # what the shipped threshold fits

@@ -64,19 +64,19 @@ def _fmt(v) -> str:
     return html.escape("" if v is None else str(v))
 
 
-def inference_images_per_s(module: torch.nn.Module, size: int, in_channels: int, batch: int = 32,
-                           repeats: int = 5) -> float:
+def inference_images_per_s(module: torch.nn.Module, size: int, in_channels: int, intensity: str = "raw",
+                           batch: int = 32, repeats: int = 5) -> float:
     """Images/s of one batch of work images through ``predict.module_logits`` (model input +
     forward, torch fp32, this machine's CPU threads): the best of ``repeats`` timed batches after
     one warm-up (one timing alone varied 1.8x for the same model)."""
     from cxrscreen.predict import module_logits
 
     images = np.random.default_rng(0).integers(0, 256, (batch, 256, 256), dtype=np.uint8)
-    module_logits(module, images, size, in_channels, batch=batch)
+    module_logits(module, images, size, in_channels, intensity, batch=batch)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        module_logits(module, images, size, in_channels, batch=batch)
+        module_logits(module, images, size, in_channels, intensity, batch=batch)
         best = min(best, time.perf_counter() - t0)
     return batch / best
 
@@ -147,7 +147,8 @@ def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | Non
             "covid_sensitivity": per_class.get("recall"), "covid_ppv": per_class.get("precision"),
             "params": int(sum(p.numel() for p in loaded.module.parameters())),
             "train_seconds": info.metrics.get("train_seconds"),
-            "inference_images_per_s": inference_images_per_s(loaded.module, info.input_size, info.in_channels),
+            "inference_images_per_s": inference_images_per_s(loaded.module, info.input_size, info.in_channels,
+                                                             info.intensity),
             "cam_lung_energy": float(np.nanmean(energy)) if segmenter and len(energy) else None,
             "kmeans_pixels_ari": kmeans["pixels"]["adjusted_rand"],
             "kmeans_embeddings_ari": kmeans["embeddings"]["adjusted_rand"] if "embeddings" in kmeans else None}

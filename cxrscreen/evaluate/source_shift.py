@@ -60,7 +60,7 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
     pos = index.get(positive, 0)
     thr = refer_threshold(softmax(va[1].logits, temp), y_of(va[0]), pos, target_sensitivity, classes)
     val_ood = ref.score(va[1].embeddings, va[1].appearance)
-    scores, common = {}, {"target_sensitivity": target_sensitivity, "ood_fusion": OODReference.FUSION,
+    scores, common = {}, {"target_sensitivity": target_sensitivity, "ood_fusion": ref.fusion,
                           "refer_threshold": thr}
     for name in ("test", "held_out"):
         part, out = parts[name]

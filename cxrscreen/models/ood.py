@@ -109,9 +109,12 @@ class OODReference:
     ``score`` is the geometric mean of the two distances, each divided by its median on the
     validation split (``scale``), so both count alike; chosen over their maximum on the
     leave-one-source-out folds (README, "What it does not know"). The appearance part is
-    optional (None: embedding only)."""
+    optional (None: embedding only). ``fusion`` is saved with the tensors; a reference saved
+    before it existed combined the parts by their maximum, and keeps doing so, so that the
+    thresholds fitted with it (``model.json``, site profiles) stay valid."""
 
-    FUSION: ClassVar[str] = "geometric mean"  # how ``score`` combines the parts (named in audits)
+    FUSION: ClassVar[str] = "geometric mean"  # how newly fitted references combine the parts
+    FUSIONS: ClassVar[tuple] = ("geometric mean", "max")
 
     means: np.ndarray
     precision: np.ndarray
@@ -120,6 +123,7 @@ class OODReference:
     app_means: np.ndarray | None = None
     app_precision: np.ndarray | None = None
     scale: np.ndarray = field(default_factory=lambda: np.ones(2, np.float32))
+    fusion: str = FUSION
 
     @classmethod
     def fit(cls, embeddings: np.ndarray, targets: np.ndarray, appearance: np.ndarray | None = None,
@@ -151,9 +155,12 @@ class OODReference:
         return self
 
     def score(self, embeddings: np.ndarray, appearance: np.ndarray | None = None) -> np.ndarray:
-        """``ood_score`` per row: the geometric mean of the scaled distances (higher = less like
-        the training data; 1 = as far as the median validation image)."""
+        """``ood_score`` per row: the geometric mean (or, for a reference saved before it, the
+        maximum) of the scaled distances (higher = less like the training data; 1 = as far as
+        the median validation image)."""
         scaled = np.maximum(self.parts(embeddings, appearance) / self.scale, 1e-6)
+        if self.fusion == "max":
+            return np.nanmax(scaled, 1).astype(np.float32)
         return np.exp(np.nanmean(np.log(scaled), 1)).astype(np.float32)
 
     def with_site(self, embeddings: np.ndarray, targets: np.ndarray, appearance: np.ndarray | None) -> OODReference:
@@ -163,26 +170,31 @@ class OODReference:
                                    .astype(np.float32)])
         app = None if self.app_basis is None else add(self.app_means, (appearance - self.app_center) @ self.app_basis.T)
         return OODReference(add(self.means, embeddings), self.precision, self.app_center, self.app_basis,
-                            app, self.app_precision, self.scale)
+                            app, self.app_precision, self.scale, self.fusion)
 
     def save(self, folder: str | Path) -> Path:
         from safetensors.numpy import save_file
 
         path = Path(folder) / OOD_FILE
-        tensors = {k: v for k, v in self.__dict__.items() if v is not None}
-        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(path))
+        tensors = {k: v for k, v in self.__dict__.items() if v is not None and k != "fusion"}
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(path),
+                  metadata={"fusion": self.fusion})
         return path
 
     @classmethod
     def load(cls, folder: str | Path, embedding_size: int | None = None) -> OODReference | None:
         """The reference saved in ``folder`` (None if there is none); refuses one whose shapes
         do not fit each other or the model's embedding size."""
-        from safetensors.numpy import load_file
+        from safetensors import safe_open
 
         path = Path(folder) / OOD_FILE
         if not path.exists():
             return None
-        t = load_file(str(path))
+        with safe_open(str(path), "np") as f:
+            t = {k: f.get_tensor(k) for k in f.keys()}
+            fusion = (f.metadata() or {}).get("fusion", "max")  # saved before the marker: the maximum
+        if fusion not in cls.FUSIONS:
+            raise ValueError(f"{path}: unknown fusion {fusion!r} (expected one of {', '.join(cls.FUSIONS)})")
         means, precision = t.get("means"), t.get("precision")
         if means is None or precision is None or means.ndim != 2 or precision.shape != (means.shape[1],) * 2:
             raise ValueError(f"{path}: expected tensors 'means' (C, D) and 'precision' (D, D)")
@@ -197,7 +209,7 @@ class OODReference:
         scale = t.get("scale", np.ones(2, np.float32))
         if not all(np.isfinite(v).all() for v in t.values()) or scale.shape != (2,) or (scale <= 0).any():
             raise ValueError(f"{path}: non-finite values or a bad 'scale'")
-        return cls(means, precision, *app, scale)
+        return cls(means, precision, *app, scale, fusion)
 
 
 def knn_score(reference: np.ndarray, embeddings: np.ndarray, k: int = 10) -> np.ndarray:

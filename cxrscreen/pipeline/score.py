@@ -239,8 +239,8 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
         n_inputs = len(input_keys)
         _settle_fsspec_http()
         ds = ray.data.read_parquet(files, columns=[cfg.key_column, cfg.image_column], num_cpus=plan.decode_cpus)
-        if cfg.limit:  # the first N rows in file order, as input_keys counts them
-            ray.data.DataContext.get_current().execution_options.preserve_order = True
+        if cfg.limit:  # the first N rows in file order, as input_keys counts them (this dataset only)
+            ds.context.execution_options.preserve_order = True
             ds = ds.limit(cfg.limit)
         ds = ds.map_batches(_parquet_to_items, fn_kwargs=dict(image_column=cfg.image_column,
                                                               key_column=cfg.key_column),
