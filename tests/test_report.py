@@ -161,4 +161,4 @@ def test_a_crop_models_heatmap_is_shown_on_the_crop(trained, two_site_manifest):
     assert len(shown) == 3
     for i, picture in shown:
         on_crop = crop_boxes(torch.from_numpy(images[i:i + 1]), batch["lung_bbox"][i:i + 1], 256)[0].numpy()
-        assert picture.shape == (256, 3 * 256, 3) and np.array_equal(picture[:, :256, 0], on_crop)
+        assert picture.shape == (256 + 30, 3 * 256, 3) and np.array_equal(picture[:256, :256, 0], on_crop)  # + caption
