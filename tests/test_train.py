@@ -145,8 +145,11 @@ def test_unet_trains_on_phantom_masks(phantom_manifest, tmp_path, ray_2cpu):
     m = adapt_segmenter(out, tmp_path / "adapted", steps=3, batch_size=4, progress=lambda *_: None)
     n_expert = res["expert_masks_raw"]["n"]
     assert m["expert_masks_loo_raw"]["n"] == n_expert and m["adaptation"]["images"] == n_expert
-    assert m["base_expert_masks_raw"]["dice"] == pytest.approx(res["expert_masks_raw"]["dice"])
-    assert m["base_pseudo_masks_val_raw"] == res["pseudo_masks_val_raw"]
+    # the base model's scores: adaptation runs it in memory (torch fp32), evaluate through the
+    # scoring path (the runtime score picks): the same masks up to that runtime's rounding
+    assert m["base_expert_masks_raw"]["dice"] == pytest.approx(res["expert_masks_raw"]["dice"], abs=1e-3)
+    assert m["base_pseudo_masks_val_raw"]["n"] == res["pseudo_masks_val_raw"]["n"]
+    assert m["base_pseudo_masks_val_raw"]["dice"] == pytest.approx(res["pseudo_masks_val_raw"]["dice"], abs=1e-3)
     assert 0.5 < m["expert_masks_loo_raw"]["dice"] <= 1 and m["pseudo_masks_val_raw"]["dice"] > 0.5
     again = evaluate_segmenter(tmp_path / "adapted")
     assert "pseudo_masks_val_raw" in again and not any(k.startswith("expert") for k in again)
