@@ -37,6 +37,18 @@ def verbose() -> bool:
     return os.environ.get("CXRSCREEN_VERBOSE", "") not in ("", "0")
 
 
+def settle_fsspec_http() -> None:
+    """Ray Data lists and reads Parquet files from several threads, each asking whether fsspec's
+    HTTP filesystem is in use; without aiohttp that import fails, and a thread that races another
+    sees a half-imported module (ImportError, which Ray does not catch, instead of
+    ModuleNotFoundError). Import it once; if it cannot load, mark it absent for good. Run in the
+    driver and, as Ray's worker set-up hook, in every worker."""
+    try:
+        import fsspec.implementations.http  # noqa: F401
+    except ImportError:
+        sys.modules["fsspec.implementations.http"] = None
+
+
 @contextlib.contextmanager
 def _stderr_silenced(on: bool):
     """File descriptor 2 pointed at /dev/null for the block (C++ lines bypass Python's sys.stderr)."""
@@ -68,8 +80,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # Ray Data sets up its logger again per run
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
+        settle_fsspec_http()
         kwargs = dict(include_dashboard=False, logging_level=logging.WARNING if loud else logging.ERROR,
-                      log_to_driver=loud)
+                      log_to_driver=loud,
+                      runtime_env={"worker_process_setup_hook": "cxrscreen.cluster.settle_fsspec_http"})
         if address:
             check_reachable(address)
         with _stderr_silenced(not loud):  # the core worker announces the log level it read

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -237,7 +236,6 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
         files = [str(f) for f in parquet_files(Path(archive))]
         input_keys = _parquet_keys(files, cfg.key_column, cfg.image_column)[:cfg.limit or None]
         n_inputs = len(input_keys)
-        _settle_fsspec_http()
         ds = ray.data.read_parquet(files, columns=[cfg.key_column, cfg.image_column], num_cpus=plan.decode_cpus)
         if cfg.limit:  # the first N rows in file order, as input_keys counts them (this dataset only)
             ds.context.execution_options.preserve_order = True
@@ -307,17 +305,6 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     summary.rows, summary.stale = len(rows), len(stale)
     summary.drift = drift_warning(summary, reference)
     return summary
-
-
-def _settle_fsspec_http() -> None:
-    """Ray Data lists Parquet files from several threads, each asking whether fsspec's HTTP
-    filesystem is in use; without aiohttp that import fails, and a thread that races another
-    sees a half-imported module (ImportError, which Ray does not catch, instead of
-    ModuleNotFoundError). Import it once here; if it cannot load, mark it absent for good."""
-    try:
-        import fsspec.implementations.http  # noqa: F401
-    except ImportError:
-        sys.modules["fsspec.implementations.http"] = None
 
 
 def _parquet_keys(files: list[str], key_column: str, image_column: str) -> list[str]:
