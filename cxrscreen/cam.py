@@ -126,13 +126,17 @@ def heatmap_from_png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)), np.float32) / 255.0
 
 
+def jet(x: np.ndarray) -> np.ndarray:
+    """The jet colour scale (blue -> cyan -> yellow -> red) of values in [0, 1]: (..., 3) floats."""
+    x = np.asarray(x, np.float32)[..., None]
+    return np.clip(1.5 - np.abs(4 * x - np.array([3.0, 2.0, 1.0], np.float32)), 0, 1)
+
+
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """RGB uint8 overlay of a heatmap (jet colours) on a grayscale uint8 image of any size."""
-    import matplotlib
-
     h, w = image.shape
     cam = np.asarray(Image.fromarray(np.rint(cam * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR))
-    colour = matplotlib.colormaps["jet"](cam / 255.0)[..., :3]
+    colour = jet(cam / 255.0)
     base = np.repeat(image[..., None] / 255.0, 3, axis=2)
     return np.rint(255 * ((1 - alpha) * base + alpha * colour)).astype(np.uint8)
 
@@ -158,7 +162,6 @@ def triplet(image: np.ndarray, mask: np.ndarray | None = None, cam: np.ndarray |
 def captioned(picture: np.ndarray, text: str, colour_bar: bool = True) -> np.ndarray:
     """``picture`` (RGB) with a white strip below it: ``text`` on the left and, with
     ``colour_bar``, the heatmap's jet scale from 0 (weak) to 1 (strong) on the right."""
-    import matplotlib
     from PIL import ImageDraw
 
     h, w, _ = picture.shape
@@ -167,7 +170,7 @@ def captioned(picture: np.ndarray, text: str, colour_bar: bool = True) -> np.nda
     draw.text((4, 9), text, fill=(0, 0, 0))
     if colour_bar and w >= 240:
         bar_w = min(160, w // 4)
-        ramp = matplotlib.colormaps["jet"](np.linspace(0, 1, bar_w))[:, :3]
+        ramp = jet(np.linspace(0, 1, bar_w))
         bar = np.rint(np.repeat(ramp[None], 12, axis=0) * 255).astype(np.uint8)
         x0 = w - bar_w - 18
         strip.paste(Image.fromarray(bar), (x0, 4))

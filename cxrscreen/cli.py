@@ -8,12 +8,33 @@ from pathlib import Path
 import click
 
 from cxrscreen import __version__
-from cxrscreen.cam import METHODS
+from cxrscreen.pipeline.config import ScoreConfig
 from cxrscreen.referral import OOD_REFER_RATE, TARGET_SENSITIVITY
 from cxrscreen.runtime import RUNTIMES
 
 
-@click.group()
+class ScoreCommand(click.Command):
+    """``score --help`` shows each option's default from ``ScoreConfig`` (the one source of the
+    defaults; the options themselves default to None so that a config file can set them)."""
+
+    KEYS = {"actors": "cls_actors", "compile_": "compile"}  # option name -> config key where they differ
+
+    def format_options(self, ctx, formatter):
+        from dataclasses import MISSING, fields
+
+        defaults = {f.name: f.default for f in fields(ScoreConfig)}
+        unset = (None, getattr(click.core, "UNSET", None))  # click >= 8.2 marks "no default" with UNSET
+        for p in self.params:
+            key = self.KEYS.get(p.name, p.name)
+            if isinstance(p, click.Option) and p.default in unset and defaults.get(key, MISSING) is not MISSING:
+                value = defaults[key]
+                if value is not None:
+                    p.show_default = (f"'{value}'" if value == "" else
+                                      str(value).lower() if isinstance(value, bool) else str(value))
+        super().format_options(ctx, formatter)
+
+
+@click.group(context_settings={"show_default": True})
 @click.version_option(__version__, prog_name="cxrscreen")
 @click.option("-v", "--verbose", is_flag=True, help="Also show Ray's own log lines (worker output, warnings, "
               "C++ logs); by default only cxrscreen's lines and errors are printed.")
@@ -27,10 +48,10 @@ def main(verbose):
 
 @main.command()
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("-n", "--num", default=100, show_default=True, help="Number of phantoms.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--size", default=256, show_default=True, help="Image side in pixels.")
-@click.option("--formats", default="png", show_default=True,
+@click.option("-n", "--num", default=100, help="Number of phantoms.")
+@click.option("--seed", default=0)
+@click.option("--size", default=256, help="Image side in pixels.")
+@click.option("--formats", default="png",
               help="Comma-separated, round-robin: png, png16, jpeg, dicom.")
 @click.option("--parquet", is_flag=True, help="Also write phantoms.parquet with PNG bytes.")
 @click.option("--bad", is_flag=True, help="Also write broken files (images/bad/) that must become error rows.")
@@ -49,7 +70,7 @@ def synth(out_dir, num, seed, size, formats, parquet, bad):
 @main.command()
 @click.argument("src", type=click.Path(exists=True))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--shard-size", default=1000, show_default=True, help="Images per Parquet shard.")
+@click.option("--shard-size", default=1000, help="Images per Parquet shard.")
 @click.option("--resize", type=int, default=None, help="Re-encode as PNG at SIZE x SIZE (default: original bytes).")
 def ingest(src, out_dir, shard_size, resize):
     """Ingest a manifest (CSV/Parquet) or labeled folder tree into sharded Parquet."""
@@ -63,8 +84,8 @@ def ingest(src, out_dir, shard_size, resize):
 @main.command()
 @click.argument("manifest", type=click.Path(exists=True))
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False), help="CSV or Parquet.")
-@click.option("--fractions", default="0.7,0.15,0.15", show_default=True, help="train,val,test")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--fractions", default="0.7,0.15,0.15", help="train,val,test")
+@click.option("--seed", default=0)
 @click.option("--cap-per-class", type=int, default=None, help="Keep at most N images per class (whole patients).")
 def split(manifest, out_path, fractions, seed, cap_per_class):
     """Assign patient-level, label-stratified train/val/test splits."""
@@ -82,7 +103,7 @@ def split(manifest, out_path, fractions, seed, cap_per_class):
 @main.command()
 @click.argument("manifest", type=click.Path(exists=True))
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), help="Write the pairs (CSV/Parquet).")
-@click.option("--threshold", default=0.99, show_default=True, help="Min fingerprint cosine similarity.")
+@click.option("--threshold", default=0.99, help="Min fingerprint cosine similarity.")
 @click.option("--drop", "drop_path", type=click.Path(dir_okay=False), help="Write the manifest without duplicates.")
 def audit(manifest, out_path, threshold, drop_path):
     """Report near-duplicate image pairs inside and across splits."""
@@ -101,7 +122,7 @@ def audit(manifest, out_path, threshold, drop_path):
         click.echo(f"kept {len(kept)} of {len(df)} images")
 
 
-@main.command()
+@main.command(cls=ScoreCommand)
 @click.argument("archive", type=click.Path(exists=True))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder of Parquet part files (re-running resumes).")
@@ -118,8 +139,8 @@ def audit(manifest, out_path, threshold, drop_path):
 @click.option("--ood-threshold", type=float, help="Refer above this ood_score (default: site profile, else checkpoint).")
 @click.option("--batch-size", type=int)
 @click.option("--actors", type=int, help="Actors per model pool.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]))
+@click.option("--device", type=click.Choice(ScoreConfig.CHOICES["device"]))
+@click.option("--precision", type=click.Choice(ScoreConfig.CHOICES["precision"]))
 @click.option("--runtime", type=click.Choice(RUNTIMES), help="Model runtime (auto: fastest available).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="torch on CUDA: replay CUDA graphs.")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch runtime: torch.compile.")
@@ -127,7 +148,7 @@ def audit(manifest, out_path, threshold, drop_path):
               help="Pass JPEGs as bytes to the model actor, decoded there in batch (nvJPEG on GPU).")
 @click.option("--int8-calibration", type=click.Path(exists=True), help="TensorRT int8: images to calibrate on.")
 @click.option("--lung-crop/--no-lung-crop", default=None, help="Classify the lung bounding box.")
-@click.option("--cam", type=click.Choice(METHODS), help="Add a Grad-CAM heatmap (PNG) and its lung energy per row.")
+@click.option("--cam", type=click.Choice(ScoreConfig.CHOICES["cam"]), help="Add a Grad-CAM heatmap (PNG) and its lung energy per row.")
 @click.option("--include-phi", is_flag=True, default=None, help="Write DICOM patient identifiers (off by default).")
 @click.option("--rows-per-file", type=int, help="Rows per output part file.")
 @click.option("--prune", is_flag=True, default=None, help="Remove output rows of inputs no longer in the archive.")
@@ -218,7 +239,7 @@ def score(archive, out_dir, config_path, settings, classifier, segmenter, allow_
 
 @main.command()
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--max-html-rows", default=10_000, show_default=True, help="Rows shown in worklist.html (the CSV has all).")
+@click.option("--max-html-rows", default=10_000, help="Rows shown in worklist.html (the CSV has all).")
 def worklist(out_dir, max_html_rows):
     """Write the triage worklist of a scored OUT folder again: worklist.csv (every row, by
     priority) and worklist.html (thumbnails with the lung outline; opens offline)."""
@@ -251,8 +272,8 @@ def export_masks_cmd(out_dir, to_dir):
 @click.option("--labels", "labels_csv", required=True, type=click.Path(exists=True, dir_okay=False),
               help="CSV with path (relative to ARCHIVE or absolute) and label (a class of the classifier).")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Profile folder.")
-@click.option("--classifier", default="cxrnet-4class", show_default=True, help="Shipped weights or a checkpoint folder.")
-@click.option("--target-sensitivity", default=TARGET_SENSITIVITY, show_default=True,
+@click.option("--classifier", default="cxrnet-4class", help="Shipped weights or a checkpoint folder.")
+@click.option("--target-sensitivity", default=TARGET_SENSITIVITY,
               help="COVID sensitivity (predicted or referred) the referral threshold must reach on the sample.")
 def calibrate(archive, labels_csv, out_dir, classifier, target_sensitivity):
     """Fit a site profile from a labelled sample (100-500 images) of your own archive; use it
@@ -272,9 +293,10 @@ def calibrate(archive, labels_csv, out_dir, classifier, target_sensitivity):
 @main.command()
 @click.argument("archive", type=click.Path(exists=True))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--classifier", default="cxrnet-4class", show_default=True, help="Checkpoint or bundled weights.")
-@click.option("--segmenter", default="unet-lungs", show_default=True, help="For the lung energy ('' = none).")
-@click.option("--method", type=click.Choice(METHODS), default="gradcam", show_default=True)
+@click.option("--classifier", default="cxrnet-4class", help="Checkpoint or bundled weights.")
+@click.option("--segmenter", default="unet-lungs", help="For the lung energy ('' = none).")
+@click.option("--cam", "method", type=click.Choice(ScoreConfig.CHOICES["cam"]), default="gradcam",
+              help="Heatmap method (as score's --cam).")
 @click.option("--limit", type=int, help="Explain only the first N inputs.")
 def explain(archive, out_dir, classifier, segmenter, method, limit):
     """Grad-CAM heatmaps, overlays and CAM energy inside the lungs for the images of ARCHIVE."""
@@ -289,23 +311,24 @@ def explain(archive, out_dir, classifier, segmenter, method, limit):
 
 
 @main.command()
-@click.option("--source", type=click.Choice(["phantoms", "cxr", "fullres"]), default="phantoms", show_default=True)
-@click.option("-n", "--num", default=256, show_default=True, help="Number of inputs (replicated if needed).")
+@click.option("--source", type=click.Choice(["phantoms", "cxr", "fullres"]), default="phantoms")
+@click.option("-n", "--num", default=256, help="Number of inputs (replicated if needed).")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML score config.")
 @click.option("--classifier", help="Shipped weights or a checkpoint folder (architecture names need --allow-untrained in score).")
 @click.option("--segmenter", help="Registry name or checkpoint folder ('' = none).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--precision", type=click.Choice(ScoreConfig.CHOICES["precision"]))
 @click.option("--runtime", type=click.Choice(RUNTIMES), help="Model runtime (auto: fastest available).")
-@click.option("--actors", default="1", show_default=True, help="Comma-separated actor counts for the pipeline.")
-@click.option("--batch-sizes", default="16", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--per-file-n", default=64, show_default=True, help="Inputs for the slow per-file loop.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--actors", type=int, multiple=True, default=(1,), help="Actors per model pool (repeat to compare several).")
+@click.option("--batch-size", "batch_sizes", type=int, multiple=True, default=(16,),
+              help="Images per model batch (repeat to compare several).")
+@click.option("--per-file-n", default=64, help="Inputs for the slow per-file loop.")
+@click.option("--device", type=click.Choice(ScoreConfig.CHOICES["device"]))
 @click.option("--no-ray", is_flag=True, help="Skip the Ray pipeline mode (a machine without ray).")
 @click.option("--ceiling", is_flag=True, help="Instead: the pipeline's ceiling, zero-cost models replaying their first "
-              "output, from Parquet and PNG/JPEG/DICOM folders, on 1 and 2 cores (--cores).")
-@click.option("--cores", default="1,2", show_default=True, help="--ceiling: comma-separated core counts.")
-@click.option("--shared", type=click.Path(file_okay=False), default="../shared/data", show_default=True)
-@click.option("-o", "--out", "out_path", default="benchmarks/results/bench.parquet", show_default=True)
+              "output, from Parquet and PNG/JPEG/DICOM folders, on each --cores count.")
+@click.option("--cores", type=int, multiple=True, default=(1, 2), help="--ceiling: Ray CPUs (repeat for several).")
+@click.option("--shared", type=click.Path(file_okay=False), default="../shared/data")
+@click.option("-o", "--out", "out_path", default="benchmarks/results/bench.parquet", type=click.Path(dir_okay=False))
 def bench(source, num, config_path, classifier, segmenter, precision, runtime, actors, batch_sizes, per_file_n,
           device, no_ray, ceiling, cores, shared, out_path):
     """Throughput of decode, model, full pipeline, DataLoader and per-file loops (to Parquet);
@@ -317,11 +340,9 @@ def bench(source, num, config_path, classifier, segmenter, precision, runtime, a
     cfg = load_config(ScoreConfig, config_path, classifier=classifier, segmenter=segmenter, precision=precision,
                       runtime=runtime, device=device)
     if ceiling:
-        run_ceiling(source, num, cfg, tuple(int(c) for c in cores.split(",")), Path(out_path), Path(shared),
-                    echo=click.echo)
+        run_ceiling(source, num, cfg, tuple(cores), Path(out_path), Path(shared), echo=click.echo)
         return
-    df = run_bench(source, num, cfg, tuple(int(a) for a in actors.split(",")),
-                   tuple(int(b) for b in batch_sizes.split(",")), per_file_n, Path(out_path), Path(shared),
+    df = run_bench(source, num, cfg, tuple(actors), tuple(batch_sizes), per_file_n, Path(out_path), Path(shared),
                    echo=click.echo, use_ray=not no_ray)
     click.echo(" ".join(f"{k}={v:.2f}" for k, v in ratios(df).items()))
 
@@ -334,15 +355,21 @@ def bench(source, num, config_path, classifier, segmenter, precision, runtime, a
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
 @click.option("--num-workers", type=int, help="Ray Train workers (DDP).")
-@click.option("--use-gpu/--no-gpu", default=None)
+@click.option("--device", type=click.Choice(ScoreConfig.CHOICES["device"]),
+              help="Where each worker trains (auto: CUDA when there is a GPU) [default: the config's use_gpu].")
 @click.option("--resume-from", type=click.Path(exists=True, file_okay=False), help="Checkpoint folder to continue.")
 @click.option("--seed", type=int, help="Random seed (initialisation, augmentation, batch order).")
-@click.option("-o", "--out", help="Output folder for the checkpoint.")
-def train(config_path, model, task, data, epochs, batch_size, num_workers, use_gpu, resume_from, seed, out):
+@click.option("-o", "--out", type=click.Path(file_okay=False), help="Output folder for the checkpoint.")
+def train(config_path, model, task, data, epochs, batch_size, num_workers, device, resume_from, seed, out):
     """Train a registry model with Ray Train (CPU or GPUs, 1..N workers)."""
     from cxrscreen.config import load_config
     from cxrscreen.train import TrainConfig, train as run_train
 
+    use_gpu = None
+    if device is not None:
+        import torch
+
+        use_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     cfg = load_config(TrainConfig, config_path, model=model, task=task, data=data, epochs=epochs,
                       batch_size=batch_size, num_workers=num_workers, use_gpu=use_gpu,
                       resume_from=resume_from, seed=seed, out=out)
@@ -352,10 +379,10 @@ def train(config_path, model, task, data, epochs, batch_size, num_workers, use_g
 @main.command()
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", help="Manifest to evaluate on (default: the training data).")
-@click.option("--split", default="test", show_default=True)
-@click.option("--target-sensitivity", default=TARGET_SENSITIVITY, show_default=True,
+@click.option("--split", default="test")
+@click.option("--target-sensitivity", default=TARGET_SENSITIVITY,
               help="COVID sensitivity the refer flag must reach on val.")
-@click.option("--ood-refer-rate", default=OOD_REFER_RATE, show_default=True,
+@click.option("--ood-refer-rate", default=OOD_REFER_RATE,
               help="Share of in-distribution (val) images the OOD threshold refers.")
 @click.option("--predictions", "predictions_path", type=click.Path(dir_okay=False),
               help="Write the per-image probabilities it computed (Parquet: key, file, label, prob_*, ood_score).")
@@ -365,6 +392,7 @@ def evaluate(model_dir, data, split, target_sensitivity, ood_refer_rate, predict
     segmenters on the expert masks and the pseudo-mask validation split."""
     import json
 
+    _require_report_extra()
     from cxrscreen.evaluate.run import evaluate_model, evaluate_segmenter, write_predictions
     from cxrscreen.models.checkpoint import read_info
 
@@ -407,17 +435,19 @@ def evaluate(model_dir, data, split, target_sensitivity, ood_refer_rate, predict
 @click.argument("model_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--data", help="Manifest to evaluate on (default: the first model's training data).")
-@click.option("--split", default="test", show_default=True)
-@click.option("--segmenter", default="unet-lungs", show_default=True, help="For lung masks and CAM energy ('' = none).")
+@click.option("--split", default="test")
+@click.option("--segmenter", default="unet-lungs", help="For lung masks and CAM energy ('' = none).")
 @click.option("--seg-data", help="Segmentation manifest for image/expert/predicted triplets.")
 @click.option("--loso", multiple=True, type=click.Path(exists=True, dir_okay=False), help="loso.parquet files to include.")
-@click.option("--samples", default=8, show_default=True, help="Sample images per model.")
+@click.option("--samples", default=8, help="Sample images per model.")
 def report(model_dirs, out_dir, data, split, segmenter, seg_data, loso, samples):
     """HTML report + comparison table (Parquet, Markdown) of one or more trained classifiers."""
+    _require_report_extra()
     from cxrscreen.evaluate.report import build_report
 
     try:
-        path = build_report(list(model_dirs), out_dir, data, split, segmenter or None, seg_data, list(loso), samples)
+        path = build_report(list(model_dirs), out_dir, data, split, segmenter or None, seg_data, list(loso), samples,
+                            progress=lambda message: click.echo(f"report: {message}", err=True))
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     click.echo(f"report: {path}; comparison: {Path(out_dir) / 'comparison.md'}")
@@ -428,33 +458,30 @@ def report(model_dirs, out_dir, data, split, segmenter, seg_data, loso, samples)
 @click.option("--model", help="Registry model name.")
 @click.option("--data", help="Manifest with a source column.")
 @click.option("--epochs", type=int)
-@click.option("--lung-crop", help="Segmenter: train and test on lung boxes.")
-@click.option("--sources", help="Comma-separated sources to hold out (default: each source in turn).")
+@click.option("--crop-segmenter", help="Train and test on the lung boxes of this segmenter (config key lung_crop).")
+@click.option("--hold-out", "sources", multiple=True, help="A manifest source to hold out (repeatable; default: each in turn).")
 @click.option("--reuse", is_flag=True, help="Audit folds already trained in OUT again instead of training them.")
-@click.option("--ood-refer-rate", "ood_refer_rates", default=str(OOD_REFER_RATE), show_default=True,
-              help="Share of each fold's val the OOD threshold refers; comma-separated for several (one row each).")
+@click.option("--ood-refer-rate", "ood_refer_rates", type=float, multiple=True, default=(OOD_REFER_RATE,),
+              help="Share of each fold's val the OOD threshold refers (repeat for several: one row each).")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
-def loso(config_path, model, data, epochs, lung_crop, sources, reuse, ood_refer_rates, out_dir):
+def loso(config_path, model, data, epochs, crop_segmenter, sources, reuse, ood_refer_rates, out_dir):
     """Leave-one-source-out: train without each source, test on it (writes loso.parquet)."""
     from cxrscreen.config import load_config
     from cxrscreen.evaluate.source_shift import leave_one_source_out
     from cxrscreen.train import TrainConfig
 
-    try:
-        rates = tuple(float(r) for r in ood_refer_rates.split(","))
-    except ValueError:
-        raise click.UsageError(f"--ood-refer-rate {ood_refer_rates!r}: expected numbers like 0.05,0.1,0.2") from None
+    rates = tuple(ood_refer_rates)
     if not all(0 < r < 1 for r in rates):
         raise click.UsageError("--ood-refer-rate: each rate must be between 0 and 1")
-    cfg = load_config(TrainConfig, config_path, model=model, data=data, epochs=epochs, lung_crop=lung_crop)
-    df = leave_one_source_out(cfg, out_dir, sources.split(",") if sources else None, progress=click.echo, reuse=reuse,
+    cfg = load_config(TrainConfig, config_path, model=model, data=data, epochs=epochs, lung_crop=crop_segmenter)
+    df = leave_one_source_out(cfg, out_dir, list(sources) or None, progress=click.echo, reuse=reuse,
                               ood_refer_rates=rates)
     click.echo(str(df))
 
 
 @main.command()
 @click.argument("member_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("-o", "--out", "out_dir", required=True, help="Folder for the ensemble checkpoint.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the ensemble checkpoint.")
 def ensemble(member_dirs, out_dir):
     """Combine trained classifiers of one architecture into one ensemble checkpoint
     (mean log-probability); run `evaluate` on it to calibrate it on val."""
@@ -465,11 +492,11 @@ def ensemble(member_dirs, out_dir):
 
 @main.command("adapt-segmenter")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("-o", "--out", "out_dir", required=True, help="Folder for the adapted U-Net.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the adapted U-Net.")
 @click.option("--data", help="Segmentation manifest (default: the model's training data).")
-@click.option("--steps", default=40, show_default=True, type=int)
-@click.option("--lr", default=1e-4, show_default=True, type=float)
-@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--steps", default=40, type=int)
+@click.option("--lr", default=1e-4, type=float)
+@click.option("--batch-size", default=8, type=int)
 def adapt_segmenter(model_dir, out_dir, data, steps, lr, batch_size):
     """Fine-tune a U-Net on the expert masks, with a leave-one-out Dice estimate."""
     from cxrscreen.train.adapt import adapt_segmenter as run
@@ -479,20 +506,35 @@ def adapt_segmenter(model_dir, out_dir, data, steps, lr, batch_size):
 
 @main.command("model-card")
 @click.argument("classifier_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--segmenter", "segmenter_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="U-Net checkpoint folder (repeat for several).")
+@click.option("--segmenter", "segmenters", multiple=True,
+              help="Shipped weights (unet-lungs, unet-lungs-fast) or a checkpoint folder: a section each (repeatable).")
 @click.option("--comparison", type=click.Path(exists=True, dir_okay=False), help="A report's comparison.parquet.")
 @click.option("--loso", multiple=True, type=click.Path(exists=True, dir_okay=False), help="loso.parquet files.")
 @click.option("--study", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Shortcut-study loso.parquet files (recipe = folder name); the card leads with them.")
-@click.option("-o", "--out", "out_path", default="MODEL_CARD.md", show_default=True)
-def model_card(classifier_dir, segmenter_dirs, comparison, loso, study, out_path):
+@click.option("-o", "--out", "out_path", default="MODEL_CARD.md", type=click.Path(dir_okay=False))
+def model_card(classifier_dir, segmenters, comparison, loso, study, out_path):
     """Render MODEL_CARD.md from evaluated checkpoints (run `evaluate` on them first)."""
     from cxrscreen.evaluate.card import render_model_card
+    from cxrscreen.models.checkpoint import checkpoint_path
 
-    Path(out_path).write_text(render_model_card(classifier_dir, list(segmenter_dirs), comparison, list(loso),
+    segmenter_dirs = [checkpoint_path(s) for s in segmenters]
+    missing = [s for s, d in zip(segmenters, segmenter_dirs) if not (d / "model.json").exists()]
+    if missing:
+        raise click.UsageError(f"--segmenter {missing[0]!r}: neither a checkpoint folder nor shipped weights")
+    Path(out_path).write_text(render_model_card(classifier_dir, segmenter_dirs, comparison, list(loso),
                                                 list(study)))
     click.echo(f"wrote {out_path}")
+
+
+def _require_report_extra() -> None:
+    """Fail at once, in one line, where the ``report`` extra is missing (not minutes into a run)."""
+    from cxrscreen.extras import require
+
+    try:
+        require("matplotlib"), require("sklearn")
+    except ImportError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _write_table(df, path: str) -> None:

@@ -71,3 +71,53 @@ def test_evaluate_and_report_name_the_data_option_when_the_manifest_is_not_found
     for args in (["evaluate", str(ck)], ["report", str(ck), "-o", str(tmp_path / "rep")]):
         res = CliRunner().invoke(main, args)
         assert res.exit_code == 2 and "not found from" in res.output and "--data PATH" in res.output, res.output
+
+
+def _options():
+    """(command, long option name, option) for every option of every command."""
+    import click
+
+    return [(name, opt, p) for name, cmd in main.commands.items() for p in cmd.params
+            if isinstance(p, click.Option) for opt in p.opts if opt.startswith("--")]
+
+
+def test_an_option_name_means_one_thing_in_every_command():
+    import click
+
+    kinds: dict[str, set] = {}
+    for name, opt, p in _options():
+        kind = ("flag" if p.is_flag else type(p.type).__name__ if not isinstance(p.type, click.Choice)
+                else "choice:" + ",".join(p.type.choices))
+        kinds.setdefault(opt, set()).add(kind)
+    assert {o: k for o, k in kinds.items() if len(k) > 1} == {}
+    assert "--use-gpu" not in kinds and "--batch-sizes" not in kinds and "--method" not in kinds
+    assert kinds["--lung-crop"] == {"flag"} and kinds["--device"] == {"choice:auto,cpu,cuda"}
+    # an option that several commands share is given the same way: lists by repeating it, never
+    # as one comma-separated value in one command and a single value in another
+    shared = {o for o in kinds if sum(opt == o for _, opt, _ in _options()) > 1}
+    for name, opt, p in _options():
+        assert opt not in shared or "comma" not in (p.help or "").lower(), (name, opt)
+
+
+def test_help_shows_the_defaults_score_runs_with():
+    res = CliRunner().invoke(main, ["score", "--help"], terminal_width=200)
+    assert res.exit_code == 0
+    lines = {line.split()[0]: line for line in res.output.splitlines() if line.strip().startswith("--")}
+    assert "[default: (16)]" in lines["--batch-size"] and "[default: (cxrnet-4class)]" in lines["--classifier"]
+    assert "[default: (unet-lungs-fast)]" in lines["--segmenter"] and "[default: (auto)]" in lines["--device"]
+    assert "[default:" not in lines["--refer-below"] and "(none)" not in res.output
+    bench = CliRunner().invoke(main, ["bench", "--help"], terminal_width=200).output
+    assert "[default: 1]" in bench and "[default: 1, 2]" in bench  # --actors, --cores
+
+
+def test_repeated_options_give_lists(monkeypatch, tmp_path):
+    import cxrscreen.bench as bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run_bench", lambda source, n, cfg, actors, sizes, *a, **k: seen.update(
+        actors=actors, sizes=sizes) or pl.DataFrame())
+    monkeypatch.setattr(bench, "ratios", lambda df: {})
+    res = CliRunner().invoke(main, ["bench", "--actors", "1", "--actors", "2", "--batch-size", "8", "--no-ray",
+                                    "-o", str(tmp_path / "b.parquet")])
+    assert res.exit_code == 0, res.output
+    assert seen == {"actors": (1, 2), "sizes": (8,)}

@@ -66,3 +66,22 @@ def test_every_train_config_splits_data_and_takes_a_training_step(path, phantom_
     y = torch.zeros(2, 1, size, size) if seg else torch.tensor([0, outputs - 1])
     loss = train_step(model, x, y, task.loss_fn(np.array([0, outputs - 1]), "cpu"), opt, cfg, ema)
     assert np.isfinite(loss)
+
+
+def test_package_states_ranges_and_ci_pins_a_point_inside_them():
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    root = CONFIGS.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    pins = {canonicalize_name(n): v for n, v in (line.split("==") for line in (root / "constraints.txt").read_text()
+                                                 .splitlines() if line and not line.startswith("#"))}
+    reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["report"]]
+    for r in reqs:
+        assert all(s.operator != "==" for s in r.specifier), f"{r}: a library states ranges, not one version"
+        assert canonicalize_name(r.name) in pins, f"{r.name} is not pinned in constraints.txt"
+        assert r.specifier.contains(pins[canonicalize_name(r.name)]), f"constraints.txt {r.name} outside {r}"
+    assert {"torch", "torchvision", "ray", "onnxruntime"} <= set(pins)
+    assert "matplotlib" not in {Requirement(r).name for r in project["dependencies"]}  # the `report` extra

@@ -47,3 +47,15 @@ def test_refer_threshold_reaches_target_sensitivity():
     assert refer_threshold(probs, y, positive=1, target_sensitivity=0.6) == 0.0
     t = refer_threshold(probs, y, positive=1, target_sensitivity=1.0)
     assert 0.6 < t < 0.9  # refers the unsure ones, not the confident negatives
+
+
+def test_reliability_bins_count_every_image_and_text_stays_readable():
+    from cxrscreen.evaluate.plots import reliability, reliability_bins, text_colour
+
+    probs = np.array([[0.95, 0.05], [0.92, 0.08], [0.55, 0.45], [0.3, 0.7]])
+    y = np.array([0, 1, 0, 1])
+    edges, acc, counts = reliability_bins(y, probs, bins=10)
+    assert counts.sum() == 4 and counts[9] == 2 and counts[5] == 1 and counts[6] == 1
+    assert acc[9] == 0.5 and acc[5] == 1.0 and np.isnan(acc[0])
+    assert reliability(y, probs).startswith(b"\x89PNG")
+    assert text_colour(90, 100) == "white" and text_colour(10, 100) == "black" and text_colour(0, 0) == "black"

@@ -100,9 +100,24 @@ def test_report_compares_models_with_every_figure(trained, two_site_manifest, tm
     full, crop = trained
     loso = tmp_path / "loso.parquet"
     pl.DataFrame({"held_out": ["site_a"], "held_out_accuracy": [0.5]}).write_parquet(loso)
+    said = []
     page = build_report([full, crop], tmp_path / "report", seg_data=str(two_site_manifest), loso=[loso],
-                        samples=4, kmeans_images=60)
+                        samples=4, kmeans_images=60, progress=said.append)
     text = page.read_text()
+    assert said[0].startswith("[1/2] full: evaluating") and any(m.startswith("[2/2] crop") for m in said)
+    assert said[-1].startswith("writing") and any(m.startswith("segmentation") for m in said)
+    # what the page was made from, before any result
+    from cxrscreen import __version__
+    from cxrscreen.models import load_model
+
+    head = text[:text.index(">Data<")]
+    assert "not a medical device" in head and f"cxrscreen {__version__}" in head
+    for spec, task in ((full, "classify"), (crop, "classify"), ("unet-lungs", "segment")):
+        assert load_model(str(spec), task).weights_sha256 in head
+    for setting in ("refer threshold", "covid sensitivity target", "ood threshold", "ood refer rate", "temperature"):
+        assert f"<th>{setting}</th>" in head
+    assert text.count('<div class="wide"><table>') == text.count("<table>")  # every table scrolls in its box
+    assert "misclassified, framed in red)" in text
     for section in ("Data", "Comparison", "Lung crop vs whole image", "Model full", "Model crop",
                     "Lung segmentation", "Leave one source out"):
         assert f">{section}" in text

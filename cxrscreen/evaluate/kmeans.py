@@ -17,8 +17,9 @@ def pixel_features(images: np.ndarray, side: int = 32) -> np.ndarray:
 def kmeans_crosstab(features: np.ndarray, labels: list[str], k: int | None = None, seed: int = 0) -> dict:
     """k-means (k = number of labels by default) -> cluster per image, label x cluster crosstab,
     cluster counts, purity and adjusted Rand index against the labels."""
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import adjusted_rand_score
+    from cxrscreen.extras import require
+
+    KMeans, adjusted_rand_score = require("sklearn.cluster").KMeans, require("sklearn.metrics").adjusted_rand_score
 
     k = k or len(set(labels))
     clusters = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(features)

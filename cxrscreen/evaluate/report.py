@@ -32,8 +32,8 @@ class _Page:
     def h(self, level: int, text: str) -> None:
         self.parts.append(f"<h{level}>{html.escape(text)}</h{level}>")
 
-    def p(self, text: str) -> None:
-        self.parts.append(f"<p>{html.escape(text)}</p>")
+    def p(self, text: str, css: str = "") -> None:
+        self.parts.append(f"<p{f' class={css!r}' if css else ''}>{html.escape(text)}</p>")
 
     def figure(self, name: str, png: bytes, caption: str) -> None:
         (self.out / "plots" / f"{name}.png").write_bytes(png)
@@ -42,13 +42,17 @@ class _Page:
                           f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
     def table(self, df: pl.DataFrame) -> None:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in df.columns)
+        """A table that scrolls sideways inside its own box when wider than the page."""
+        head = "".join(f"<th>{html.escape(c.replace('_', ' '))}</th>" for c in df.columns)
         body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in df.iter_rows())
-        self.parts.append(f"<table><tr>{head}</tr>{body}</table>")
+        self.parts.append(f'<div class="wide"><table><tr>{head}</tr>{body}</table></div>')
 
     def write(self, title: str) -> Path:
         style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
                  "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}"
+                 "th{max-width:9em;white-space:normal;vertical-align:bottom}td{white-space:nowrap}"
+                 ".wide{max-width:100%;overflow-x:auto;margin-bottom:1em}"
+                 ".warning{border:2px solid #b00;padding:6px;font-weight:bold}"
                  "figure{display:inline-block;margin:6px;vertical-align:top}img{max-width:100%}"
                  "figcaption{font-size:11px;color:#555}")
         page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -115,8 +119,11 @@ def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | Non
     cls = Classifier(ClassifierOptions(str(model_dir), cam="gradcam", cam_size=256), cpu)
     seg = Segmenter(SegmenterOptions(segmenter), cpu) if segmenter else None
     batch, images = explain_items([InputItem(key=Path(f).name, path=f) for f in files], cls, seg)
-    titles = [f"true {classes[y[i]]}\npred {classes[probs[i].argmax()]} {probs[i].max():.2f}" for i in pick]
-    page.figure(f"{tag}-samples", plots.image_grid(list(images), titles), f"{tag}: sample test predictions")
+    wrong = [bool(probs[i].argmax() != y[i]) for i in pick]
+    titles = [f"true {classes[y[i]]}\npred {classes[probs[i].argmax()]} {probs[i].max():.2f}"
+              + (" WRONG" if w else "") for i, w in zip(pick, wrong)]
+    page.figure(f"{tag}-samples", plots.image_grid(list(images), titles, marked=wrong),
+                f"{tag}: sample test predictions ({sum(wrong)} of {len(wrong)} misclassified, framed in red)")
     energy = batch["cam_lung_energy"][batch["status"] == "ok"]
     trips = overlays(batch, images, cls.lung_crop)
     page.figure(f"{tag}-gradcam", plots.image_grid(
@@ -197,10 +204,16 @@ def _segmentation_section(page: _Page, segmenter: str, seg_data: str | None, sam
 def build_report(model_dirs: list[str | Path], out_dir: str | Path, data: str | None = None, split: str = "test",
                  segmenter: str | None = "unet-lungs", seg_data: str | None = None,
                  loso: list[str | Path] | None = None, samples: int = 8, kmeans_images: int = 600,
-                 seed: int = 0) -> Path:
+                 seed: int = 0, progress=lambda message: None) -> Path:
     """Evaluate every model on ``split`` (leakage checks included) and write ``report.html``,
     ``plots/*.png``, ``comparison.parquet`` and ``comparison.md`` to ``out_dir``.
-    ``loso``: ``loso.parquet`` files written by ``leave_one_source_out`` (crop and whole image)."""
+    ``loso``: ``loso.parquet`` files written by ``leave_one_source_out`` (crop and whole image).
+    The page opens with what it was made from: cxrscreen version, date, each model's weights
+    hash and referral settings. ``progress(message)`` is called before each long step."""
+    from datetime import datetime, timezone
+
+    from cxrscreen import __version__
+    from cxrscreen.models import load_model
 
     from cxrscreen.evaluate.run import evaluate_model
     from cxrscreen.train.config import checkpoint_config
@@ -218,9 +231,12 @@ def build_report(model_dirs: list[str | Path], out_dir: str | Path, data: str | 
            + ", ".join(f"{s} ({n})" for s, n in df.group_by("source").len().sort("source").iter_rows()))
     counts = {s: dict(g.group_by("target").len().iter_rows()) for (s,), g in df.group_by("split", maintain_order=True)}
     page.figure("class-distribution", plots.class_distribution(counts), "images per class and split")
-    sections, rows = [], []
-    for model_dir in map(Path, model_dirs):
+    sections, rows, settings = [], [], []
+    for k, model_dir in enumerate(map(Path, model_dirs), 1):
+        progress(f"[{k}/{len(model_dirs)}] {model_dir.name}: evaluating on the {split} split")
         res = evaluate_model(model_dir, data, split, update_card=False, predictions=True)
+        settings.append(_settings_row(model_dir, res, load_model(str(model_dir), "classify").weights_sha256))
+        progress(f"[{k}/{len(model_dirs)}] {model_dir.name}: figures, Grad-CAM and k-means")
         sub = _Page(out)
         rows.append(_model_section(sub, model_dir, res, segmenter, samples, kmeans_images, seed))
         sections.append(sub.parts)
@@ -239,10 +255,33 @@ def build_report(model_dirs: list[str | Path], out_dir: str | Path, data: str | 
     for parts in sections:
         page.parts += parts
     if segmenter:
+        progress(f"segmentation: {segmenter}")
         _segmentation_section(page, segmenter, seg_data, samples)
+        seg = load_model(segmenter, "segment")
+        settings.append({"model": segmenter, "architecture": seg.info.name, "weights_sha256": seg.weights_sha256})
     if loso:
         page.h(2, "Leave one source out")
         page.p("Each row: a model trained without one source, tested on all of that source's images (classes "
                "the fold never saw are left out) next to the same model's in-source test split.")
         page.table(pl.concat([pl.read_parquet(p) for p in loso], how="diagonal_relaxed"))
+    made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    about = _Page(out)
+    about.p("Research models trained on public data with strong source bias: not a medical device, not a "
+            "diagnosis.", css="warning")
+    about.p(f"Made by cxrscreen {__version__} on {made} from {cfg.data} ({split} split). Referral: a row is "
+            "referred when its screening confidence is below refer_threshold (chosen on val for the stated "
+            "COVID sensitivity) or its ood_score is above ood_threshold (referring the stated share of val); "
+            "referred = share of this split referred.")
+    about.table(pl.DataFrame(settings, infer_schema_length=None))
+    page.parts = about.parts + page.parts
+    progress(f"writing {out / 'report.html'}")
     return page.write("cxrscreen model report")
+
+
+def _settings_row(model_dir: Path, res: dict, sha256: str) -> dict:
+    """What a model's numbers in the report depend on: its weights and its referral settings."""
+    return {"model": model_dir.name, "architecture": res["model"], "weights_sha256": sha256,
+            "temperature": res["temperature"], "refer_threshold": res["refer_threshold"],
+            "covid_sensitivity_target": res["refer_target"]["sensitivity"],
+            "ood_threshold": res["ood_threshold"], "ood_refer_rate": res["ood_refer_rate"],
+            "referred": res["referred_fraction"]}

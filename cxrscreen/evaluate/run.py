@@ -144,8 +144,10 @@ def source_probe(train_emb: np.ndarray, train_sources: np.ndarray, test_emb: np.
     """How well a linear model on the embedding tells an image's source: balanced accuracy
     on ``test`` of a logistic regression fitted on ``train`` (chance = 1 / number of sources;
     near chance means the embedding carries little of the source)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+    from cxrscreen.extras import require
+
+    LogisticRegression = require("sklearn.linear_model").LogisticRegression
+    StandardScaler = require("sklearn.preprocessing").StandardScaler
 
     keep = np.array([s is not None for s in train_sources])
     labels = sorted({str(s) for s in train_sources[keep]})

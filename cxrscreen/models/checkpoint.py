@@ -172,6 +172,14 @@ def save_checkpoint(out_dir: str | Path, module: nn.Module, info: ModelInfo) -> 
     return out
 
 
+def checkpoint_path(spec: str | Path) -> Path:
+    """A checkpoint given as a path, or as the name of shipped weights (``cxrscreen/weights/<name>``)."""
+    path = Path(spec)
+    if not path.exists() and (BUNDLED / str(spec) / "model.json").exists():
+        return BUNDLED / str(spec)
+    return path
+
+
 def load_model(spec: str, task: str, classes: tuple[str, ...] = DEFAULT_CLASSES,
                allow_untrained: bool = False) -> LoadedModel:
     """A checkpoint folder / ``.safetensors`` file, or the name of bundled weights
@@ -179,9 +187,7 @@ def load_model(spec: str, task: str, classes: tuple[str, ...] = DEFAULT_CLASSES,
     only with ``allow_untrained``. Every field of ``model.json`` and the tensors are checked."""
     from safetensors.torch import load_file
 
-    path = Path(spec)
-    if not path.exists() and (BUNDLED / spec / "model.json").exists():
-        path = BUNDLED / spec
+    path = checkpoint_path(spec)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"{spec}: refusing a pickled checkpoint (unsafe to load); "
                          "convert it to safetensors with a model.json beside it")
