@@ -99,8 +99,9 @@ def score(archive: str | Path, out: str | Path | None = None, **options) -> pl.D
             from cxrscreen.results import write_worklist
 
             write_worklist(folder)
-        return pl.read_parquet(sorted(folder.glob("part-*.parquet"))) if any(folder.glob("part-*.parquet")) \
-            else pl.DataFrame()
+        from cxrscreen.results import read_output
+
+        return read_output(folder) if summary.rows else pl.DataFrame()
 
 
 __all__ = ["Screener", "score"]

@@ -143,13 +143,13 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
 
 def triplet(image: np.ndarray, mask: np.ndarray | None = None, cam: np.ndarray | None = None) -> np.ndarray:
     """Side by side RGB: the image, the lung mask outlined over it, the heatmap over it."""
-    from scipy import ndimage
+    from cxrscreen.masks import mask_outline
 
     h, w = image.shape
     panels = [np.repeat(image[..., None], 3, axis=2)]
     if mask is not None:
         m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h))) > 127
-        edge = m & ~ndimage.binary_erosion(m, iterations=max(1, h // 128))
+        edge = mask_outline(m, h // 128)
         lung = panels[0].copy()
         lung[m] = (0.7 * lung[m] + 0.3 * np.array([0, 200, 0])).astype(np.uint8)
         lung[edge] = (0, 255, 0)

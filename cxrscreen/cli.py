@@ -176,7 +176,6 @@ def score(archive, out_dir, config_path, settings, classifier, segmenter, allow_
     from cxrscreen.config import ConfigError, load_config, parse_settings
     from cxrscreen.io.sources import archive_kind
     from cxrscreen.pipeline import ScoreConfig, score_archive
-    from cxrscreen.pipeline.score import check_models
 
     try:
         flags = dict(classifier=classifier, segmenter=segmenter, allow_untrained=allow_untrained, site=site,
@@ -201,12 +200,11 @@ def score(archive, out_dir, config_path, settings, classifier, segmenter, allow_
                        f"{p['new']} new, {p['with_rows_in_out']} with a row in {out_dir} (skipped if unchanged, "
                        "else scored again); nothing was scored (--dry-run)")
             return
-        check_models(cfg)
     except (ConfigError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     from cxrscreen.cluster import ClusterUnreachable
     from cxrscreen.pipeline.output import OutputBusy
-    from cxrscreen.pipeline.score import ClusterTooSmall, Interrupted
+    from cxrscreen.pipeline.score import ClusterTooSmall, Interrupted, ModelCheckFailed
 
     if not (as_json or quiet):  # the first seconds go to Ray's start and model loading: say so
         import os
@@ -217,6 +215,8 @@ def score(archive, out_dir, config_path, settings, classifier, segmenter, allow_
                    "and loading the models ...", err=True)
     try:
         summary = score_archive(archive, out_dir, cfg, progress=not (as_json or quiet))
+    except ModelCheckFailed as e:
+        raise click.UsageError(str(e)) from None
     except (ClusterUnreachable, ClusterTooSmall, OutputBusy) as e:
         raise click.ClickException(str(e)) from None
     except Interrupted as e:

@@ -212,3 +212,9 @@ def _lung_regions_tensor(mask: torch.Tensor) -> BatchRegions:
 
     fraction = cleaned.float().mean((1, 2)).cpu().numpy()
     return BatchRegions(cleaned, fraction, union(present), union(right), union(present & ~right))
+
+
+def mask_outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """The ``width`` px border of a boolean mask (the mask minus its erosion), for drawing."""
+    mask = np.asarray(mask, bool)
+    return mask & ~ndimage.binary_erosion(mask, iterations=max(1, width))

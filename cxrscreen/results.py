@@ -71,7 +71,7 @@ def thumbnails(rows: list[dict], batch: int = 64) -> list[str | None]:
 
     from cxrscreen.io.batch import decode_items
     from cxrscreen.io.sources import InputItem
-    from cxrscreen.masks import decode_mask_png
+    from cxrscreen.masks import decode_mask_png, mask_outline
 
     out: list[str | None] = [None] * len(rows)
     todo = [i for i, r in enumerate(rows) if r.get("source_path") and r.get("status") == "ok"]
@@ -85,10 +85,7 @@ def thumbnails(rows: list[dict], batch: int = 64) -> list[str | None]:
             if rows[i].get("lung_mask_png"):
                 mask = np.asarray(Image.fromarray(decode_mask_png(rows[i]["lung_mask_png"]).astype(np.uint8) * 255)
                                   .resize((THUMB, THUMB), Image.Resampling.NEAREST)) > 127
-                inner = mask.copy()
-                inner[1:-1, 1:-1] = (mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
-                                     & mask[1:-1, 1:-1])
-                rgb[mask & ~inner] = (230, 40, 40)
+                rgb[mask_outline(mask)] = (230, 40, 40)
             buf = io.BytesIO()
             Image.fromarray(rgb).save(buf, "JPEG", quality=75)
             out[i] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()

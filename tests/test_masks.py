@@ -100,3 +100,13 @@ def test_mask_pngs_are_1_bit_and_round_trip_at_any_size():
     assert all((decode_mask_png(p) == m).all() for p, m in zip(pngs, masks))
     big = resize_masks(masks, 74)
     assert big.shape == (4, 74, 74) and (big[:, ::2, ::2] == masks).all()
+
+
+def test_mask_outline_is_the_border_of_the_mask():
+    from cxrscreen.masks import mask_outline
+
+    m = np.zeros((20, 20), bool)
+    m[5:15, 4:12] = True
+    edge = mask_outline(m)
+    assert edge.sum() == 2 * (10 + 8) - 4 and not edge[7:13, 6:10].any() and (edge <= m).all()
+    assert mask_outline(m, 2).sum() > edge.sum() and not mask_outline(np.zeros((5, 5), bool)).any()

@@ -67,11 +67,32 @@ def test_each_stage_adds_exactly_its_declared_columns(mixed_archive):
                                                                                CLASSES)]
 
 
+def test_fused_stage_gives_the_rows_of_the_two_stages_in_a_row(mixed_archive):
+    from cxrscreen.io.batch import decode_items
+    from cxrscreen.pipeline.stages import Classifier, SegmentClassify, Segmenter
+
+    archive, _ = mixed_archive
+    items = list(list_inputs(archive))  # PNG, JPEG, DICOM and broken files
+    cfg, cpu = ScoreConfig(), RuntimeOptions(device="cpu", runtime="torch")
+    two = Classifier(cfg.classifier_options(), cpu)(Segmenter(cfg.segmenter_options(), cpu)(decode_items(items)))
+    one = SegmentClassify(cfg.segmenter_options(), cfg.classifier_options(), cpu)(decode_items(items))
+    assert set(one) == set(two) and "image" not in one
+    assert (one["status"] == "ok").sum() == 25 and "inference_failed" not in set(one["error_type"])
+    for name in sorted(set(one) - {"t_decode_ms", "t_segment_ms", "t_classify_ms"}):
+        a, b = one[name], two[name]
+        if isinstance(a, np.ndarray) and a.dtype.kind == "f":
+            np.testing.assert_allclose(a, b, atol=1e-6, err_msg=name)
+        else:
+            assert [list(x) if isinstance(x, (list, np.ndarray)) else x for x in a] == \
+                   [list(x) if isinstance(x, (list, np.ndarray)) else x for x in b], name
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_ray_score_on_2_cpus_accounts_for_every_input(mixed_archive, ray_2cpu, tmp_path):
+@pytest.mark.parametrize("fused", [True, False], ids=["one_model_pool", "two_model_pools"])
+def test_ray_score_on_2_cpus_accounts_for_every_input(mixed_archive, ray_2cpu, tmp_path, fused):
     archive, bad = mixed_archive
-    summary = score_archive(archive, tmp_path, ScoreConfig(**FAST), progress=False)
+    summary = score_archive(archive, tmp_path, ScoreConfig(**FAST, fused=fused), progress=False)
     assert summary.inputs == 35 and summary.ok == 25 and sum(summary.errors.values()) == 10
     assert summary.missing == [] and summary.skipped == 0
     df = pl.read_parquet(tmp_path / "*.parquet")
@@ -163,17 +184,26 @@ def test_new_and_changed_files_are_scored_on_resume(tmp_path, ray_2cpu):
 
 
 def test_resource_plan_leaves_cpus_for_decoding():
-    plan = plan_resources(ScoreConfig(), cpus=2, gpus=0)
+    two_pools = ScoreConfig(fused=False)
+    plan = plan_resources(two_pools, cpus=2, gpus=0)
     assert plan.device == "cpu" and plan.actor_cpus * 2 <= 1.0 and plan.threads == 2
-    big = plan_resources(ScoreConfig(cls_actors=2, seg_actors=2), cpus=32, gpus=0)
+    big = plan_resources(ScoreConfig(fused=False, cls_actors=2, seg_actors=2), cpus=32, gpus=0)
     assert big.actor_cpus == 1.0 and big.threads == 8
-    one = plan_resources(ScoreConfig(), cpus=1, gpus=0)  # one CPU: decode tasks still fit beside the actors
+    one = plan_resources(two_pools, cpus=1, gpus=0)  # one CPU: decode tasks still fit beside the actors
     assert 2 * one.actor_cpus + one.decode_cpus <= 1 and one.decode_cpus > 0
     assert plan.decode_cpus == 1.0
     with pytest.raises(ClusterTooSmall, match="nothing is left for decoding"):
-        plan_resources(ScoreConfig(actor_cpus=1.0), cpus=2, gpus=0)
-    gpu = plan_resources(ScoreConfig(), cpus=16, gpus=1)
+        plan_resources(ScoreConfig(fused=False, actor_cpus=1.0), cpus=2, gpus=0)
+    gpu = plan_resources(two_pools, cpus=16, gpus=1)
     assert gpu.device == "cuda" and gpu.actor_gpus == 0.5
+    assert not plan_resources(ScoreConfig(), cpus=2, gpus=0).fused  # CPUs: two pools by default (faster there)
+    fused = plan_resources(ScoreConfig(fused=True), cpus=2, gpus=0)  # one pool: half the machine for it, half decoding
+    assert fused.fused and fused.actor_cpus == 1.0 and fused.decode_cpus == 1.0 and fused.threads == 2
+    fused_one = plan_resources(ScoreConfig(fused=True), cpus=1, gpus=0)
+    assert fused_one.actor_cpus + fused_one.decode_cpus <= 1 and fused_one.decode_cpus > 0
+    on_gpu = plan_resources(ScoreConfig(), cpus=16, gpus=1)  # GPUs: one fused pool by default
+    assert on_gpu.fused and on_gpu.actor_gpus == 1.0
+    assert not plan_resources(ScoreConfig(segmenter=""), cpus=16, gpus=1).fused  # nothing to fuse
 
 
 @pytest.mark.slow
@@ -500,7 +530,7 @@ def strike():
         for p in psutil.process_iter(["cmdline"]):
             try:
                 title = (p.info["cmdline"] or [""])[0]  # Ray names its actor processes ray::<class>
-                if title.startswith("ray::") and "Classifier" in title and p.pid != os.getpid():
+                if title.startswith("ray::") and "Classif" in title and p.pid != os.getpid():  # fused or not
                     actors.append(p.pid)
             except psutil.Error:
                 pass

@@ -4,7 +4,6 @@ with the first convolution rebuilt for ``in_channels`` (1 = true grayscale, no 3
 from __future__ import annotations
 
 import torch.nn as nn
-import torchvision.models as tvm
 
 from cxrscreen.models.registry import register
 
@@ -25,22 +24,24 @@ def _first_conv(module: nn.Module, path: str, in_channels: int) -> None:
         setattr(parent, last, new)
 
 
-def _make(fn, conv_path: str, **extra):
+def _make(name: str, conv_path: str, **extra):
     def build(num_classes: int, in_channels: int = 1, **kwargs):
-        model = fn(weights=None, num_classes=num_classes, **extra, **kwargs)
+        import torchvision.models as tvm  # imported on first use: 1.5 s that scoring cxrnet / U-Nets never needs
+
+        model = getattr(tvm, name)(weights=None, num_classes=num_classes, **extra, **kwargs)
         _first_conv(model, conv_path, in_channels)
         return model
     return build
 
 
-for _name, _fn, _conv, _size, _extra in [
-    ("resnet18", tvm.resnet18, "conv1", 224, {}),
-    ("resnet50", tvm.resnet50, "conv1", 224, {}),
-    ("resnet101", tvm.resnet101, "conv1", 224, {}),
-    ("vgg19", tvm.vgg19, "features.0", 224, {}),
-    ("densenet121", tvm.densenet121, "features.conv0", 224, {}),
-    ("alexnet", tvm.alexnet, "features.0", 227, {}),
-    ("googlenet", tvm.googlenet, "conv1.conv", 299, {"aux_logits": False, "init_weights": True}),
-    ("mobilenet_v3_small", tvm.mobilenet_v3_small, "features.0.0", 224, {}),
+for _name, _conv, _size, _extra in [
+    ("resnet18", "conv1", 224, {}),
+    ("resnet50", "conv1", 224, {}),
+    ("resnet101", "conv1", 224, {}),
+    ("vgg19", "features.0", 224, {}),
+    ("densenet121", "features.conv0", 224, {}),
+    ("alexnet", "features.0", 227, {}),
+    ("googlenet", "conv1.conv", 299, {"aux_logits": False, "init_weights": True}),
+    ("mobilenet_v3_small", "features.0.0", 224, {}),
 ]:
-    register(_name, "classify", _size, f"torchvision {_name} (weights=None)")(_make(_fn, _conv, **_extra))
+    register(_name, "classify", _size, f"torchvision {_name} (weights=None)")(_make(_name, _conv, **_extra))

@@ -68,7 +68,8 @@ class ScoreConfig:
     cuda_graphs: bool = RuntimeOptions.cuda_graphs  # torch runtime on CUDA: capture one CUDA graph per batch size
     compile: bool = RuntimeOptions.compile  # torch runtime: torch.compile the models
     batch_size: int = 16
-    seg_actors: int = 1
+    fused: bool | None = None  # segmenter + classifier in one actor pool (cls_actors actors); None: on a GPU only
+    seg_actors: int = 1  # two pools (fused: false) only
     cls_actors: int = 1
     actor_cpus: float | None = None  # CPUs reserved per model actor; None = sized from the cluster
     torch_threads: int | None = None  # per actor; None = sized from the cluster

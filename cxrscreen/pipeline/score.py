@@ -1,4 +1,5 @@
-"""Score an archive: Ray Data streams inputs through decode tasks and two model actor pools;
+"""Score an archive: Ray Data streams inputs through decode tasks and a model actor pool
+(segmenter and classifier fused in one actor; or two pools);
 the driver writes atomic Parquet part files and can resume an interrupted run."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from cxrscreen.pipeline.config import ScoreConfig
 from cxrscreen.pipeline.output import (OutputLock, PartWriter, batch_to_table, completed, drop_superseded,
                                        output_schema)
 from cxrscreen.io.batch import decode_batch, decode_items
-from cxrscreen.pipeline.stages import Classifier, Segmenter
+from cxrscreen.pipeline.stages import Classifier, SegmentClassify, Segmenter
 
 
 @dataclass
@@ -116,6 +117,27 @@ def drift_warning(summary: ScoreSummary, reference: dict, min_rows: int = 50) ->
     return "; ".join(msgs) + ": calibrate on a labelled sample (cxrscreen calibrate) before trusting labels" if msgs else ""
 
 
+class ModelCheckFailed(ValueError):
+    """A model or site profile given to ``score`` cannot be used (wrong name, broken checkpoint)."""
+
+
+def _start(cfg: ScoreConfig):
+    """Ray started while the models are checked: the check (torch and model imports, weights
+    read) runs in a thread during Ray's start-up, which mostly waits for its processes. Returns Ray and what
+    ``drift_warning`` needs; a model that fails its check raises ``ModelCheckFailed``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        checked = pool.submit(check_models, cfg)
+        try:
+            ray = init_ray(cfg.address, cfg.num_cpus)
+        finally:
+            err = checked.exception()
+        if err is not None:
+            raise ModelCheckFailed(str(err)) from err
+    return ray, checked.result()
+
+
 class ClusterTooSmall(RuntimeError):
     """The Ray cluster's CPUs cannot hold the model actors and the decode or read tasks together."""
 
@@ -127,6 +149,7 @@ class ResourcePlan:
     threads: int
     device: str
     decode_cpus: float = 1.0  # per decode task: what the actors leave of a node with fewer CPUs than they need
+    fused: bool = False  # segmenter and classifier in one actor pool
 
 
 def plan_resources(cfg: ScoreConfig, cpus: float, gpus: float) -> ResourcePlan:
@@ -137,18 +160,21 @@ def plan_resources(cfg: ScoreConfig, cpus: float, gpus: float) -> ResourcePlan:
     decode task at most what they leave (on one CPU: 0.8), and torch threads are split between
     the actors.
     """
-    n_actors = cfg.cls_actors + (cfg.seg_actors if cfg.segmenter else 0)
     use_gpu = gpus >= 1 and cfg.device in ("auto", "cuda")
     if cfg.device == "cuda" and gpus < 1:
         raise RuntimeError("--device cuda, but the Ray cluster has no GPU")
+    # one fused pool by default on a GPU (the images stay on the device); two pools on CPUs,
+    # where they measured faster (benchmarks/README.md, "One model stage")
+    fused = bool(cfg.segmenter) and (cfg.fused if cfg.fused is not None else use_gpu)
+    n_actors = cfg.cls_actors + (cfg.seg_actors if cfg.segmenter and not fused else 0)
     if use_gpu:
         actor_cpus = cfg.actor_cpus or 1.0
         return ResourcePlan(actor_cpus, min(1.0, gpus / n_actors), cfg.torch_threads or 2, "cuda",
-                            _decode_cpus(cpus, n_actors * actor_cpus))
+                            _decode_cpus(cpus, n_actors * actor_cpus), fused)
     actor_cpus = cfg.actor_cpus or max(0.1, min(1.0, (cpus - 1) / n_actors))
     # at least 2 threads per actor: measured faster on 2 cores (actors alternate, they rarely collide)
     threads = cfg.torch_threads or max(min(int(cpus), 2), int(cpus) // n_actors)
-    return ResourcePlan(actor_cpus, 0.0, threads, "cpu", _decode_cpus(cpus, n_actors * actor_cpus))
+    return ResourcePlan(actor_cpus, 0.0, threads, "cpu", _decode_cpus(cpus, n_actors * actor_cpus), fused)
 
 
 def _decode_cpus(cpus: float, reserved: float) -> float:
@@ -223,8 +249,7 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    reference = check_models(cfg)
-    ray = init_ray(cfg.address, cfg.num_cpus)
+    ray, reference = _start(cfg)
     res = ray.cluster_resources()
     plan = plan_resources(cfg, res.get("CPU", 1), res.get("GPU", 0))
     done = completed(out_dir)
@@ -264,11 +289,17 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     model_kwargs = cfg.runtime_options(plan.device, plan.threads)
     pool = dict(batch_size=cfg.batch_size, batch_format="numpy", num_cpus=plan.actor_cpus,
                 num_gpus=plan.actor_gpus or None)
-    if cfg.segmenter:
-        ds = ds.map_batches(Segmenter, fn_constructor_kwargs=dict(options=cfg.segmenter_options(), runtime=model_kwargs),
-                            compute=ray.data.ActorPoolStrategy(size=cfg.seg_actors), **pool)
-    ds = ds.map_batches(Classifier, fn_constructor_kwargs=dict(options=cfg.classifier_options(), runtime=model_kwargs),
-                        compute=ray.data.ActorPoolStrategy(size=cfg.cls_actors), **pool)
+    if plan.fused:
+        ds = ds.map_batches(SegmentClassify, fn_constructor_kwargs=dict(
+            segmenter=cfg.segmenter_options(), classifier=cfg.classifier_options(), runtime=model_kwargs),
+            compute=ray.data.ActorPoolStrategy(size=cfg.cls_actors), **pool)
+    else:
+        if cfg.segmenter:
+            ds = ds.map_batches(Segmenter, fn_constructor_kwargs=dict(options=cfg.segmenter_options(),
+                                                                      runtime=model_kwargs),
+                                compute=ray.data.ActorPoolStrategy(size=cfg.seg_actors), **pool)
+        ds = ds.map_batches(Classifier, fn_constructor_kwargs=dict(options=cfg.classifier_options(), runtime=model_kwargs),
+                            compute=ray.data.ActorPoolStrategy(size=cfg.cls_actors), **pool)
     summary = ScoreSummary(inputs=n_inputs)
     bar = tqdm(total=max(n_pending, 0), unit="img", desc="score", disable=not progress, smoothing=0.1)
     writer, rescored, stopped = None, set(), None

@@ -26,6 +26,13 @@ from cxrscreen.referral import screening_confidence
 from cxrscreen.preprocess import crop_boxes
 
 
+def select_rows(images, ok: np.ndarray):
+    """The ``ok`` rows of the work images: a numpy array, or a tensor already on the device."""
+    if isinstance(images, torch.Tensor):
+        return images[torch.from_numpy(np.asarray(ok, bool)).to(images.device)]
+    return images[ok]
+
+
 class _ModelStage:
     """Shared set-up of the model actors: load once, pick device, precision and threads."""
 
@@ -109,7 +116,7 @@ class Segmenter(_ModelStage):
         right, left = boxes.copy(), boxes.copy()
         try:
             if ok.any():
-                regions = lung_regions_batch(self.runner.segment_probs(batch["image"][ok]) > self.threshold)
+                regions = lung_regions_batch(self.runner.segment_probs(select_rows(batch["image"], ok)) > self.threshold)
                 pngs = mask_pngs(resize_masks(regions.masks, self.mask_size).cpu().numpy())
                 rows = np.nonzero(ok)[0]
                 for i, png in zip(rows, pngs):
@@ -168,8 +175,8 @@ class Classifier(_ModelStage):
         images = batch.pop("image", None)  # absent from a batch whose rows were all skipped
         try:
             if ok.any():
-                x = self.runner.model_input(images[ok], self._boxes(batch, images, ok), self.lung_crop)
-                out = self.runner.classify_input(x, appearance_features(images[ok]), self.ood)
+                x = self.runner.model_input(select_rows(images, ok), self._boxes(batch, images, ok), self.lung_crop)
+                out = self.runner.classify_input(x, appearance_features(select_rows(images, ok)), self.ood)
                 probs[ok] = torch.softmax(torch.from_numpy(out.logits) / self.temperature, dim=1).numpy()
                 if out.ood_score is not None:
                     ood[ok] = out.ood_score
@@ -203,7 +210,7 @@ class Classifier(_ModelStage):
         trained_with = self.info.lung_crop
         pipeline = batch["segmenter"][0] if "segmenter" in batch and len(batch["segmenter"]) else None
         if trained_with and pipeline != Path(trained_with).name:
-            return self.runner.lung_boxes(images[ok])
+            return self.runner.lung_boxes(select_rows(images, ok))
         return batch["lung_bbox"][ok] if "lung_bbox" in batch else None
 
     def _add_cams(self, batch: dict, x: torch.Tensor, ok: np.ndarray) -> None:
@@ -245,3 +252,20 @@ class Classifier(_ModelStage):
             reasons[i] = [c for c in REFER_CODES if c in tests and tests[c][i]] if ok[i] else ["unreadable"]
         return np.array([bool(r) for r in reasons], dtype=bool), reasons
 
+
+
+class SegmentClassify:
+    """``Segmenter`` then ``Classifier`` in one actor (the fused model stage): one process and one
+    model load fewer, no batch handed between actors, and on a GPU the work images are copied to
+    the device once and stay there for both models. Same columns as the two stages in a row."""
+
+    def __init__(self, segmenter: SegmenterOptions = SegmenterOptions(),
+                 classifier: ClassifierOptions = ClassifierOptions(), runtime: RuntimeOptions = RuntimeOptions()):
+        self.segmenter = Segmenter(segmenter, runtime)
+        self.classifier = Classifier(classifier, runtime)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.segmenter._prepare(batch)  # JPEGs left for the device decoded before the images move
+        if isinstance(batch.get("image"), np.ndarray):  # on a CPU a view, on a GPU one copy for both models
+            batch["image"] = self.segmenter.runner.to_device(batch["image"])
+        return self.classifier(self.segmenter(batch))
