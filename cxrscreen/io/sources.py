@@ -132,11 +132,12 @@ def _list_file(path: Path) -> Iterator[InputItem]:
                 if p:
                     yield InputItem(key=p, path=str(base / p), label=(row.get("label") or None))
         return
+    base = str(base)  # os.path.join: a million paths in a fraction of pathlib's time
     with open(path) as f:
         for line in f:
             p = line.strip()
             if p and not p.startswith("#"):
-                yield InputItem(key=p, path=str(base / p))
+                yield InputItem(key=p, path=os.path.join(base, p))
 
 
 def parquet_files(path: Path) -> list[Path]:
