@@ -3,7 +3,8 @@ table built in chunks (`score._pending_items` + `ray.data.from_arrow`, now), in 
 
 A list file of `-n` paths (the files need not exist: nothing is read); each way is timed from
 the list file to a Ray dataset ready to stream, and the driver's memory growth (RSS) is taken
-after it. Usage: python benchmarks/listing.py [-n 1000000] [-o benchmarks/results/listing.parquet]
+after it. Also a folder tree of `--tree` tiny files (100 folders), listed the way score lists now.
+Usage: python benchmarks/listing.py [-n 1000000] [--tree 100000] [-o benchmarks/results/listing.parquet]
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def as_arrow(ray, archive: Path, cfg: ScoreConfig):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", type=int, default=1_000_000)
+    p.add_argument("--tree", type=int, default=100_000)
     p.add_argument("-o", "--out", default=str(ROOT / "benchmarks" / "results" / "listing.parquet"))
     a = p.parse_args()
     archive = Path(tempfile.mkdtemp(prefix="cxr-list-")) / "inputs.txt"
@@ -60,6 +62,16 @@ def main() -> None:
         rows.append(dict(way=name, n=a.n, seconds=seconds, driver_rss_growth_mb=grown, **machine_info()))
         print(f"{name}: {seconds:.1f} s, driver RSS +{grown:.0f} MB", flush=True)
         del ds, items
+    tree = archive.parent / "tree"
+    for i in range(a.tree):
+        (tree / f"d{i % 100:03d}").mkdir(parents=True, exist_ok=True)
+        (tree / f"d{i % 100:03d}" / f"{i:07d}.png").write_bytes(b"x")
+    before, t0 = _rss_mb(), time.perf_counter()
+    ds, items = as_arrow(ray, tree, cfg)
+    seconds, grown = time.perf_counter() - t0, _rss_mb() - before
+    rows.append(dict(way="folder tree: Arrow table + from_arrow (now)", n=items.num_rows, seconds=seconds,
+                     driver_rss_growth_mb=grown, **machine_info()))
+    print(f"folder tree of {items.num_rows} files: {seconds:.1f} s, driver RSS +{grown:.0f} MB", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     pl.DataFrame(rows, infer_schema_length=None).write_parquet(a.out)
 
