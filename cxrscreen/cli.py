@@ -15,7 +15,8 @@ from cxrscreen.runtime import RUNTIMES
 
 class ScoreCommand(click.Command):
     """``score --help`` shows each option's default from ``ScoreConfig`` (the one source of the
-    defaults; the options themselves default to None so that a config file can set them)."""
+    defaults; the options themselves default to None so that a config file can set them), in
+    the words click uses for the other commands."""
 
     KEYS = {"actors": "cls_actors", "compile_": "compile"}  # option name -> config key where they differ
 
@@ -28,9 +29,9 @@ class ScoreCommand(click.Command):
             key = self.KEYS.get(p.name, p.name)
             if isinstance(p, click.Option) and p.default in unset and defaults.get(key, MISSING) is not MISSING:
                 value = defaults[key]
-                if value is not None:
-                    p.show_default = (f"'{value}'" if value == "" else
-                                      str(value).lower() if isinstance(value, bool) else str(value))
+                if value is not None and "[default:" not in (p.help or ""):  # said once, also if asked twice
+                    shown = f"'{value}'" if value == "" else str(value).lower() if isinstance(value, bool) else value
+                    p.help = f"{p.help or ''}  [default: {shown}]".strip()
         super().format_options(ctx, formatter)
 
 
@@ -149,11 +150,11 @@ def audit(manifest, out_path, threshold, drop_path):
 @click.option("--int8-calibration", type=click.Path(exists=True), help="TensorRT int8: images to calibrate on.")
 @click.option("--lung-crop/--no-lung-crop", default=None, help="Classify the lung bounding box.")
 @click.option("--cam", type=click.Choice(ScoreConfig.CHOICES["cam"]), help="Add a Grad-CAM heatmap (PNG) and its lung energy per row.")
-@click.option("--include-phi", is_flag=True, default=None, help="Write DICOM patient identifiers (off by default).")
+@click.option("--include-phi", is_flag=True, default=None, help="Write DICOM patient identifiers.")
 @click.option("--rows-per-file", type=int, help="Rows per output part file.")
 @click.option("--prune", is_flag=True, default=None, help="Remove output rows of inputs no longer in the archive.")
 @click.option("--worklist/--no-worklist", default=None,
-              help="Write the triage worklist (OUT/worklist.csv, OUT/worklist.html) after the run [default: on].")
+              help="Write the triage worklist (OUT/worklist.csv, OUT/worklist.html) after the run.")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")
 @click.option("--num-cpus", type=int, help="CPUs of the embedded local Ray.")
 @click.option("--limit", type=int, help="Score only the first N inputs (a trial run; a later run without it resumes).")

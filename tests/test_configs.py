@@ -85,3 +85,16 @@ def test_package_states_ranges_and_ci_pins_a_point_inside_them():
         assert r.specifier.contains(pins[canonicalize_name(r.name)]), f"constraints.txt {r.name} outside {r}"
     assert {"torch", "torchvision", "ray", "onnxruntime"} <= set(pins)
     assert "matplotlib" not in {Requirement(r).name for r in project["dependencies"]}  # the `report` extra
+
+
+def test_score_yaml_lists_every_setting_at_its_default():
+    import dataclasses
+
+    import yaml
+
+    from cxrscreen.pipeline.config import ScoreConfig
+
+    listed = yaml.safe_load((CONFIGS / "score.yaml").read_text())
+    defaults = {f.name: f.default for f in dataclasses.fields(ScoreConfig)}
+    assert set(listed) == set(defaults)
+    assert {k: v for k, v in listed.items() if v != defaults[k]} == {}

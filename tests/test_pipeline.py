@@ -530,7 +530,7 @@ def strike():
         for p in psutil.process_iter(["cmdline"]):
             try:
                 title = (p.info["cmdline"] or [""])[0]  # Ray names its actor processes ray::<class>
-                if title.startswith("ray::") and "Classif" in title and p.pid != os.getpid():  # fused or not
+                if title.startswith("ray::") and "Classif" in title and p.pid != os.getpid():  # Classifier (CPU: two pools)
                     actors.append(p.pid)
             except psutil.Error:
                 pass

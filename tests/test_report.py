@@ -117,7 +117,10 @@ def test_report_compares_models_with_every_figure(trained, two_site_manifest, tm
     for setting in ("refer threshold", "covid sensitivity target", "ood threshold", "ood refer rate", "temperature"):
         assert f"<th>{setting}</th>" in head
     assert text.count('<div class="wide"><table>') == text.count("<table>")  # every table scrolls in its box
-    assert "misclassified, framed in red)" in text
+    import re
+
+    marked = re.findall(r"\((\d+) of (\d+) misclassified, framed in red\)", text)
+    assert len(marked) == 2 and all(int(m) == 4 and 0 <= int(w) <= 4 for w, m in marked)  # 4 samples per model
     for section in ("Data", "Comparison", "Lung crop vs whole image", "Model full", "Model crop",
                     "Lung segmentation", "Leave one source out"):
         assert f">{section}" in text

@@ -267,5 +267,8 @@ class SegmentClassify:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.segmenter._prepare(batch)  # JPEGs left for the device decoded before the images move
         if isinstance(batch.get("image"), np.ndarray):  # on a CPU a view, on a GPU one copy for both models
-            batch["image"] = self.segmenter.runner.to_device(batch["image"])
+            try:
+                batch["image"] = self.segmenter.runner.to_device(batch["image"])
+            except Exception:  # noqa: BLE001 - left on the host: each stage copies, or fails into error rows
+                pass
         return self.classifier(self.segmenter(batch))
