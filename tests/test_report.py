@@ -119,7 +119,7 @@ def test_report_compares_models_with_every_figure(trained, two_site_manifest, tm
     assert text.count('<div class="wide"><table>') == text.count("<table>")  # every table scrolls in its box
     import re
 
-    marked = re.findall(r"\((\d+) of (\d+) misclassified, framed in red\)", text)
+    marked = re.findall(r"<figcaption>[^<]*\((\d+) of (\d+) misclassified, framed in red\)", text)
     assert len(marked) == 2 and all(int(m) == 4 and 0 <= int(w) <= 4 for w, m in marked)  # 4 samples per model
     for section in ("Data", "Comparison", "Lung crop vs whole image", "Model full", "Model crop",
                     "Lung segmentation", "Leave one source out"):
