@@ -176,7 +176,7 @@ def score(archive, out_dir, config_path, settings, classifier, segmenter, allow_
 
     from cxrscreen.config import ConfigError, load_config, parse_settings
     from cxrscreen.io.sources import archive_kind
-    from cxrscreen.pipeline import ScoreConfig, score_archive
+    from cxrscreen.pipeline import score_archive
 
     try:
         flags = dict(classifier=classifier, segmenter=segmenter, allow_untrained=allow_untrained, site=site,
@@ -336,7 +336,6 @@ def bench(source, num, config_path, classifier, segmenter, precision, runtime, a
     with --ceiling, what the pipeline reaches around an infinitely fast model."""
     from cxrscreen.bench import ratios, run_bench, run_ceiling
     from cxrscreen.config import load_config
-    from cxrscreen.pipeline import ScoreConfig
 
     cfg = load_config(ScoreConfig, config_path, classifier=classifier, segmenter=segmenter, precision=precision,
                       runtime=runtime, device=device)

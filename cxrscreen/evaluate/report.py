@@ -86,8 +86,9 @@ def inference_images_per_s(module: torch.nn.Module, size: int, in_channels: int,
 
 
 def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | None, samples: int,
-                   kmeans_images: int, seed: int) -> dict:
-    """Figures of one model; returns its comparison-table row."""
+                   kmeans_images: int, seed: int) -> tuple[dict, dict]:
+    """Figures of one model; returns its comparison-table row and its settings row (weights
+    hash and referral settings, for the page's header)."""
     from cxrscreen.evaluate.kmeans import kmeans_crosstab, pixel_features
     from cxrscreen.explain import explain_items, overlays
     from cxrscreen.io.sources import InputItem
@@ -148,6 +149,11 @@ def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | Non
                     f"{tag}: images per cluster ({name})")
     per_class = m["per_class"].get("covid", {})
     three = res.get("derived", {}).get("3class", {}) if len(classes) > 3 else m
+    settings = {"model": tag, "architecture": res["model"], "weights_sha256": loaded.weights_sha256,
+                "temperature": res["temperature"], "refer_threshold": res["refer_threshold"],
+                "covid_sensitivity_target": res["refer_target"]["sensitivity"],
+                "ood_threshold": res["ood_threshold"], "ood_refer_rate": res["ood_refer_rate"],
+                "referred": res["referred_fraction"]}
     return {"model": tag, "architecture": info.name, "lung_crop": info.lung_crop or "", "split": res["split"],
             "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "macro_auc": m["macro_auc"],
             "ece": m["ece"], "accuracy_3class": three.get("accuracy") if len(classes) >= 3 else None,
@@ -158,11 +164,12 @@ def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | Non
                                                              info.intensity),
             "cam_lung_energy": float(np.nanmean(energy)) if segmenter and len(energy) else None,
             "kmeans_pixels_ari": kmeans["pixels"]["adjusted_rand"],
-            "kmeans_embeddings_ari": kmeans["embeddings"]["adjusted_rand"] if "embeddings" in kmeans else None}
+            "kmeans_embeddings_ari": kmeans["embeddings"]["adjusted_rand"] if "embeddings" in kmeans else None}, settings
 
 
-def _segmentation_section(page: _Page, segmenter: str, seg_data: str | None, samples: int) -> None:
-    """Metrics of the segmenter (from its model.json) and image / expert / predicted triplets."""
+def _segmentation_section(page: _Page, segmenter: str, seg_data: str | None, samples: int) -> dict:
+    """Metrics of the segmenter (from its model.json) and image / expert / predicted triplets;
+    returns its settings row (name, architecture, weights hash) for the page's header."""
     from cxrscreen.data.manifest import read_seg_manifest
     from cxrscreen.cam import triplet
     from cxrscreen.masks import decode_mask_png
@@ -173,6 +180,7 @@ def _segmentation_section(page: _Page, segmenter: str, seg_data: str | None, sam
     from cxrscreen.train.data import load_images
 
     loaded = load_model(segmenter, "segment")
+    settings = {"model": segmenter, "architecture": loaded.info.name, "weights_sha256": loaded.weights_sha256}
     page.h(2, f"Lung segmentation ({loaded.info.name}, {loaded.info.input_size} px)")
     metrics = {k: v for k, v in loaded.info.metrics.items() if isinstance(v, dict) and "dice" in v}
     if metrics:
@@ -181,7 +189,7 @@ def _segmentation_section(page: _Page, segmenter: str, seg_data: str | None, sam
         page.p("expert_masks: Dice against the expert masks (ground truth); pseudo_masks_val: against "
                "machine-made pseudo masks of the validation split (agreement, not accuracy).")
     if not seg_data or not Path(seg_data).exists():
-        return
+        return settings
     df = read_seg_manifest(seg_data)
     if "subset" in df.columns:
         df = df.filter(pl.col("subset") == "expert")
@@ -199,6 +207,7 @@ def _segmentation_section(page: _Page, segmenter: str, seg_data: str | None, sam
     if panels:
         page.figure("segmentation-triplets", plots.image_grid(panels, titles, cols=2),
                     "lung segmentation on expert-annotated images")
+    return settings
 
 
 def build_report(model_dirs: list[str | Path], out_dir: str | Path, data: str | None = None, split: str = "test",
@@ -213,7 +222,6 @@ def build_report(model_dirs: list[str | Path], out_dir: str | Path, data: str | 
     from datetime import datetime, timezone
 
     from cxrscreen import __version__
-    from cxrscreen.models import load_model
 
     from cxrscreen.evaluate.run import evaluate_model
     from cxrscreen.train.config import checkpoint_config
@@ -235,10 +243,11 @@ def build_report(model_dirs: list[str | Path], out_dir: str | Path, data: str | 
     for k, model_dir in enumerate(map(Path, model_dirs), 1):
         progress(f"[{k}/{len(model_dirs)}] {model_dir.name}: evaluating on the {split} split")
         res = evaluate_model(model_dir, data, split, update_card=False, predictions=True)
-        settings.append(_settings_row(model_dir, res, load_model(str(model_dir), "classify").weights_sha256))
         progress(f"[{k}/{len(model_dirs)}] {model_dir.name}: figures, Grad-CAM and k-means")
         sub = _Page(out)
-        rows.append(_model_section(sub, model_dir, res, segmenter, samples, kmeans_images, seed))
+        row, model_settings = _model_section(sub, model_dir, res, segmenter, samples, kmeans_images, seed)
+        rows.append(row)
+        settings.append(model_settings)
         sections.append(sub.parts)
     table = pl.DataFrame(rows, infer_schema_length=None)
     table.write_parquet(out / "comparison.parquet")
@@ -256,9 +265,7 @@ def build_report(model_dirs: list[str | Path], out_dir: str | Path, data: str | 
         page.parts += parts
     if segmenter:
         progress(f"segmentation: {segmenter}")
-        _segmentation_section(page, segmenter, seg_data, samples)
-        seg = load_model(segmenter, "segment")
-        settings.append({"model": segmenter, "architecture": seg.info.name, "weights_sha256": seg.weights_sha256})
+        settings.append(_segmentation_section(page, segmenter, seg_data, samples))
     if loso:
         page.h(2, "Leave one source out")
         page.p("Each row: a model trained without one source, tested on all of that source's images (classes "
@@ -276,12 +283,3 @@ def build_report(model_dirs: list[str | Path], out_dir: str | Path, data: str | 
     page.parts = about.parts + page.parts
     progress(f"writing {out / 'report.html'}")
     return page.write("cxrscreen model report")
-
-
-def _settings_row(model_dir: Path, res: dict, sha256: str) -> dict:
-    """What a model's numbers in the report depend on: its weights and its referral settings."""
-    return {"model": model_dir.name, "architecture": res["model"], "weights_sha256": sha256,
-            "temperature": res["temperature"], "refer_threshold": res["refer_threshold"],
-            "covid_sensitivity_target": res["refer_target"]["sensitivity"],
-            "ood_threshold": res["ood_threshold"], "ood_refer_rate": res["ood_refer_rate"],
-            "referred": res["referred_fraction"]}

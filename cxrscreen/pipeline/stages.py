@@ -175,8 +175,9 @@ class Classifier(_ModelStage):
         images = batch.pop("image", None)  # absent from a batch whose rows were all skipped
         try:
             if ok.any():
-                x = self.runner.model_input(select_rows(images, ok), self._boxes(batch, images, ok), self.lung_crop)
-                out = self.runner.classify_input(x, appearance_features(select_rows(images, ok)), self.ood)
+                kept = select_rows(images, ok)  # selected once: the model input, the boxes and the appearance
+                x = self.runner.model_input(kept, self._boxes(batch, kept, ok), self.lung_crop)
+                out = self.runner.classify_input(x, appearance_features(kept), self.ood)
                 probs[ok] = torch.softmax(torch.from_numpy(out.logits) / self.temperature, dim=1).numpy()
                 if out.ood_score is not None:
                     ood[ok] = out.ood_score
@@ -201,16 +202,16 @@ class Classifier(_ModelStage):
                      t_classify_ms=np.full(n, (time.perf_counter() - t0) * 1000 / max(n, 1), np.float32))
         return batch
 
-    def _boxes(self, batch: dict, images: np.ndarray, ok: np.ndarray) -> np.ndarray | None:
-        """Lung boxes of the ok rows: a crop-trained model's come from the segmenter it was
-        trained with (the pipeline's when that is the one, else its own copy of it), so its
+    def _boxes(self, batch: dict, kept, ok: np.ndarray) -> np.ndarray | None:
+        """Lung boxes of the ok rows (``kept``: their work images): a crop-trained model's come
+        from the segmenter it was trained with (the pipeline's when that is the one, else its own copy of it), so its
         input is the same whichever segmenter draws the masks; others use the pipeline's."""
         from pathlib import Path
 
         trained_with = self.info.lung_crop
         pipeline = batch["segmenter"][0] if "segmenter" in batch and len(batch["segmenter"]) else None
         if trained_with and pipeline != Path(trained_with).name:
-            return self.runner.lung_boxes(select_rows(images, ok))
+            return self.runner.lung_boxes(kept)
         return batch["lung_bbox"][ok] if "lung_bbox" in batch else None
 
     def _add_cams(self, batch: dict, x: torch.Tensor, ok: np.ndarray) -> None:
