@@ -492,16 +492,47 @@ def test_part_files_are_synced_before_they_count(tmp_path, monkeypatch):
     """Issue 17.5: file data, then the folder entry, reach the disk before a part file is 'done'."""
     import pyarrow as pa
 
-    from cxrscreen.pipeline.output import PartWriter
+    from cxrscreen.pipeline.output import write_part
 
     synced = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
-    w = PartWriter(tmp_path, pa.schema([("key", pa.string())]), rows_per_file=10)
-    w.add(pa.table({"key": ["a", "b"]}))
-    w.flush()
-    part = next(tmp_path.glob("part-*.parquet"))
-    assert [Path(p).name for p in synced] == [f".{part.name}.tmp", tmp_path.name]
+    write_part(pa.table({"key": ["a", "b"]}), tmp_path / "part-r-1.parquet")
+    assert [Path(p).name for p in synced] == [".part-r-1.parquet.tmp", tmp_path.name]
+
+
+def test_workers_write_part_files_and_hand_back_only_counts(mixed_archive, tmp_path):
+    """Issue 18.4: the write stage turns a batch of output rows into one part file and returns one
+    row of counts; a retried write replaces its own file; the resume index, the hashes it skips
+    by and the keys a new run supersedes are Arrow arrays."""
+    import json
+
+    import pyarrow as pa
+
+    from cxrscreen.pipeline.output import expected_sha, output_index, row_counts, superseded, write_rows
+
+    archive, _ = mixed_archive
+    cfg = ScoreConfig(**FAST)
+    batch = next(iter(score_items_local(list_inputs(archive), cfg)))
+    n = len(batch["key"])
+    got = write_rows(batch, str(tmp_path), run="20260101T000000-aaaaaa")
+    assert list(got["rows"]) == [n] and len(got["counts"]) == 1
+    counts = json.loads(got["counts"][0])
+    assert counts == row_counts(batch) and counts["ok"] + sum(counts["errors"].values()) == n
+    assert counts["ok"] == sum(s == "ok" for s in batch["status"]) > 0
+    write_rows(batch, str(tmp_path), run="20260101T000000-aaaaaa")  # Ray retried the task
+    files = list(tmp_path.glob("part-*.parquet"))
+    assert len(files) == 1 and pl.read_parquet(files[0]).height == n
+    assert pl.read_parquet(files[0])["key"].to_list() == [str(k) for k in batch["key"]]
+    # a later run re-scores the first two keys (their content changed)
+    write_rows({k: v[:2] for k, v in batch.items()}, str(tmp_path), run="20260102T000000-bbbbbb")
+    (tmp_path / ".part-20260102T000000-bbbbbb-x.parquet.tmp").write_bytes(b"half")  # a killed write
+    index = output_index(tmp_path)
+    assert index.num_rows == n + 2 and not list(tmp_path.glob(".part-*.tmp"))
+    assert sorted(set(index["run"].to_pylist())) == ["20260101T000000-aaaaaa", "20260102T000000-bbbbbb"]
+    assert sorted(superseded(index, "20260102T000000-bbbbbb").to_pylist()) == sorted(str(k) for k in batch["key"][:2])
+    sha = expected_sha(pa.array([str(batch["key"][0]), "not-there"]), index).to_pylist()
+    assert sha[0] == batch["sha256"][0] and sha[1] is None
 
 
 _FAULT_SCRIPT = """
@@ -554,6 +585,55 @@ ray.shutdown()
 cluster.shutdown()
 """
 
+
+_PLACEMENT_SCRIPT = """
+import json, sys
+from pathlib import Path
+import ray
+from ray.cluster_utils import Cluster
+from cxrscreen.data.synth import encode_png, make_phantom
+from cxrscreen.pipeline import ScoreConfig, score_archive
+import cxrscreen.pipeline.score as score
+
+arch, out = Path(sys.argv[1]), Path(sys.argv[2])
+for i in range(40):
+    (arch / f"{i:03d}.png").write_bytes(encode_png(make_phantom("normal", 64, i).image))
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1",
+                                                        "include_dashboard": False})
+cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
+out.mkdir()
+shared = score._write_placement(ray, out)  # both nodes see the same disk here
+score._sees_token = lambda path: False  # as if the worker node wrote to a disk of its own
+placed, real = [], score._write_placement
+score._write_placement = lambda r, o: placed.append(real(r, o)) or placed[-1]
+s = score_archive(arch, out, ScoreConfig(classifier="mobilenet_v3_small", allow_untrained=True, batch_size=4,
+                                         address=cluster.address), progress=False)
+pinned = placed[0]["scheduling_strategy"]
+print(json.dumps({"shared": shared == {}, "pinned_here": pinned.node_id == ray.get_runtime_context().get_node_id()
+                  and not pinned.soft, "ok": s.ok, "rows": s.rows, "missing": len(s.missing)}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(330)
+def test_write_tasks_run_anywhere_on_a_shared_disk_and_on_the_driver_node_otherwise(tmp_path):
+    """Issue 18.4: part files are written by tasks on the workers when every node sees OUT (a
+    token file read back on each node); when a node does not, the write tasks are pinned to the
+    driver's node and the run still has one row per input. Two nodes on 127.0.0.1."""
+    import json
+
+    (tmp_path / "arch").mkdir()
+    res = subprocess.run([sys.executable, "-c", _PLACEMENT_SCRIPT, str(tmp_path / "arch"), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_ADDRESS": "", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got == {"shared": True, "pinned_here": True, "ok": 40, "rows": 40, "missing": 0}
+    assert not list((tmp_path / "out").glob(".probe-*"))
 
 @pytest.mark.slow
 @pytest.mark.timeout(330)

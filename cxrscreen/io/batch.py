@@ -109,11 +109,11 @@ def col(values, dtype=object) -> np.ndarray:
 
 def decode_batch(batch: dict[str, np.ndarray], work_size: int = WORK_SIZE, max_pixels: int = 80_000_000,
                  max_bytes: int = MAX_BYTES, prefer_lut: bool = True, include_phi: bool = False,
-                 done: dict[str, str] | None = None, defer_jpeg: bool = False) -> dict[str, np.ndarray]:
+                 defer_jpeg: bool = False) -> dict[str, np.ndarray]:
     """Read + hash + decode + resize each row; failures become error rows, never exceptions.
 
-    Input columns: ``key``, and ``path`` or ``data`` (bytes); optional ``expected_sha`` (or
-    the ``done`` map): a row whose content hash equals it was scored before and is dropped.
+    Input columns: ``key``, and ``path`` or ``data`` (bytes); optional ``expected_sha``: a
+    row whose content hash equals it was scored before and is dropped.
     With ``defer_jpeg``, plain JPEGs are not decoded here but passed on as ``jpeg_bytes`` for
     the first model actor to decode in one batch on its device (nvJPEG on a GPU).
     """
@@ -140,8 +140,7 @@ def decode_batch(batch: dict[str, np.ndarray], work_size: int = WORK_SIZE, max_p
             sha = hashlib.sha256(data).hexdigest()
         except ImageError as e:
             err = e
-        prior = expected[i] if expected[i] is not None else (done or {}).get(key)
-        if prior is not None and prior == sha:
+        if expected[i] is not None and expected[i] == sha:
             continue  # scored in an earlier run with identical content
         size = deferrable_jpeg(data, opts) if err is None and defer_jpeg else None
         if size is not None:

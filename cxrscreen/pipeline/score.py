@@ -5,6 +5,7 @@ the driver writes atomic Parquet part files and can resume an interrupted run.""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections import Counter
@@ -19,8 +20,8 @@ import pyarrow.compute as pc
 from cxrscreen.io.sources import InputItem, archive_kind, list_inputs, parquet_files
 from cxrscreen.cluster import init_ray
 from cxrscreen.pipeline.config import ScoreConfig
-from cxrscreen.pipeline.output import (OutputLock, PartWriter, batch_to_table, completed, drop_superseded,
-                                       output_schema)
+from cxrscreen.pipeline.output import (OutputLock, drop_superseded, expected_sha, new_run_id, output_index,
+                                       superseded, write_rows)
 from cxrscreen.io.batch import decode_batch, decode_items
 from cxrscreen.pipeline.stages import Classifier, SegmentClassify, Segmenter
 
@@ -41,6 +42,13 @@ class ScoreSummary:
     rows: int = 0  # rows in OUT after the run
     stale: int = 0  # rows in OUT whose input is no longer in the archive (kept unless prune)
     pruned: int = 0  # such rows removed by prune
+
+    def add(self, counts: dict) -> None:
+        """Add one part file's counts (``cxrscreen.pipeline.output.row_counts``)."""
+        self.ok += counts["ok"]
+        self.errors.update(counts["errors"])
+        self.referred.update(counts["referred"])
+        self.labels.update(counts["labels"])
 
     @property
     def steady_images_per_s(self) -> float:
@@ -201,16 +209,17 @@ def dry_run(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: ScoreCo
     items = items[:cfg.limit] if cfg.limit else items
     formats = Counter(("parquet" if kind == "parquet" else Path(it.key).suffix.lower().lstrip(".") or "dicom")
                       for it in items)
-    rows = completed(out_dir) if Path(out_dir).exists() else {}
-    have = sum(1 for it in items if it.key in rows)
+    index = output_index(out_dir)
+    have = pc.sum(pc.is_in(pa.array([it.key for it in items], pa.string()), value_set=index["key"].combine_chunks()))
+    have = have.as_py() or 0
     return {"archive": str(archive), "kind": kind, "inputs": len(items), "by_format": dict(formats.most_common()),
-            "with_rows_in_out": have, "new": len(items) - have, "rows_in_out": len(rows)}
+            "with_rows_in_out": have, "new": len(items) - have, "rows_in_out": index.num_rows}
 
 
 ITEM_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.binary()), ("expected_sha", pa.string())])
 
 
-def _pending_items(archive, cfg: ScoreConfig, done: dict[str, str], chunk: int = 65_536) -> pa.Table:
+def _pending_items(archive, cfg: ScoreConfig, index: pa.Table, chunk: int = 65_536) -> pa.Table:
     """The inputs of a folder or list archive as one Arrow table (key, path, the content hash of
     its row in OUT or null), built in chunks: for a million paths about 6x less time and 4x less
     driver memory than a list of dicts handed to Ray (benchmarks/README.md). Paths travel as bytes: a
@@ -218,8 +227,8 @@ def _pending_items(archive, cfg: ScoreConfig, done: dict[str, str], chunk: int =
     parts, keys, paths = [], [], []
 
     def flush():
-        parts.append(pa.record_batch([pa.array(keys, pa.string()), pa.array(paths, pa.binary()),
-                                      pa.array([done.get(k) for k in keys], pa.string())], schema=ITEM_SCHEMA))
+        k = pa.array(keys, pa.string())
+        parts.append(pa.record_batch([k, pa.array(paths, pa.binary()), expected_sha(k, index)], schema=ITEM_SCHEMA))
         keys.clear()
         paths.clear()
 
@@ -233,6 +242,35 @@ def _pending_items(archive, cfg: ScoreConfig, done: dict[str, str], chunk: int =
     if keys:
         flush()
     return pa.Table.from_batches(parts, schema=ITEM_SCHEMA)
+
+
+def _write_placement(ray, out_dir: Path) -> dict:
+    """Where the write tasks may run: anywhere when every node of the cluster sees ``out_dir``
+    (one node, or a shared filesystem: a token file written here is read back by a task pinned
+    to each node), else on the driver's node only (pinned), so that every part file lands in the
+    ``out_dir`` this process reads back."""
+    import uuid
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    if len(nodes) <= 1:
+        return {}
+    token = out_dir / f".probe-{uuid.uuid4().hex}"
+    token.write_text(token.name)
+    sees = ray.remote(num_cpus=0)(_sees_token)
+    try:
+        shared = all(ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+                              .remote(str(token)) for n in nodes], timeout=120))
+    finally:
+        token.unlink()
+    here = ray.get_runtime_context().get_node_id()
+    return {} if shared else {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
+
+
+def _sees_token(path: str) -> bool:
+    p = Path(path)
+    return p.is_file() and p.read_text() == p.name
 
 
 class Interrupted(RuntimeError):
@@ -277,7 +315,7 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     ray, reference = _start(cfg)
     res = ray.cluster_resources()
     plan = plan_resources(cfg, res.get("CPU", 1), res.get("GPU", 0))
-    done = completed(out_dir)
+    index = output_index(out_dir)
     decode_kwargs = dict(work_size=cfg.work_size, **cfg.decode_options())
     if kind == "parquet":
         if res.get("CPU", 1) < 2:
@@ -286,22 +324,22 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
         files = [str(f) for f in parquet_files(Path(archive))]
         input_keys = _parquet_keys(files, cfg.key_column, cfg.image_column)[:cfg.limit or None]
         n_inputs = len(input_keys)
+        n_pending = n_inputs - (pc.sum(pc.is_valid(expected_sha(input_keys, index))).as_py() or 0)
         ds = ray.data.read_parquet(files, columns=[cfg.key_column, cfg.image_column], num_cpus=plan.decode_cpus)
         if cfg.limit:  # the first N rows in file order, as input_keys counts them (this dataset only)
             ds.context.execution_options.preserve_order = True
             ds = ds.limit(cfg.limit)
         ds = ds.map_batches(_parquet_to_items, fn_kwargs=dict(image_column=cfg.image_column,
-                                                              key_column=cfg.key_column),
+                                                              key_column=cfg.key_column,
+                                                              index=index.select(["key", "sha256"])),
                             batch_format="numpy", batch_size=256, num_cpus=plan.decode_cpus)
-        decode_kwargs["done"] = done
-        n_pending = max(0, n_inputs - len(done))  # progress-bar estimate
     else:
-        items = _pending_items(archive, cfg, done)
+        items = _pending_items(archive, cfg, index)
         input_keys = items["key"]
         n_inputs = items.num_rows
         n_pending = items["expected_sha"].null_count
         if not n_inputs:
-            return ScoreSummary(seconds=time.perf_counter() - t0, rows=len(done))
+            return ScoreSummary(seconds=time.perf_counter() - t0, rows=index.num_rows)
         # blocks of batch_size rows for small archives (results flow out while work goes on), at
         # most 200 blocks for big ones (each block is one object-store put)
         step = max(cfg.batch_size, -(-n_inputs // 200))
@@ -327,52 +365,53 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
                                 compute=ray.data.ActorPoolStrategy(size=cfg.seg_actors), **pool)
         ds = ds.map_batches(Classifier, fn_constructor_kwargs=dict(options=cfg.classifier_options(), runtime=model_kwargs),
                             compute=ray.data.ActorPoolStrategy(size=cfg.cls_actors), **pool)
+    # the workers write the part files (rows_per_file rows each; fewer for small archives, so that
+    # results flow while the run goes on); the driver only receives each file's counts
+    run = new_run_id()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    ds = ds.map_batches(write_rows, fn_kwargs=dict(out_dir=str(out_dir), run=run, include_phi=cfg.include_phi),
+                        batch_size=min(cfg.rows_per_file, max(cfg.batch_size, -(-max(n_pending, 1) // 8))),
+                        batch_format="numpy", num_cpus=plan.decode_cpus, **_write_placement(ray, Path(out_dir)))
     summary = ScoreSummary(inputs=n_inputs)
     bar = tqdm(total=max(n_pending, 0), unit="img", desc="score", disable=not progress, smoothing=0.1)
-    writer, rescored, stopped = None, set(), None
+    stopped = None
     try:
         with _interruptible():  # after Ray's start-up, which sets a SIGTERM handler of its own
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-                if writer is None:
-                    summary.first_row_s = time.perf_counter() - t0
-                    summary.first_rows = len(batch["key"])
-                    classes = [k[5:] for k in batch if k.startswith("prob_")]
-                    writer = PartWriter(out_dir, output_schema(classes, cfg.include_phi), cfg.rows_per_file)
-                writer.add(batch_to_table(batch, writer.schema))
-                rescored.update(k for k in batch["key"] if k in done)  # content changed since the last run
-                _count(summary, batch)
-                bar.update(len(batch["key"]))
+                for n, counts in zip(batch["rows"], batch["counts"]):
+                    if not summary.first_row_s:
+                        summary.first_row_s, summary.first_rows = time.perf_counter() - t0, int(n)
+                    summary.add(json.loads(counts))
+                    bar.update(int(n))
     except KeyboardInterrupt as e:
         stopped = str(e) or "SIGINT"
     bar.close()
-    if writer is not None:  # also when stopped: what is finished is kept
-        writer.flush()
-        drop_superseded(out_dir, rescored, writer.run)
+    index = output_index(out_dir)
+    drop_superseded(out_dir, superseded(index, run), run)  # also when stopped: what is written is kept
     if stopped:
         raise Interrupted(f"stopped by {stopped}: {summary.scored} rows finished in this run were written to "
                           f"{out_dir}; run the same command again to score the rest")
     summary.skipped = n_inputs - summary.scored
     summary.seconds = time.perf_counter() - t0
-    rows = completed(out_dir)
-    summary.missing, stale = _missing_and_stale(input_keys, rows)
-    if stale and cfg.prune:
+    index = output_index(out_dir)
+    summary.missing, stale = _missing_and_stale(input_keys, index["key"])
+    if len(stale) and cfg.prune:
         summary.pruned = drop_superseded(out_dir, stale, keep_run="")
-        rows = completed(out_dir)
-        stale = set()
-    summary.rows, summary.stale = len(rows), len(stale)
+        index = output_index(out_dir)
+        stale = stale[:0]
+    summary.rows, summary.stale = index.num_rows, len(stale)
     summary.drift = drift_warning(summary, reference)
     return summary
 
 
-def _missing_and_stale(input_keys, rows: dict) -> tuple[list[str], set[str]]:
+def _missing_and_stale(input_keys, have: pa.ChunkedArray) -> tuple[list[str], pa.Array]:
     """Input keys without a row in OUT, and OUT's keys of inputs no longer in the archive
     (compared as Arrow arrays: no Python set of a million keys)."""
     listed = pc.unique(pa.chunked_array([pa.array(input_keys, pa.string())]) if isinstance(input_keys, list)
                        else input_keys)
-    have = pa.array(list(rows), pa.string())
+    have = have.combine_chunks() if have.num_chunks else pa.array([], pa.string())
     missing = pc.filter(listed, pc.invert(pc.is_in(listed, value_set=have))).to_pylist()
-    stale = pc.filter(have, pc.invert(pc.is_in(have, value_set=listed))).to_pylist()
-    return sorted(missing), set(stale)
+    return sorted(missing), pc.unique(pc.filter(have, pc.invert(pc.is_in(have, value_set=listed))))
 
 
 def _parquet_keys(files: list[str], key_column: str, image_column: str) -> list[str]:
@@ -390,19 +429,10 @@ def _parquet_keys(files: list[str], key_column: str, image_column: str) -> list[
     return keys
 
 
-def _parquet_to_items(batch: dict[str, np.ndarray], image_column: str, key_column: str) -> dict:
-    return {"key": np.asarray([str(k) for k in batch[key_column]], object), "data": batch[image_column]}
-
-
-def _count(summary: ScoreSummary, batch: dict) -> None:
-    for status, etype, label, reasons in zip(batch["status"], batch["error_type"], batch["label"],
-                                             batch["refer_reason"]):
-        if status == "ok":
-            summary.ok += 1
-            summary.labels[label] += 1
-        else:
-            summary.errors[etype] += 1
-        summary.referred.update(reasons if isinstance(reasons, (list, np.ndarray)) else [])
+def _parquet_to_items(batch: dict[str, np.ndarray], image_column: str, key_column: str, index: pa.Table) -> dict:
+    keys = np.asarray([str(k) for k in batch[key_column]], object)
+    sha = expected_sha(pa.array(keys, pa.string()), index).to_numpy(zero_copy_only=False)
+    return {"key": keys, "data": batch[image_column], "expected_sha": sha}
 
 
 def score_items_local(items: Iterable[InputItem], cfg: ScoreConfig = ScoreConfig(),
