@@ -89,14 +89,18 @@ def test_fused_stage_gives_the_rows_of_the_two_stages_in_a_row(mixed_archive):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("fused", [True, False], ids=["one_model_pool", "two_model_pools"])
-def test_ray_score_on_2_cpus_accounts_for_every_input(mixed_archive, ray_2cpu, tmp_path, fused):
+@pytest.mark.parametrize("fused,writers", [(True, "workers"), (False, "auto")],
+                         ids=["one_model_pool-workers_write", "two_model_pools-driver_writes"])
+def test_ray_score_on_2_cpus_accounts_for_every_input(mixed_archive, ray_2cpu, tmp_path, fused, writers):
     archive, bad = mixed_archive
-    summary = score_archive(archive, tmp_path, ScoreConfig(**FAST, fused=fused), progress=False)
+    summary = score_archive(archive, tmp_path, ScoreConfig(**FAST, fused=fused, writers=writers), progress=False)
     assert summary.inputs == 35 and summary.ok == 25 and sum(summary.errors.values()) == 10
     assert summary.missing == [] and summary.skipped == 0
     df = pl.read_parquet(tmp_path / "*.parquet")
     _check_rows(df, archive, bad)
+    # the driver numbers its files; write tasks name theirs by their rows' keys (a retry replaces its own)
+    names = sorted(p.name.rsplit("-", 1)[1] for p in tmp_path.glob("part-*.parquet"))
+    assert (len(names[0]) == len("0123456789abcdef.parquet")) == (writers == "workers"), names
     table = pq.read_table(tmp_path)  # readable with pyarrow too
     assert table.num_rows == 35 and "lung_bbox" in table.schema.names
     assert [p.name for p in tmp_path.glob(".*")] == [".cxrscreen.lock"]  # no temporary files left, only the lock

@@ -54,7 +54,8 @@ class ScoreConfig:
 
     CHOICES: ClassVar[dict] = {
         "device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16", "int8"),
-        "runtime": ("auto", "torch", "onnxruntime", "tensorrt"), "cam": ("gradcam", "gradcampp")}
+        "runtime": ("auto", "torch", "onnxruntime", "tensorrt"), "cam": ("gradcam", "gradcampp"),
+        "writers": ("auto", "driver", "workers")}
     POSITIVE: ClassVar[tuple] = ("batch_size", "seg_actors", "cls_actors", "actor_cpus", "torch_threads",
                                  "work_size", "mask_size", "cam_size", "rows_per_file", "max_pixels", "max_bytes", "num_cpus", "limit")
     NON_NEGATIVE: ClassVar[tuple] = ("refer_below", "ood_threshold", "lung_fraction_min", "lung_fraction_max")
@@ -87,6 +88,7 @@ class ScoreConfig:
     lung_fraction_min: float = ClassifierOptions.lung_fraction_range[0]  # refer when the lung area fraction
     lung_fraction_max: float = ClassifierOptions.lung_fraction_range[1]  # is outside this range (not a frontal CXR?)
     rows_per_file: int = 1000  # at most this many rows per output part file (written atomically by a worker task)
+    writers: str = "auto"  # who writes the part files: driver | workers | auto (workers on a multi-node cluster)
     worklist: bool = True  # write worklist.csv and worklist.html into OUT after the run (cxrscreen.results)
     prune: bool = False  # remove rows of inputs no longer in the archive (default: keep them, counted as stale)
     max_pixels: int = 80_000_000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -79,19 +80,51 @@ def row_counts(batch: dict[str, np.ndarray]) -> dict:
     return {"ok": sum(labels.values()), "errors": dict(errors), "referred": dict(referred), "labels": dict(labels)}
 
 
+def rows_table(batch: dict[str, np.ndarray], include_phi: bool = False) -> pa.Table:
+    """A batch of output rows as an Arrow table of the output schema (its classes read from
+    the batch's ``prob_*`` columns)."""
+    classes = [k[5:] for k in batch if k.startswith("prob_")]
+    return batch_to_table(batch, output_schema(classes, include_phi))
+
+
 def write_rows(batch: dict[str, np.ndarray], out_dir: str, run: str, include_phi: bool = False) -> dict:
-    """The last stage of ``score``, run by Ray on the workers: convert a batch of output rows to
-    Arrow and write it as one part file; hand back only its counts (one row: ``rows``, ``counts``
-    as JSON), so the driver coordinates and counts but never touches a row. The file is named by
-    the run and the rows' keys: a write that Ray retries replaces its own file."""
+    """The last stage of ``score`` when the workers write (``writers``): convert a batch of output
+    rows to Arrow and write it as one part file; hand back only its counts (one row: ``rows``,
+    ``counts`` as JSON), so the driver coordinates and counts but never touches a row. The file is
+    named by the run and the rows' keys: a write that Ray retries replaces its own file."""
     import hashlib
-    import json
 
     keys = [str(k) for k in batch["key"]]
     digest = hashlib.sha1("\0".join(keys).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    classes = [k[5:] for k in batch if k.startswith("prob_")]
-    write_part(batch_to_table(batch, output_schema(classes, include_phi)), Path(out_dir) / f"part-{run}-{digest}.parquet")
+    write_part(rows_table(batch, include_phi), Path(out_dir) / f"part-{run}-{digest}.parquet")
     return {"rows": np.array([len(keys)]), "counts": np.array([json.dumps(row_counts(batch))], object)}
+
+
+class PartWriter:
+    """The driver's writer (``writers: driver``): buffers output rows and writes
+    ``part-<run>-<seq>.parquet`` files atomically every ``rows_per_file`` rows or 30 s."""
+
+    def __init__(self, out_dir: str | Path, run: str, rows_per_file: int = 1000, include_phi: bool = False,
+                 max_seconds: float = 30.0):
+        self.out, self.run, self.rows_per_file, self.include_phi = Path(out_dir), run, rows_per_file, include_phi
+        self.max_seconds = max_seconds
+        self.buffer: list[pa.Table] = []
+        self.buffered = self.seq = 0
+        self.last_flush = time.monotonic()
+
+    def add(self, batch: dict[str, np.ndarray]) -> dict:
+        """Buffer a batch of output rows; returns what ``write_rows`` returns (its counts)."""
+        self.buffer.append(rows_table(batch, self.include_phi))
+        self.buffered += len(batch["key"])
+        if self.buffered >= self.rows_per_file or time.monotonic() - self.last_flush > self.max_seconds:
+            self.flush()
+        return {"rows": [len(batch["key"])], "counts": [json.dumps(row_counts(batch))]}
+
+    def flush(self) -> None:
+        if self.buffered:
+            write_part(pa.concat_tables(self.buffer), self.out / f"part-{self.run}-{self.seq:05d}.parquet")
+            self.seq += 1
+        self.buffer, self.buffered, self.last_flush = [], 0, time.monotonic()
 
 
 def durable_replace(tmp: Path, path: Path) -> None:

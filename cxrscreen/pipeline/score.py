@@ -1,6 +1,6 @@
 """Score an archive: Ray Data streams inputs through decode tasks and a model actor pool
-(segmenter and classifier fused in one actor; or two pools);
-the driver writes atomic Parquet part files and can resume an interrupted run."""
+(segmenter and classifier fused in one actor; or two pools); the driver (one node) or write
+tasks on the workers (a cluster) write atomic Parquet part files; an interrupted run resumes."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import pyarrow.compute as pc
 from cxrscreen.io.sources import InputItem, archive_kind, list_inputs, parquet_files
 from cxrscreen.cluster import init_ray
 from cxrscreen.pipeline.config import ScoreConfig
-from cxrscreen.pipeline.output import (OutputLock, drop_superseded, expected_sha, new_run_id, output_index,
-                                       superseded, write_rows)
+from cxrscreen.pipeline.output import (OutputLock, PartWriter, drop_superseded, expected_sha, new_run_id,
+                                       output_index, superseded, write_rows)
 from cxrscreen.io.batch import decode_batch, decode_items
 from cxrscreen.pipeline.stages import Classifier, SegmentClassify, Segmenter
 
@@ -253,7 +253,7 @@ def _write_placement(ray, out_dir: Path) -> dict:
 
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    nodes = _cpu_nodes(ray)
     if len(nodes) <= 1:
         return {}
     token = out_dir / f".probe-{uuid.uuid4().hex}"
@@ -266,6 +266,10 @@ def _write_placement(ray, out_dir: Path) -> dict:
         token.unlink()
     here = ray.get_runtime_context().get_node_id()
     return {} if shared else {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
+
+
+def _cpu_nodes(ray) -> list[str]:
+    return [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
 
 
 def _sees_token(path: str) -> bool:
@@ -365,19 +369,24 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
                                 compute=ray.data.ActorPoolStrategy(size=cfg.seg_actors), **pool)
         ds = ds.map_batches(Classifier, fn_constructor_kwargs=dict(options=cfg.classifier_options(), runtime=model_kwargs),
                             compute=ray.data.ActorPoolStrategy(size=cfg.cls_actors), **pool)
-    # the workers write the part files (rows_per_file rows each; fewer for small archives, so that
-    # results flow while the run goes on); the driver only receives each file's counts
+    # who writes the part files (benchmarks/README.md, "Who writes the part files"): on one node
+    # the driver (measured faster there); on a cluster write tasks on the workers, so that the
+    # head does not convert and write every row; the driver then only receives each file's counts
     run = new_run_id()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    ds = ds.map_batches(write_rows, fn_kwargs=dict(out_dir=str(out_dir), run=run, include_phi=cfg.include_phi),
-                        batch_size=min(cfg.rows_per_file, max(cfg.batch_size, -(-max(n_pending, 1) // 8))),
-                        batch_format="numpy", num_cpus=plan.decode_cpus, **_write_placement(ray, Path(out_dir)))
+    on_workers = cfg.writers == "workers" or (cfg.writers == "auto" and len(_cpu_nodes(ray)) > 1)
+    if on_workers:
+        ds = ds.map_batches(write_rows, fn_kwargs=dict(out_dir=str(out_dir), run=run, include_phi=cfg.include_phi),
+                            batch_size=min(cfg.rows_per_file, max(cfg.batch_size, -(-max(n_pending, 1) // 8))),
+                            batch_format="numpy", num_cpus=plan.decode_cpus, **_write_placement(ray, Path(out_dir)))
+    writer = None if on_workers else PartWriter(out_dir, run, cfg.rows_per_file, cfg.include_phi)
     summary = ScoreSummary(inputs=n_inputs)
     bar = tqdm(total=max(n_pending, 0), unit="img", desc="score", disable=not progress, smoothing=0.1)
     stopped = None
     try:
         with _interruptible():  # after Ray's start-up, which sets a SIGTERM handler of its own
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                batch = writer.add(batch) if writer is not None else batch
                 for n, counts in zip(batch["rows"], batch["counts"]):
                     if not summary.first_row_s:
                         summary.first_row_s, summary.first_rows = time.perf_counter() - t0, int(n)
@@ -386,6 +395,8 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     except KeyboardInterrupt as e:
         stopped = str(e) or "SIGINT"
     bar.close()
+    if writer is not None:  # also when stopped: what is finished is kept
+        writer.flush()
     index = output_index(out_dir)
     drop_superseded(out_dir, superseded(index, run), run)  # also when stopped: what is written is kept
     if stopped:
