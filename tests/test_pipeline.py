@@ -535,8 +535,9 @@ def test_workers_write_part_files_and_hand_back_only_counts(mixed_archive, tmp_p
     assert index.num_rows == n + 2 and not list(tmp_path.glob(".part-*.tmp"))
     assert sorted(set(index["run"].to_pylist())) == ["20260101T000000-aaaaaa", "20260102T000000-bbbbbb"]
     assert sorted(superseded(index, "20260102T000000-bbbbbb").to_pylist()) == sorted(str(k) for k in batch["key"][:2])
-    sha = expected_sha(pa.array([str(batch["key"][0]), "not-there"]), index).to_pylist()
-    assert sha[0] == batch["sha256"][0] and sha[1] is None
+    first, sha0 = str(batch["key"][0]), batch["sha256"][0]
+    assert expected_sha(pa.array([first, "not-there"]), index).to_pylist() == [sha0, None]
+    assert expected_sha(pa.array([first]), index).to_pylist() == [sha0]  # a batch far smaller than the index
 
 
 _FAULT_SCRIPT = """
@@ -607,16 +608,15 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_
 cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
 cluster.wait_for_nodes()
 ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
-out.mkdir()
-shared = score._write_placement(ray, out)  # both nodes see the same disk here
-score._sees_token = lambda path: False  # as if the worker node wrote to a disk of its own
-placed, real = [], score._write_placement
-score._write_placement = lambda r, o: placed.append(real(r, o)) or placed[-1]
-s = score_archive(arch, out, ScoreConfig(classifier="mobilenet_v3_small", allow_untrained=True, batch_size=4,
-                                         address=cluster.address), progress=False)
-pinned = placed[0]["scheduling_strategy"]
-print(json.dumps({"shared": shared == {}, "pinned_here": pinned.node_id == ray.get_runtime_context().get_node_id()
-                  and not pinned.soft, "ok": s.ok, "rows": s.rows, "missing": len(s.missing)}))
+cfg = ScoreConfig(classifier="mobilenet_v3_small", allow_untrained=True, batch_size=4, address=cluster.address)
+got = {}
+for name in ("shared", "local"):
+    if name == "local":
+        score._sees_token = lambda path: False  # as if the worker node wrote to a disk of its own
+    s = score_archive(arch, out / name, cfg, progress=False)
+    suffixes = {len(p.name.rsplit("-", 1)[1]) for p in (out / name).glob("part-*.parquet")}
+    got[name] = {"ok": s.ok, "rows": s.rows, "missing": len(s.missing), "suffixes": sorted(suffixes)}
+print(json.dumps(got))
 ray.shutdown()
 cluster.shutdown()
 """
@@ -624,10 +624,10 @@ cluster.shutdown()
 
 @pytest.mark.slow
 @pytest.mark.timeout(330)
-def test_write_tasks_run_anywhere_on_a_shared_disk_and_on_the_driver_node_otherwise(tmp_path):
-    """Issue 18.4: part files are written by tasks on the workers when every node sees OUT (a
-    token file read back on each node); when a node does not, the write tasks are pinned to the
-    driver's node and the run still has one row per input. Two nodes on 127.0.0.1."""
+def test_workers_write_on_a_shared_disk_and_the_driver_otherwise(tmp_path):
+    """Issue 18.4: on a cluster of two nodes (127.0.0.1) whose nodes all see OUT (a token file
+    read back on each node), write tasks write the part files (named by their rows' keys); when
+    a node does not see OUT, the driver writes them (numbered). One row per input either way."""
     import json
 
     (tmp_path / "arch").mkdir()
@@ -636,8 +636,11 @@ def test_write_tasks_run_anywhere_on_a_shared_disk_and_on_the_driver_node_otherw
                          env={**os.environ, "RAY_ADDRESS": "", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert got == {"shared": True, "pinned_here": True, "ok": 40, "rows": 40, "missing": 0}
-    assert not list((tmp_path / "out").glob(".probe-*"))
+    hashed, numbered = len("0123456789abcdef.parquet"), len("00000.parquet")
+    assert got == {"shared": {"ok": 40, "rows": 40, "missing": 0, "suffixes": [hashed]},
+                   "local": {"ok": 40, "rows": 40, "missing": 0, "suffixes": [numbered]}}
+    assert not list((tmp_path / "out").glob("*/.probe-*"))
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(330)

@@ -87,8 +87,8 @@ class ScoreConfig:
     allow_untrained: bool = False  # accept an architecture name (random weights) as a model
     lung_fraction_min: float = ClassifierOptions.lung_fraction_range[0]  # refer when the lung area fraction
     lung_fraction_max: float = ClassifierOptions.lung_fraction_range[1]  # is outside this range (not a frontal CXR?)
-    rows_per_file: int = 1000  # at most this many rows per output part file (written atomically by a worker task)
-    writers: str = "auto"  # who writes the part files: driver | workers | auto (workers on a multi-node cluster)
+    rows_per_file: int = 1000  # at most this many rows per output part file (each written atomically)
+    writers: str = "auto"  # who writes part files: driver | workers | auto (workers if several nodes have CPUs and all see OUT)
     worklist: bool = True  # write worklist.csv and worklist.html into OUT after the run (cxrscreen.results)
     prune: bool = False  # remove rows of inputs no longer in the archive (default: keep them, counted as stale)
     max_pixels: int = 80_000_000

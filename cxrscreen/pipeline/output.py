@@ -179,10 +179,11 @@ class OutputLock:
             self.fd = None
 
 
-def output_index(out_dir: str | Path) -> pa.Table:
+def output_index(out_dir: str | Path, clean: bool = True) -> pa.Table:
     """The resume index: ``key``, ``sha256`` and ``run`` of every row in ``out_dir``'s complete
     part files, one Arrow table that lookups use whole (``expected_sha``, ``superseded``: no Python
-    loop per key). Temp files of a killed run are removed: their rows were never visible."""
+    loop per key). With ``clean`` (the lock holder only), temp files of a killed run are removed:
+    their rows were never visible."""
     out = Path(out_dir)
     schema = pa.schema([("key", pa.string()), ("sha256", pa.string()), ("run", pa.dictionary(pa.int32(), pa.string()))])
     tables = [schema.empty_table()]
@@ -191,7 +192,7 @@ def output_index(out_dir: str | Path) -> pa.Table:
         run = f.name[len("part-"):].rsplit("-", 1)[0]
         tables.append(t.append_column(schema.field("run"), pa.DictionaryArray.from_arrays(
             pa.array(np.zeros(t.num_rows, np.int32)), pa.array([run]))))
-    for tmp in out.glob(".part-*.tmp") if out.exists() else []:
+    for tmp in out.glob(".part-*.tmp") if clean and out.exists() else []:
         tmp.unlink()
     return pa.concat_tables(tables).unify_dictionaries().combine_chunks()
 
@@ -199,7 +200,16 @@ def output_index(out_dir: str | Path) -> pa.Table:
 def expected_sha(keys: pa.Array, index: pa.Table) -> pa.Array:
     """Per key, the content hash of its row in ``index`` (null where it has none): a row whose
     input still hashes to it is skipped as already scored."""
-    return _array(index["sha256"]).take(pc.index_in(keys, value_set=_array(index["key"])))
+    keys, index_keys = _array(keys), _array(index["key"])
+    if len(keys) * 8 >= len(index_keys):
+        return _array(index["sha256"]).take(pc.index_in(keys, value_set=index_keys))
+    # a small batch against a big index (Parquet archives, per read batch): hash the batch, not the index
+    at = pc.index_in(index_keys, value_set=keys)
+    found = pc.is_valid(at)
+    sha = [None] * len(keys)
+    for i, h in zip(pc.filter(at, found).to_pylist(), pc.filter(index["sha256"], found).to_pylist()):
+        sha[i] = h
+    return pa.array(sha, pa.string())
 
 
 def superseded(index: pa.Table, run: str) -> pa.Array:

@@ -209,7 +209,7 @@ def dry_run(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: ScoreCo
     items = items[:cfg.limit] if cfg.limit else items
     formats = Counter(("parquet" if kind == "parquet" else Path(it.key).suffix.lower().lstrip(".") or "dicom")
                       for it in items)
-    index = output_index(out_dir)
+    index = output_index(out_dir, clean=False)  # no lock held: a running score's temp files stay
     have = pc.sum(pc.is_in(pa.array([it.key for it in items], pa.string()), value_set=index["key"].combine_chunks()))
     have = have.as_py() or 0
     return {"archive": str(archive), "kind": kind, "inputs": len(items), "by_format": dict(formats.most_common()),
@@ -244,28 +244,26 @@ def _pending_items(archive, cfg: ScoreConfig, index: pa.Table, chunk: int = 65_5
     return pa.Table.from_batches(parts, schema=ITEM_SCHEMA)
 
 
-def _write_placement(ray, out_dir: Path) -> dict:
-    """Where the write tasks may run: anywhere when every node of the cluster sees ``out_dir``
-    (one node, or a shared filesystem: a token file written here is read back by a task pinned
-    to each node), else on the driver's node only (pinned), so that every part file lands in the
-    ``out_dir`` this process reads back."""
+def _workers_see(ray, out_dir: Path, nodes: list[str]) -> bool:
+    """Whether every node that may run a write task sees ``out_dir`` as this process does: a
+    token file written here is read back by a task pinned to each node (nothing to check when the
+    only such node is this process's own). False on a timeout."""
     import uuid
 
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = _cpu_nodes(ray)
-    if len(nodes) <= 1:
-        return {}
+    if nodes == [ray.get_runtime_context().get_node_id()]:
+        return True
     token = out_dir / f".probe-{uuid.uuid4().hex}"
     token.write_text(token.name)
     sees = ray.remote(num_cpus=0)(_sees_token)
     try:
-        shared = all(ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
-                              .remote(str(token)) for n in nodes], timeout=120))
+        return all(ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+                            .remote(str(token)) for n in nodes], timeout=120))
+    except ray.exceptions.GetTimeoutError:
+        return False
     finally:
         token.unlink()
-    here = ray.get_runtime_context().get_node_id()
-    return {} if shared else {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
 
 
 def _cpu_nodes(ray) -> list[str]:
@@ -308,8 +306,9 @@ def score_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: S
     One run at a time per ``out_dir`` (``OutputBusy`` otherwise). SIGINT / SIGTERM write the
     rows already finished and raise ``Interrupted``; the next run resumes from them."""
     kind = archive_kind(archive)  # a wrong ARCHIVE fails here, before models and Ray
+    out_dir = Path(out_dir).resolve()  # write tasks on other nodes do not share this process's directory
     with OutputLock(out_dir):
-        return _score_locked(archive, kind, Path(out_dir), cfg, progress)
+        return _score_locked(archive, kind, out_dir, cfg, progress)
 
 
 def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress: bool) -> ScoreSummary:
@@ -374,11 +373,14 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     # head does not convert and write every row; the driver then only receives each file's counts
     run = new_run_id()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    on_workers = cfg.writers == "workers" or (cfg.writers == "auto" and len(_cpu_nodes(ray)) > 1)
+    # workers write only where every node with CPUs sees OUT (a shared filesystem), else the driver
+    nodes = _cpu_nodes(ray)
+    on_workers = (cfg.writers == "workers" or (cfg.writers == "auto" and len(nodes) > 1)) and \
+        _workers_see(ray, out_dir, nodes)
     if on_workers:
         ds = ds.map_batches(write_rows, fn_kwargs=dict(out_dir=str(out_dir), run=run, include_phi=cfg.include_phi),
                             batch_size=min(cfg.rows_per_file, max(cfg.batch_size, -(-max(n_pending, 1) // 8))),
-                            batch_format="numpy", num_cpus=plan.decode_cpus, **_write_placement(ray, Path(out_dir)))
+                            batch_format="numpy", num_cpus=plan.decode_cpus)
     writer = None if on_workers else PartWriter(out_dir, run, cfg.rows_per_file, cfg.include_phi)
     summary = ScoreSummary(inputs=n_inputs)
     bar = tqdm(total=max(n_pending, 0), unit="img", desc="score", disable=not progress, smoothing=0.1)
