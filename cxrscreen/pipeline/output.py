@@ -113,12 +113,12 @@ class PartWriter:
         self.last_flush = time.monotonic()
 
     def add(self, batch: dict[str, np.ndarray]) -> dict:
-        """Buffer a batch of output rows; returns what ``write_rows`` returns (its counts)."""
+        """Buffer a batch of output rows; returns their counts (``row_counts``)."""
         self.buffer.append(rows_table(batch, self.include_phi))
         self.buffered += len(batch["key"])
         if self.buffered >= self.rows_per_file or time.monotonic() - self.last_flush > self.max_seconds:
             self.flush()
-        return {"rows": [len(batch["key"])], "counts": [json.dumps(row_counts(batch))]}
+        return row_counts(batch)
 
     def flush(self) -> None:
         if self.buffered:
@@ -200,9 +200,9 @@ def output_index(out_dir: str | Path, clean: bool = True) -> pa.Table:
 def expected_sha(keys: pa.Array, index: pa.Table) -> pa.Array:
     """Per key, the content hash of its row in ``index`` (null where it has none): a row whose
     input still hashes to it is skipped as already scored."""
-    keys, index_keys = _array(keys), _array(index["key"])
+    keys, index_keys = key_array(keys), key_array(index["key"])
     if len(keys) * 8 >= len(index_keys):
-        return _array(index["sha256"]).take(pc.index_in(keys, value_set=index_keys))
+        return key_array(index["sha256"]).take(pc.index_in(keys, value_set=index_keys))
     # a small batch against a big index (Parquet archives, per read batch): hash the batch, not the index
     at = pc.index_in(index_keys, value_set=keys)
     found = pc.is_valid(at)
@@ -216,11 +216,12 @@ def superseded(index: pa.Table, run: str) -> pa.Array:
     """Keys scored by ``run`` that also have rows of earlier runs (their input changed since)."""
     mine = pc.equal(index["run"], run)
     new = pc.filter(index["key"], mine)
-    return pc.filter(new, pc.is_in(new, value_set=_array(pc.filter(index["key"], pc.invert(mine)))))
+    return pc.filter(new, pc.is_in(new, value_set=key_array(pc.filter(index["key"], pc.invert(mine)))))
 
 
-def _array(values) -> pa.Array:
-    """Keys as one Arrow string array (Arrow's set lookups take no chunked value sets)."""
+def key_array(values) -> pa.Array:
+    """Keys (a list, an Arrow array or chunked array) as one Arrow string array (Arrow's set
+    lookups take no chunked value sets)."""
     if isinstance(values, pa.ChunkedArray):
         return values.combine_chunks() if values.num_chunks else pa.array([], values.type)
     return values if isinstance(values, pa.Array) else pa.array(list(values), pa.string())
@@ -230,7 +231,7 @@ def drop_superseded(out_dir: str | Path, keys: pa.Array, keep_run: str) -> int:
     """Remove rows of ``keys`` from part files of runs other than ``keep_run`` (their input changed
     and was re-scored, or is gone); each affected file is rewritten atomically. Returns rows dropped."""
     dropped = 0
-    keys = _array(keys)
+    keys = key_array(keys)
     for f in sorted(Path(out_dir).glob("part-*.parquet")) if len(keys) else []:
         if keep_run and f.name.startswith(f"part-{keep_run}-"):
             continue

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from cxrscreen.io.sources import InputItem, archive_kind, list_inputs, parquet_files
 from cxrscreen.cluster import init_ray
 from cxrscreen.pipeline.config import ScoreConfig
-from cxrscreen.pipeline.output import (OutputLock, PartWriter, drop_superseded, expected_sha, new_run_id,
+from cxrscreen.pipeline.output import (OutputLock, PartWriter, drop_superseded, expected_sha, key_array, new_run_id,
                                        output_index, superseded, write_rows)
 from cxrscreen.io.batch import decode_batch, decode_items
 from cxrscreen.pipeline.stages import Classifier, SegmentClassify, Segmenter
@@ -210,7 +210,7 @@ def dry_run(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: ScoreCo
     formats = Counter(("parquet" if kind == "parquet" else Path(it.key).suffix.lower().lstrip(".") or "dicom")
                       for it in items)
     index = output_index(out_dir, clean=False)  # no lock held: a running score's temp files stay
-    have = pc.sum(pc.is_in(pa.array([it.key for it in items], pa.string()), value_set=index["key"].combine_chunks()))
+    have = pc.sum(pc.is_in(key_array([it.key for it in items]), value_set=key_array(index["key"])))
     have = have.as_py() or 0
     return {"archive": str(archive), "kind": kind, "inputs": len(items), "by_format": dict(formats.most_common()),
             "with_rows_in_out": have, "new": len(items) - have, "rows_in_out": index.num_rows}
@@ -372,7 +372,6 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     # the driver (measured faster there); on a cluster write tasks on the workers, so that the
     # head does not convert and write every row; the driver then only receives each file's counts
     run = new_run_id()
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
     # workers write only where every node with CPUs sees OUT (a shared filesystem), else the driver
     nodes = _cpu_nodes(ray)
     on_workers = (cfg.writers == "workers" or (cfg.writers == "auto" and len(nodes) > 1)) and \
@@ -388,25 +387,27 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     try:
         with _interruptible():  # after Ray's start-up, which sets a SIGTERM handler of its own
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-                batch = writer.add(batch) if writer is not None else batch
-                for n, counts in zip(batch["rows"], batch["counts"]):
+                # rows from the models (the driver writes them), or one row of counts per part file
+                written = [(len(batch["key"]), writer.add(batch))] if writer is not None else \
+                    [(int(n), json.loads(c)) for n, c in zip(batch["rows"], batch["counts"])]
+                for n, counts in written:
                     if not summary.first_row_s:
-                        summary.first_row_s, summary.first_rows = time.perf_counter() - t0, int(n)
-                    summary.add(json.loads(counts))
-                    bar.update(int(n))
+                        summary.first_row_s, summary.first_rows = time.perf_counter() - t0, n
+                    summary.add(counts)
+                    bar.update(n)
     except KeyboardInterrupt as e:
         stopped = str(e) or "SIGINT"
     bar.close()
     if writer is not None:  # also when stopped: what is finished is kept
         writer.flush()
     index = output_index(out_dir)
-    drop_superseded(out_dir, superseded(index, run), run)  # also when stopped: what is written is kept
+    if drop_superseded(out_dir, superseded(index, run), run):  # also when stopped: what is written is kept
+        index = output_index(out_dir)
     if stopped:
         raise Interrupted(f"stopped by {stopped}: {summary.scored} rows finished in this run were written to "
                           f"{out_dir}; run the same command again to score the rest")
     summary.skipped = n_inputs - summary.scored
     summary.seconds = time.perf_counter() - t0
-    index = output_index(out_dir)
     summary.missing, stale = _missing_and_stale(input_keys, index["key"])
     if len(stale) and cfg.prune:
         summary.pruned = drop_superseded(out_dir, stale, keep_run="")
@@ -417,12 +418,10 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     return summary
 
 
-def _missing_and_stale(input_keys, have: pa.ChunkedArray) -> tuple[list[str], pa.Array]:
+def _missing_and_stale(input_keys, have) -> tuple[list[str], pa.Array]:
     """Input keys without a row in OUT, and OUT's keys of inputs no longer in the archive
     (compared as Arrow arrays: no Python set of a million keys)."""
-    listed = pc.unique(pa.chunked_array([pa.array(input_keys, pa.string())]) if isinstance(input_keys, list)
-                       else input_keys)
-    have = have.combine_chunks() if have.num_chunks else pa.array([], pa.string())
+    listed, have = pc.unique(key_array(input_keys)), key_array(have)
     missing = pc.filter(listed, pc.invert(pc.is_in(listed, value_set=have))).to_pylist()
     return sorted(missing), pc.unique(pc.filter(have, pc.invert(pc.is_in(have, value_set=listed))))
 
