@@ -57,7 +57,7 @@ class ModelRunner:
         if task == "classify":
             wrapped = with_embedding(module, self.info.in_channels, self.info.input_size)
             if wrapped is not None:
-                module, self.embedding_size = wrapped, wrapped.head.in_features
+                module, self.embedding_size = wrapped, wrapped.embedding_size
             ood = self.loaded.ood
             if ood is not None and ood.means.shape[1] != self.embedding_size:
                 raise ValueError(f"{spec}: ood.safetensors has embedding size {ood.means.shape[1]}, the model "

@@ -116,6 +116,36 @@ def test_ray_score_on_2_cpus_accounts_for_every_input(mixed_archive, ray_2cpu, t
     assert pl.read_parquet(tmp_path / "*.parquet").height == 35
 
 
+@pytest.mark.timeout(300)
+def test_a_list_file_streams_through_read_tasks_and_resumes(mixed_archive, ray_2cpu, tmp_path, monkeypatch):
+    """A list archive is listed by Ray's read tasks in byte ranges, not on the driver; every line
+    still gets exactly one row, a second run skips them, and a changed list is accounted for."""
+    import cxrscreen.pipeline.score as score_module
+
+    from cxrscreen.io.sources import safe_text
+
+    archive, bad = mixed_archive
+    paths = [os.fsencode(it.path) for it in list_inputs(archive)] + [b"not/there.png"]  # one name is not UTF-8
+    lines = [safe_text(os.fsdecode(p)) for p in paths]  # the keys
+    listing = tmp_path / "inputs.txt"
+    listing.write_bytes(b"# archive\n" + b"\n".join(paths) + b"\n")
+    monkeypatch.setattr(score_module, "pending_items", None)  # the driver must not list it
+    out = tmp_path / "out"
+    first = score_archive(listing, out, ScoreConfig(**FAST), progress=False)
+    assert first.inputs == len(lines) == 36 and first.missing == [] and first.skipped == 0
+    df = pl.read_parquet(out / "*.parquet")
+    assert sorted(df["key"]) == sorted(lines) and any("caf\\xe9.png" in k for k in df["key"])
+    errors = dict(df.filter(pl.col("status") == "error").select("key", "error_type").iter_rows())
+    assert errors == {**{safe_text(str(archive / k)): v for k, v in bad.items()}, "not/there.png": errors["not/there.png"]}
+    again = score_archive(listing, out, ScoreConfig(**FAST), progress=False)
+    assert again.inputs == 36 and again.skipped == 36 and again.scored == 0 and again.missing == []
+    listing.write_bytes(b"\n".join(paths[1:] + paths[:1]) + b"\n")  # same inputs, new order
+    assert score_archive(listing, out, ScoreConfig(**FAST), progress=False).skipped == 36
+    listing.write_bytes(b"\n".join(paths[1:]) + b"\n")  # one line gone: its row is stale, reported, kept
+    fewer = score_archive(listing, out, ScoreConfig(**FAST), progress=False)
+    assert fewer.inputs == 35 and fewer.stale == 1 and fewer.rows == 36
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_parquet_archive_and_phi_on_request(mixed_archive, ray_2cpu, tmp_path):
@@ -610,12 +640,19 @@ cluster.wait_for_nodes()
 ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
 cfg = ScoreConfig(classifier="mobilenet_v3_small", allow_untrained=True, batch_size=4, address=cluster.address)
 got = {}
+listing = arch.parent / "inputs.txt"
+listing.write_text("".join(f"arch/{i:03d}.png\\n" for i in range(40)))
+listed = []
+pending_items = score.pending_items
+score.pending_items = lambda *a: listed.append(1) or pending_items(*a)
 for name in ("shared", "local"):
-    if name == "local":
-        score._sees_token = lambda path: False  # as if the worker node wrote to a disk of its own
-    s = score_archive(arch, out / name, cfg, progress=False)
+    if name == "local":  # as if the worker node had a disk of its own
+        score._sees_token = lambda path: False
+        score._sees_list = lambda path, size: False
+    s = score_archive(listing, out / name, cfg, progress=False)
     suffixes = {len(p.name.rsplit("-", 1)[1]) for p in (out / name).glob("part-*.parquet")}
-    got[name] = {"ok": s.ok, "rows": s.rows, "missing": len(s.missing), "suffixes": sorted(suffixes)}
+    got[name] = {"ok": s.ok, "rows": s.rows, "missing": len(s.missing), "suffixes": sorted(suffixes),
+                 "driver_listed": len(listed)}
 print(json.dumps(got))
 ray.shutdown()
 cluster.shutdown()
@@ -625,9 +662,10 @@ cluster.shutdown()
 @pytest.mark.slow
 @pytest.mark.timeout(330)
 def test_workers_write_on_a_shared_disk_and_the_driver_otherwise(tmp_path):
-    """Issue 18.4: on a cluster of two nodes (127.0.0.1) whose nodes all see OUT (a token file
-    read back on each node), write tasks write the part files (named by their rows' keys); when
-    a node does not see OUT, the driver writes them (numbered). One row per input either way."""
+    """Issue 18.4/18.5: on a cluster of two nodes (127.0.0.1) whose nodes all see OUT (a token
+    file read back on each node), write tasks write the part files (named by their rows' keys);
+    when a node does not see OUT, the driver writes them (numbered). Likewise a list archive is
+    listed by read tasks where every node sees it, else by the driver. One row per input."""
     import json
 
     (tmp_path / "arch").mkdir()
@@ -637,8 +675,9 @@ def test_workers_write_on_a_shared_disk_and_the_driver_otherwise(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     hashed, numbered = len("0123456789abcdef.parquet"), len("00000.parquet")
-    assert got == {"shared": {"ok": 40, "rows": 40, "missing": 0, "suffixes": [hashed]},
-                   "local": {"ok": 40, "rows": 40, "missing": 0, "suffixes": [numbered]}}
+    # the list file: read tasks list it where every node sees it, else the driver (once)
+    assert got == {"shared": {"ok": 40, "rows": 40, "missing": 0, "suffixes": [hashed], "driver_listed": 0},
+                   "local": {"ok": 40, "rows": 40, "missing": 0, "suffixes": [numbered], "driver_listed": 1}}
     assert not list((tmp_path / "out").glob("*/.probe-*"))
 
 

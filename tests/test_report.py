@@ -9,6 +9,7 @@ import pytest
 from cxrscreen.data.synth import write_archive
 from cxrscreen.evaluate.run import evaluate_model
 from cxrscreen.evaluate.source_shift import leave_one_source_out
+from cxrscreen.models.checkpoint import read_info
 from cxrscreen.io import list_inputs
 from cxrscreen.io.batch import decode_items
 from cxrscreen.pipeline.config import ClassifierOptions, RuntimeOptions, SegmenterOptions
@@ -92,6 +93,13 @@ def test_leave_one_source_out(two_site_manifest, tmp_path, ray_2cpu):
     assert row["train_images"] == len(manifest.filter((pl.col("source") == "site_b") & (pl.col("split") == "train")))
     assert 0 <= row["held_out_accuracy"] <= 1 and row["in_source_test_n"] > 0
     assert pl.read_parquet(tmp_path / "loso.parquet").equals(df)
+    # the same fold audited as an ensemble of earlier loso folds' models (here the one fold, twice)
+    ens = leave_one_source_out(_cfg(path, tmp_path / "ens", epochs=4), tmp_path / "ens", sources=["site_a"],
+                               progress=lambda *_: None, ood_refer_rates=(0.05,), members=[tmp_path, tmp_path])
+    e = ens.row(0, named=True)
+    assert e["model"] == "ensemble" and read_info(tmp_path / "ens" / "without-site_a").name == "ensemble"
+    assert e["held_out_accuracy"] == row["held_out_accuracy"]  # identical members: the same predictions
+    assert e["held_out_n"] == row["held_out_n"] and 0 <= e["ood_auroc_combined"] <= 1
 
 
 def test_report_compares_models_with_every_figure(trained, two_site_manifest, tmp_path):

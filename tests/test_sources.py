@@ -1,3 +1,6 @@
+import os
+
+import numpy as np
 import polars as pl
 
 from cxrscreen.data.synth import encode_dicom, encode_png, make_phantom
@@ -41,6 +44,31 @@ def test_list_files(tmp_path):
     (tmp_path / "list.csv").write_text("path,label\nCOVID/a.png,covid\nNormal/b.png,normal\n")
     assert [(it.key, it.label) for it in list_inputs(tmp_path / "list.csv")] == [
         ("COVID/a.png", "covid"), ("Normal/b.png", "normal")]
+
+
+def test_list_file_ranges_yield_every_input_exactly_once(tmp_path):
+    from cxrscreen.io.sources import list_file_items, list_file_ranges
+
+    rng = np.random.default_rng(0)
+    txt = tmp_path / "list.txt"
+    txt.write_bytes("".join(rng.choice(["# note\n", "\n", "  \n"]) if i % 7 == 3 else f"d{i % 5}/ö{i:0{i % 9 + 1}d}.png\r\n"
+                            for i in range(300)).encode() + b"caf\xe9.png\n")  # a Latin-1 name
+    csv_list = tmp_path / "list.csv"
+    csv_list.write_text("label,path\n" + "".join(f'normal,"a,{i}.png"\n' for i in range(200)))
+    for path in (txt, csv_list):
+        whole = [(it.key, it.path, it.label) for it in list_inputs(path)]
+        assert len(whole) in (258, 200) and whole == [(it.key, it.path, it.label) for it in list_file_items(path)]
+        size = path.stat().st_size
+        for cuts in ([0, size], *(sorted({0, size, *rng.integers(0, size, k).tolist()}) for k in (1, 5, 40, 300))):
+            pieces = [(it.key, it.path, it.label) for a, b in zip(cuts, cuts[1:]) for it in list_file_items(path, a, b)]
+            assert pieces == whole  # any tiling, even mid-line or mid-character cuts, gives each line once
+        ranges = list_file_ranges(path, min_lines=16)
+        assert ranges[0][0] == 0 and ranges[-1][1] == size and all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:]))
+        assert 8 <= len(ranges) <= 40  # about 16 lines each
+        assert [(it.key, it.path, it.label) for a, b in ranges for it in list_file_items(path, a, b)] == whole
+    assert len(list_file_ranges(txt, min_lines=1, max_ranges=3)) == 3
+    latin = list(list_inputs(txt))[-1]  # kept as a path, escaped in the key
+    assert latin.key == "caf\\xe9.png" and os.fsencode(latin.path).endswith(b"caf\xe9.png")
 
 
 def test_parquet_rows(phantom_archive):

@@ -85,8 +85,15 @@ def test_embedding_split_matches_the_model():
     x = torch.randn(3, 1, 64, 64)
     out = wrapped(x)
     assert out.shape == (3, 4 + 16) and torch.allclose(out[:, :4], model(x), atol=1e-5)
-    ens = build_model("ensemble", 4, 1, member="cxrnet", n=2, member_kwargs={"widths": [8]})
-    assert with_embedding(ens, 1, 64) is None  # its output averages two heads: no single embedding
+    ens = build_model("ensemble", 4, 1, member="cxrnet", n=2, member_kwargs={"widths": [8]}).eval()
+    both = with_embedding(ens, 1, 64)  # the mean log-probability, then each member's embedding
+    out = both(x)
+    assert out.shape == (3, 4 + 2 * 8) and both.embedding_size == 16
+    assert torch.allclose(out[:, :4], ens(x), atol=1e-5)
+    for i, member in enumerate(ens.members):
+        assert torch.allclose(out[:, 4 + 8 * i:12 + 8 * i], with_embedding(member, 1, 64)(x)[:, 4:], atol=1e-5)
+    relu_last = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64 * 64, 4), torch.nn.ReLU())
+    assert with_embedding(relu_last, 1, 64) is None  # its last linear layer is not its last operation
 
 
 def test_mahalanobis_reference_scores_far_points_higher(tmp_path):

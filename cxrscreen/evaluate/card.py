@@ -37,10 +37,11 @@ def _ensemble_lines(card: dict) -> list[str]:
     if not members:
         return []
     k = card["kwargs"]
-    each = "; ".join(f"seed {m['seed']}: best epoch {m['best_epoch']} of {m['epochs_run']}, val accuracy "
+    each = "; ".join(f"seed {m['seed']}, best epoch {m['best_epoch']} of {m['epochs_run']}, val accuracy "
                      f"{_pct(m['val']['accuracy'])}" for m in members)
-    return [f"- **Ensemble**: {k['n']} {k['member']} members trained alike with different seeds, combined "
-            f"by `cxrscreen ensemble` (mean log-probability; calibrated on val as one model). {each}."]
+    return [f"- **Ensemble**: {k['n']} {k['member']} members combined by `cxrscreen ensemble` (mean "
+            f"log-probability, calibrated on val as one model; `ood_score` on the members' embeddings side by "
+            f"side). {each}."]
 
 
 def _adaptation_lines(metrics: dict) -> list[str]:
@@ -177,7 +178,9 @@ def render_model_card(classifier_dir: str | Path, segmenter_dirs: list[str | Pat
         "no patient in two splits (checked before training and evaluation); near-duplicate train/test "
         f"image pairs (thumbnail cosine >= 0.99): {ev.get('near_duplicates_train_test', 'not checked')}.",
         *_ensemble_lines(card),
-        f"- **Training**{' (each member)' if m.get('members') else ''}: {cfg['epochs']} epochs max, batch "
+        f"- **Training**{' (each member)' if m.get('members') else ''}: "
+        + (" / ".join(str(x["epochs_run"]) for x in m["members"]) + " epochs run (the members in turn)"
+           if m.get("members") else f"{cfg['epochs']} epochs max") + f", batch "
         f"{cfg['batch_size']}, {cfg['optimizer']} lr {cfg['lr']}, weight decay {cfg['weight_decay']}, scheduler "
         f"{cfg.get('scheduler', 'none')}, {cfg.get('precision', 'fp32')}, weight moving average "
         f"{cfg.get('ema_decay') or 'off'}, class-balanced loss, augmentation {cfg['augment']}; input "

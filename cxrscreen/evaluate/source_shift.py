@@ -104,12 +104,16 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
 
 def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[str] | None = None,
                          progress=print, reuse: bool = False,
-                         ood_refer_rates: tuple[float, ...] = (OOD_REFER_RATE,)) -> pl.DataFrame:
+                         ood_refer_rates: tuple[float, ...] = (OOD_REFER_RATE,),
+                         members: list[str | Path] | None = None) -> pl.DataFrame:
     """For each source: train ``cfg`` without it (patient-level train/val of the others), then
     audit the fold model on every image of the held-out source (``fold_audit``; classes the
     fold never saw are left out of accuracy and counted; with ``reuse``, a fold already trained
-    in ``out_dir`` is audited again without training). Written to ``out_dir/loso.parquet``;
-    ``worst_fold_score`` in the log is the number recipes are selected by."""
+    in ``out_dir`` is audited again without training; with ``members``, earlier loso folders,
+    the fold model is the ensemble of their fold models for that source, ``cfg`` giving the
+    splits). Written to ``out_dir/loso.parquet``; ``worst_fold_score`` in the log is the number
+    recipes are selected by."""
+    from cxrscreen.models.ensemble import combine_checkpoints
     from cxrscreen.train.data import labeled_splits
     from cxrscreen.train.trainer import train
 
@@ -123,9 +127,12 @@ def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[st
         fold_classes = sorted(set(fold_df.filter(pl.col("split") == "train")["target"]))  # classes it learns
         progress(f"leave out {source}: train on {len(fold_df)} images of {sorted(fold_df['source'].unique())}")
         done = Path(fold_cfg.out) / "model.json"
-        model_dir = Path(fold_cfg.out) if reuse and done.exists() else train(fold_cfg, progress=progress)
+        if members:
+            model_dir = combine_checkpoints([Path(m) / f"without-{source}" for m in members], fold_cfg.out)
+        else:
+            model_dir = Path(fold_cfg.out) if reuse and done.exists() else train(fold_cfg, progress=progress)
         held = everything.filter(pl.col("source") == source)
-        base = {"held_out": source, "model": cfg.model, "lung_crop": cfg.lung_crop or "",
+        base = {"held_out": source, "model": "ensemble" if members else cfg.model, "lung_crop": cfg.lung_crop or "",
                 "intensity": cfg.intensity, "balance": cfg.balance,
                 "train_images": len(fold_df.filter(pl.col("split") == "train")),
                 "held_out_unseen_class_images": int((~held["target"].is_in(fold_classes)).sum())}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,28 +116,56 @@ def list_inputs(archive: str | os.PathLike, labels_from_folders: bool = False,
     elif kind == "file":
         yield InputItem(key=safe_text(root.name), path=str(root))
     elif kind == "list":
-        yield from _list_file(root)
+        yield from list_file_items(root)
     else:
         yield from _parquet_rows(root, image_column, key_column)
 
 
-def _list_file(path: Path) -> Iterator[InputItem]:
+def list_file_items(path: Path, start: int = 0, end: int | None = None) -> Iterator[InputItem]:
+    """The inputs of a list file whose lines begin in bytes ``[start, end)`` (default: all):
+    ranges that tile the file (``list_file_ranges``) yield every input exactly once, so tasks
+    can read one list in parallel without the driver reading it. Lines are UTF-8; other bytes
+    (paths from other systems) are kept in the path and escaped in the key, as ``safe_text``
+    does for folder trees."""
     base = str(path.parent)  # os.path.join: a million paths in a fraction of pathlib's time
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if "path" not in (reader.fieldnames or []):
+    with open(path, "rb") as f:
+        fields = None
+        if path.suffix.lower() == ".csv":
+            fields = next(csv.reader([f.readline().decode()]), [])
+            if "path" not in fields:
                 raise ValueError(f"{path}: a CSV list needs a 'path' column")
-            for row in reader:
-                p = row["path"].strip()
+            start = max(start, f.tell())
+        if start > 0:
+            f.seek(start - 1)
+            f.readline()  # the rest of a line that began before start belongs to the range before
+        lines = (line.decode("utf-8", "surrogateescape") for line in itertools.takewhile(
+            lambda line: end is None or f.tell() - len(line) < end, iter(f.readline, b"")))
+        if fields is not None:
+            for row in csv.DictReader(lines, fieldnames=fields):
+                p = (row.get("path") or "").strip()
                 if p:
-                    yield InputItem(key=p, path=os.path.join(base, p), label=(row.get("label") or None))
-        return
-    with open(path) as f:
-        for line in f:
+                    yield InputItem(key=safe_text(p), path=os.path.join(base, p), label=(row.get("label") or None))
+            return
+        for line in lines:
             p = line.strip()
             if p and not p.startswith("#"):
-                yield InputItem(key=p, path=os.path.join(base, p))
+                yield InputItem(key=safe_text(p), path=os.path.join(base, p))
+
+
+def list_file_ranges(path: Path, min_lines: int = 64, max_ranges: int = 200) -> list[tuple[int, int]]:
+    """Byte ranges that tile a list file, about ``max(min_lines, lines / max_ranges)`` lines each
+    (``estimated_lines``); only the file's size and head are read."""
+    size = path.stat().st_size
+    step = max(int(min_lines * size / max(estimated_lines(path), 1)), -(-size // max_ranges), 1)
+    return [(a, min(a + step, size)) for a in range(0, size, step)]
+
+
+def estimated_lines(path: Path) -> int:
+    """The number of lines of a list file, estimated from its size and first 64 KiB."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(65_536)
+    return round(size * max(head.count(b"\n"), 1) / max(len(head), 1))
 
 
 def parquet_files(path: Path) -> list[Path]:

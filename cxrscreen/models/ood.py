@@ -1,8 +1,9 @@
 """What a classifier does not know: its penultimate embedding and a Mahalanobis reference.
 
 ``with_embedding`` turns a classifier into one whose output is ``[logits | embedding]`` (the
-input of its last linear layer), so every runtime (torch, onnxruntime, TensorRT) yields both
-in one forward pass. ``OODReference`` holds class-conditional Gaussians with one shared
+input of its last linear layer; for an ensemble its mean log-probability and the members'
+embeddings side by side), so every runtime (torch, onnxruntime, TensorRT) yields both in one
+forward pass. ``OODReference`` holds class-conditional Gaussians with one shared
 covariance (Lee et al. 2018) fitted on the training split, on the embedding and on the image's
 appearance; an image's ``ood_score`` is the geometric mean of its two Mahalanobis distances to
 the nearest class mean, each divided by its median on the validation split. It is stored
@@ -31,10 +32,28 @@ class WithEmbedding(nn.Module):
     def __init__(self, body: nn.Module, head: nn.Linear):
         super().__init__()
         self.body, self.head = body, head
+        self.num_classes, self.embedding_size = head.out_features, head.in_features
 
     def forward(self, x):
         e = self.body(x).flatten(1)
         return torch.cat([self.head(e), e], 1)
+
+
+class EnsembleWithEmbedding(nn.Module):
+    """An ensemble (``cxrscreen.models.ensemble``) split like ``WithEmbedding``: forward returns
+    ``[mean of the members' log-probabilities | every member's embedding, side by side]``."""
+
+    def __init__(self, members: list[WithEmbedding]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.num_classes = members[0].num_classes
+        self.embedding_size = sum(m.embedding_size for m in members)
+
+    def forward(self, x):
+        outs = [m(x) for m in self.members]
+        c = self.num_classes
+        logp = torch.stack([o[:, :c].log_softmax(1) for o in outs]).mean(0)
+        return torch.cat([logp, *[o[:, c:] for o in outs]], 1)
 
 
 def _set_child(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -48,21 +67,32 @@ def _set_child(root: nn.Module, path: str, new: nn.Module) -> None:
         setattr(parent, last, new)
 
 
-def with_embedding(module: nn.Module, in_channels: int, size: int) -> WithEmbedding | None:
-    """``module`` split at its last ``nn.Linear`` (a copy; ``module`` is left alone), or None
-    where that layer is not the model's final operation (checked on a random input: e.g. an
-    ensemble, whose output averages several heads)."""
+def _split_at_last_linear(module: nn.Module) -> WithEmbedding | None:
     linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         return None
     name, head = linears[-1]
     body = copy.deepcopy(module).eval()
     _set_child(body, name, nn.Identity())
-    wrapped = WithEmbedding(body, copy.deepcopy(head)).eval()
+    return WithEmbedding(body, copy.deepcopy(head)).eval()
+
+
+def with_embedding(module: nn.Module, in_channels: int, size: int) -> WithEmbedding | EnsembleWithEmbedding | None:
+    """``module`` split at its last ``nn.Linear`` (an ensemble: each member at its own; a copy,
+    ``module`` is left alone), or None where that layer is not the model's final operation
+    (checked on a random input: the split must reproduce the model's output)."""
+    members = getattr(module, "members", None)
+    if isinstance(members, nn.ModuleList):
+        split = [_split_at_last_linear(m) for m in members]
+        wrapped = EnsembleWithEmbedding(split).eval() if split and None not in split else None
+    else:
+        wrapped = _split_at_last_linear(module)
+    if wrapped is None:
+        return None
     x = torch.randn(2, in_channels, size, size, generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
-            same = torch.allclose(wrapped(x)[:, :head.out_features], module.eval()(x), atol=1e-4, rtol=1e-4)
+            same = torch.allclose(wrapped(x)[:, :wrapped.num_classes], module.eval()(x), atol=1e-4, rtol=1e-4)
     except RuntimeError:
         return None
     return wrapped if same else None

@@ -17,9 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cxrscreen.io.sources import InputItem, archive_kind, list_inputs, parquet_files
+from cxrscreen.io.sources import InputItem, archive_kind, estimated_lines, parquet_files
 from cxrscreen.cluster import init_ray
 from cxrscreen.pipeline.config import ScoreConfig
+from cxrscreen.pipeline.listing import (input_key_chunks, list_file_datasource, parquet_keys, pending_items,
+                                        with_expected_sha)
 from cxrscreen.pipeline.output import (OutputLock, PartWriter, drop_superseded, expected_sha, key_array, new_run_id,
                                        output_index, superseded, write_rows)
 from cxrscreen.io.batch import decode_batch, decode_items
@@ -205,63 +207,42 @@ def dry_run(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: ScoreCo
     many already have a row in ``out_dir`` (skipped if their content is unchanged, re-scored
     otherwise), and how many would be scored for the first time (``cfg.limit`` applied)."""
     kind = archive_kind(archive)
-    items = list(list_inputs(archive, image_column=cfg.image_column, key_column=cfg.key_column))
-    items = items[:cfg.limit] if cfg.limit else items
-    formats = Counter(("parquet" if kind == "parquet" else Path(it.key).suffix.lower().lstrip(".") or "dicom")
-                      for it in items)
     index = output_index(out_dir, clean=False)  # no lock held: a running score's temp files stay
-    have = pc.sum(pc.is_in(key_array([it.key for it in items]), value_set=key_array(index["key"])))
-    have = have.as_py() or 0
-    return {"archive": str(archive), "kind": kind, "inputs": len(items), "by_format": dict(formats.most_common()),
-            "with_rows_in_out": have, "new": len(items) - have, "rows_in_out": index.num_rows}
+    have_keys, formats, n, have = key_array(index["key"]), Counter(), 0, 0
+    for keys in input_key_chunks(archive, kind, cfg.limit, cfg.key_column, cfg.image_column):
+        n += len(keys)
+        formats.update(("parquet" if kind == "parquet" else Path(k).suffix.lower().lstrip(".") or "dicom")
+                       for k in keys.to_pylist())
+        have += pc.sum(pc.is_in(keys, value_set=have_keys)).as_py() or 0
+    return {"archive": str(archive), "kind": kind, "inputs": n, "by_format": dict(formats.most_common()),
+            "with_rows_in_out": have, "new": n - have, "rows_in_out": index.num_rows}
 
 
-ITEM_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.binary()), ("expected_sha", pa.string())])
+def _on_every_node(ray, nodes: list[str], check, *args) -> bool:
+    """Whether ``check(*args)`` holds on every node of ``nodes`` (a task pinned to each; nothing
+    to check when the only node is this process's own). False on a timeout."""
+    import ray.util.client
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-
-def _pending_items(archive, cfg: ScoreConfig, index: pa.Table, chunk: int = 65_536) -> pa.Table:
-    """The inputs of a folder or list archive as one Arrow table (key, path, the content hash of
-    its row in OUT or null), built in chunks: for a million paths about 6x less time and 4x less
-    driver memory than a list of dicts handed to Ray (benchmarks/README.md). Paths travel as bytes: a
-    non-UTF-8 name is a valid path but not valid Arrow text."""
-    parts, keys, paths = [], [], []
-
-    def flush():
-        k = pa.array(keys, pa.string())
-        parts.append(pa.record_batch([k, pa.array(paths, pa.binary()), expected_sha(k, index)], schema=ITEM_SCHEMA))
-        keys.clear()
-        paths.clear()
-
-    for i, it in enumerate(list_inputs(archive, image_column=cfg.image_column, key_column=cfg.key_column)):
-        if cfg.limit and i >= cfg.limit:
-            break
-        keys.append(it.key)
-        paths.append(os.fsencode(it.path))
-        if len(keys) == chunk:
-            flush()
-    if keys:
-        flush()
-    return pa.Table.from_batches(parts, schema=ITEM_SCHEMA)
+    if nodes == [ray.get_runtime_context().get_node_id()] and not ray.util.client.ray.is_connected():
+        return True
+    remote = ray.remote(num_cpus=0)(check)
+    try:
+        return all(ray.get([remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+                            .remote(*args) for n in nodes], timeout=120))
+    except ray.exceptions.GetTimeoutError:
+        return False
 
 
 def _workers_see(ray, out_dir: Path, nodes: list[str]) -> bool:
-    """Whether every node that may run a write task sees ``out_dir`` as this process does: a
-    token file written here is read back by a task pinned to each node (nothing to check when the
-    only such node is this process's own). False on a timeout."""
+    """Whether every node that may run a write task sees ``out_dir`` as this process does (a
+    token file written here is read back on each node)."""
     import uuid
 
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    if nodes == [ray.get_runtime_context().get_node_id()]:
-        return True
     token = out_dir / f".probe-{uuid.uuid4().hex}"
     token.write_text(token.name)
-    sees = ray.remote(num_cpus=0)(_sees_token)
     try:
-        return all(ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
-                            .remote(str(token)) for n in nodes], timeout=120))
-    except ray.exceptions.GetTimeoutError:
-        return False
+        return _on_every_node(ray, nodes, _sees_token, str(token))
     finally:
         token.unlink()
 
@@ -273,6 +254,10 @@ def _cpu_nodes(ray) -> list[str]:
 def _sees_token(path: str) -> bool:
     p = Path(path)
     return p.is_file() and p.read_text() == p.name
+
+
+def _sees_list(path: str, size: int) -> bool:
+    return os.path.isfile(path) and os.path.getsize(path) == size
 
 
 class Interrupted(RuntimeError):
@@ -319,13 +304,14 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     res = ray.cluster_resources()
     plan = plan_resources(cfg, res.get("CPU", 1), res.get("GPU", 0))
     index = output_index(out_dir)
+    nodes = _cpu_nodes(ray)
     decode_kwargs = dict(work_size=cfg.work_size, **cfg.decode_options())
     if kind == "parquet":
         if res.get("CPU", 1) < 2:
             raise ClusterTooSmall("a Parquet archive needs a Ray cluster with at least 2 CPUs: Ray Data's Parquet "
                                "reader takes a whole CPU beside the model actors (on 1 CPU it would wait forever)")
         files = [str(f) for f in parquet_files(Path(archive))]
-        input_keys = _parquet_keys(files, cfg.key_column, cfg.image_column)[:cfg.limit or None]
+        input_keys = parquet_keys(files, cfg.key_column, cfg.image_column)[:cfg.limit or None]
         n_inputs = len(input_keys)
         n_pending = n_inputs - (pc.sum(pc.is_valid(expected_sha(input_keys, index))).as_py() or 0)
         ds = ray.data.read_parquet(files, columns=[cfg.key_column, cfg.image_column], num_cpus=plan.decode_cpus)
@@ -336,8 +322,20 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
                                                               key_column=cfg.key_column,
                                                               index=index.select(["key", "sha256"])),
                             batch_format="numpy", batch_size=256, num_cpus=plan.decode_cpus)
+    elif kind == "list" and not cfg.limit and \
+            _on_every_node(ray, nodes, _sees_list, str(Path(archive).resolve()), os.path.getsize(archive)):
+        # streamed: read tasks list it (every node sees the file), results start at once
+        source = list_file_datasource(Path(archive).resolve(), cfg.batch_size)
+        if not source.ranges:
+            return ScoreSummary(seconds=time.perf_counter() - t0, rows=index.num_rows)
+        input_keys, n_inputs = None, 0  # counted at the end
+        n_pending = estimated_lines(Path(archive))  # for the progress bar and the write batches
+        ds = ray.data.read_datasource(source, override_num_blocks=len(source.ranges), num_cpus=plan.decode_cpus)
+        if index.num_rows:
+            ds = ds.map_batches(with_expected_sha, fn_kwargs=dict(index=index.select(["key", "sha256"])),
+                                batch_format="pyarrow", batch_size=None, num_cpus=plan.decode_cpus)
     else:
-        items = _pending_items(archive, cfg, index)
+        items = pending_items(archive, index, cfg.limit)
         input_keys = items["key"]
         n_inputs = items.num_rows
         n_pending = items["expected_sha"].null_count
@@ -373,7 +371,6 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     # head does not convert and write every row; the driver then only receives each file's counts
     run = new_run_id()
     # workers write only where every node with CPUs sees OUT (a shared filesystem), else the driver
-    nodes = _cpu_nodes(ray)
     on_workers = (cfg.writers == "workers" or (cfg.writers == "auto" and len(nodes) > 1)) and \
         _workers_see(ray, out_dir, nodes)
     if on_workers:
@@ -406,9 +403,11 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     if stopped:
         raise Interrupted(f"stopped by {stopped}: {summary.scored} rows finished in this run were written to "
                           f"{out_dir}; run the same command again to score the rest")
-    summary.skipped = n_inputs - summary.scored
+    key_chunks = [input_keys] if input_keys is not None else \
+        input_key_chunks(archive, kind)  # a streamed list is read again, a chunk at a time
+    summary.missing, stale, summary.inputs = _missing_and_stale(key_chunks, index["key"])
+    summary.skipped = summary.inputs - summary.scored
     summary.seconds = time.perf_counter() - t0
-    summary.missing, stale = _missing_and_stale(input_keys, index["key"])
     if len(stale) and cfg.prune:
         summary.pruned = drop_superseded(out_dir, stale, keep_run="")
         index = output_index(out_dir)
@@ -418,27 +417,19 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     return summary
 
 
-def _missing_and_stale(input_keys, have) -> tuple[list[str], pa.Array]:
-    """Input keys without a row in OUT, and OUT's keys of inputs no longer in the archive
-    (compared as Arrow arrays: no Python set of a million keys)."""
-    listed, have = pc.unique(key_array(input_keys)), key_array(have)
-    missing = pc.filter(listed, pc.invert(pc.is_in(listed, value_set=have))).to_pylist()
-    return sorted(missing), pc.unique(pc.filter(have, pc.invert(pc.is_in(have, value_set=listed))))
-
-
-def _parquet_keys(files: list[str], key_column: str, image_column: str) -> list[str]:
-    """Keys of Parquet inputs; the key column must exist (row numbers are not stable keys)."""
-    import pyarrow.parquet as pq
-
-    keys = []
-    for f in files:
-        names = pq.ParquetFile(f).schema_arrow.names
-        for col in (key_column, image_column):
-            if col not in names:
-                raise ValueError(f"{f}: Parquet archives need columns {key_column!r} and {image_column!r} "
-                                 f"(has {names}); set key_column / image_column in the score config")
-        keys += [str(k) for k in pq.read_table(f, columns=[key_column])[key_column].to_pylist()]
-    return keys
+def _missing_and_stale(key_chunks: Iterable, have) -> tuple[list[str], pa.Array, int]:
+    """Input keys without a row in OUT, OUT's keys of inputs no longer in the archive, and the
+    number of inputs, from the input keys in chunks (compared as Arrow arrays: no Python set of
+    a million keys)."""
+    have = key_array(have)
+    listed = np.zeros(len(have), bool)
+    missing, n = set(), 0
+    for keys in key_chunks:
+        keys = key_array(keys)
+        n += len(keys)
+        missing.update(pc.filter(keys, pc.invert(pc.is_in(keys, value_set=have))).to_pylist())
+        listed |= pc.is_in(have, value_set=keys).to_numpy(zero_copy_only=False)
+    return sorted(missing), pc.unique(pc.filter(have, pa.array(~listed))), n
 
 
 def _parquet_to_items(batch: dict[str, np.ndarray], image_column: str, key_column: str, index: pa.Table) -> dict:
