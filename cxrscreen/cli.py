@@ -474,6 +474,8 @@ def loso(config_path, model, data, epochs, crop_segmenter, sources, reuse, ood_r
     from cxrscreen.train import TrainConfig
 
     rates = tuple(ood_refer_rates)
+    if reuse and members:
+        raise click.UsageError("--reuse and --ensemble-of: give one (an ensemble's folds are combined, never trained)")
     if not all(0 < r < 1 for r in rates):
         raise click.UsageError("--ood-refer-rate: each rate must be between 0 and 1")
     cfg = load_config(TrainConfig, config_path, model=model, data=data, epochs=epochs, lung_crop=crop_segmenter)

@@ -100,6 +100,11 @@ def test_leave_one_source_out(two_site_manifest, tmp_path, ray_2cpu):
     assert e["model"] == "ensemble" and read_info(tmp_path / "ens" / "without-site_a").name == "ensemble"
     assert e["held_out_accuracy"] == row["held_out_accuracy"]  # identical members: the same predictions
     assert e["held_out_n"] == row["held_out_n"] and 0 <= e["ood_auroc_combined"] <= 1
+    with pytest.raises(ValueError, match="split_seed"):  # members must share the audit's splits
+        leave_one_source_out(_cfg(path, tmp_path / "e2", epochs=4, split_seed=1), tmp_path / "e2",
+                             sources=["site_a"], progress=lambda *_: None, members=[tmp_path])
+    with pytest.raises(ValueError, match="elsewhere"):  # combining into a member's folder would overwrite it
+        leave_one_source_out(_cfg(path, tmp_path, epochs=4), tmp_path, sources=["site_a"], members=[tmp_path])
 
 
 def test_report_compares_models_with_every_figure(trained, two_site_manifest, tmp_path):

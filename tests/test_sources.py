@@ -2,6 +2,7 @@ import os
 
 import numpy as np
 import polars as pl
+import pytest
 
 from cxrscreen.data.synth import encode_dicom, encode_png, make_phantom
 from cxrscreen.io import list_inputs
@@ -67,6 +68,15 @@ def test_list_file_ranges_yield_every_input_exactly_once(tmp_path):
         assert 8 <= len(ranges) <= 40  # about 16 lines each
         assert [(it.key, it.path, it.label) for a, b in ranges for it in list_file_items(path, a, b)] == whole
     assert len(list_file_ranges(txt, min_lines=1, max_ranges=3)) == 3
+    cr = tmp_path / "cr.txt"
+    cr.write_bytes(b"a.png\rb.png\r\n# c.png\rd.png")  # old Mac line ends, mixed
+    assert [it.key for it in list_inputs(cr)] == ["a.png", "b.png", "d.png"]
+    no_path = tmp_path / "bad.csv"
+    no_path.write_text("file,label\na.png,normal\n")
+    from cxrscreen.pipeline.listing import list_file_datasource
+
+    with pytest.raises(ValueError, match="'path' column"):  # on the driver, before any read task
+        list_file_datasource(no_path)
     latin = list(list_inputs(txt))[-1]  # kept as a path, escaped in the key
     assert latin.key == "caf\\xe9.png" and os.fsencode(latin.path).endswith(b"caf\xe9.png")
 

@@ -138,7 +138,7 @@ def _model_section(page: _Page, model_dir: Path, res: dict, segmenter: str | Non
     kmeans = {}
     km_out = classify_images(cls.runner, km_images[km_ok])  # penultimate embeddings (cxrscreen.models.ood)
     spaces = [("pixels", pixel_features(km_images[km_ok]))]
-    if km_out.embeddings is not None:  # an ensemble has no single embedding
+    if km_out.embeddings is not None:  # None: a model whose last linear layer is not its output
         spaces.append(("embeddings", km_out.embeddings))
     for name, feats in spaces:
         km = kmeans_crosstab(feats, labels, seed=seed)

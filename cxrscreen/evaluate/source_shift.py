@@ -53,7 +53,8 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
 
     tr, va = parts["train"], parts["val"]
     if tr[1].embeddings is None:
-        raise ValueError(f"{runner.info.name}: no penultimate embedding (e.g. an ensemble): the audit needs one")
+        raise ValueError(f"{runner.info.name}: no penultimate embedding (its last linear layer is not its last "
+                         "operation): the audit needs one")
     ref = OODReference.fit(tr[1].embeddings, y_of(tr[0]), tr[1].appearance)
     ref.set_scale(va[1].embeddings, va[1].appearance)
     temp = fit_temperature(va[1].logits, y_of(va[0]))
@@ -118,6 +119,8 @@ def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[st
     from cxrscreen.train.trainer import train
 
     out = Path(out_dir)
+    if members and out.resolve() in {Path(m).resolve() for m in members}:
+        raise ValueError(f"{out}: write the ensemble's folds elsewhere than its members' loso folders")
     everything, _ = labeled_splits(dataclasses.replace(cfg, sources=None, exclude_sources=None))
     sources = sources or sorted(everything["source"].drop_nulls().unique().to_list())
     rows = []
@@ -128,7 +131,9 @@ def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[st
         progress(f"leave out {source}: train on {len(fold_df)} images of {sorted(fold_df['source'].unique())}")
         done = Path(fold_cfg.out) / "model.json"
         if members:
-            model_dir = combine_checkpoints([Path(m) / f"without-{source}" for m in members], fold_cfg.out)
+            folds = [Path(m) / f"without-{source}" for m in members]
+            _check_same_splits(fold_cfg, folds)
+            model_dir = combine_checkpoints(folds, fold_cfg.out)
         else:
             model_dir = Path(fold_cfg.out) if reuse and done.exists() else train(fold_cfg, progress=progress)
         held = everything.filter(pl.col("source") == source)
@@ -149,6 +154,24 @@ def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[st
     for (rate,), part in df.group_by(["ood_refer_rate"], maintain_order=True):
         progress(f"OOD rate {rate}: worst fold score {part['fold_score'].min():.3f}")
     return df
+
+
+SPLIT_KEYS = ("data", "task", "class_map", "split_seed", "cap_per_class", "max_images_per_split", "sources",
+              "exclude_sources", "lung_crop", "intensity")
+
+
+def _check_same_splits(cfg: TrainConfig, fold_dirs: list[Path]) -> None:
+    """An ensemble's fold is audited on ``cfg``'s splits: each member must have been trained on
+    the same data, split and input (else its val or test images may be another's train images)."""
+    from cxrscreen.models.checkpoint import read_train_config
+
+    want = dataclasses.asdict(cfg)
+    for d in fold_dirs:
+        got = read_train_config(d)
+        differs = [k for k in SPLIT_KEYS if got.get(k) != want.get(k)]
+        if differs:
+            raise ValueError(f"{d} was trained with other {', '.join(differs)} than this config: its fold "
+                             "cannot be audited on these splits")
 
 
 def fold_score(row: dict) -> float:

@@ -126,7 +126,8 @@ def list_file_items(path: Path, start: int = 0, end: int | None = None) -> Itera
     ranges that tile the file (``list_file_ranges``) yield every input exactly once, so tasks
     can read one list in parallel without the driver reading it. Lines are UTF-8; other bytes
     (paths from other systems) are kept in the path and escaped in the key, as ``safe_text``
-    does for folder trees."""
+    does for folder trees. Plain lists end lines with LF, CRLF or CR; a CSV list's records end
+    with LF or CRLF and may not contain a line break inside a quoted field."""
     base = str(path.parent)  # os.path.join: a million paths in a fraction of pathlib's time
     with open(path, "rb") as f:
         fields = None
@@ -147,9 +148,10 @@ def list_file_items(path: Path, start: int = 0, end: int | None = None) -> Itera
                     yield InputItem(key=safe_text(p), path=os.path.join(base, p), label=(row.get("label") or None))
             return
         for line in lines:
-            p = line.strip()
-            if p and not p.startswith("#"):
-                yield InputItem(key=safe_text(p), path=os.path.join(base, p))
+            for p in line.split("\r"):  # old Mac line ends (CR only) too
+                p = p.strip()
+                if p and not p.startswith("#"):
+                    yield InputItem(key=safe_text(p), path=os.path.join(base, p))
 
 
 def list_file_ranges(path: Path, min_lines: int = 64, max_ranges: int = 200) -> list[tuple[int, int]]:

@@ -1,10 +1,11 @@
 """Hand an archive's inputs to Ray Data, and count them afterwards.
 
 A list file streams: ``list_file_datasource`` splits it into byte ranges that Ray's read tasks list
-(``cxrscreen.io.sources.list_file_items``), so the driver reads nothing but its size and head
-and results start while the list is still being read. Folder trees (and runs with ``limit``)
-are listed on the driver into an Arrow table in chunks (``pending_items``: a folder of 100,000
-files in under 2 s). Paths travel as bytes: a non-UTF-8 name is a valid path but not valid
+(``cxrscreen.io.sources.list_file_items``), so the driver reads only its size and head before
+results start, and never holds the list (it reads it once more at the end, in chunks, to account
+for every input: ``input_key_chunks``). Folder trees, single images and runs with ``limit`` are
+listed on the driver into an Arrow table in chunks (``pending_items``: a folder of 100,000 files
+in under 2 s). Paths travel as bytes: a non-UTF-8 name is a valid path but not valid
 Arrow text. Parquet archives are read by Ray's Parquet reader (``parquet_keys`` checks them).
 """
 
@@ -37,7 +38,7 @@ def items_table(items: Iterable[InputItem], index: pa.Table | None = None) -> pa
 
 
 def pending_items(archive, index: pa.Table, limit: int = 0) -> pa.Table:
-    """The inputs of a folder or list archive (the first ``limit``) as one Arrow table, built in
+    """The inputs of a folder, list or single-image archive (the first ``limit``) as one Arrow table, built in
     chunks: for a million paths about 6x less time and 4x less driver memory than a list of
     dicts handed to Ray (benchmarks/README.md)."""
     items = list_inputs(archive)
@@ -56,13 +57,14 @@ def list_file_datasource(path: str | os.PathLike, min_lines: int = 64):
         def __init__(self):
             super().__init__()
             self.path = Path(path)
+            next(list_file_items(self.path, 0, 0), None)  # a CSV list's header is checked here, not in a task
             self.ranges = list_file_ranges(self.path, min_lines)
 
         def estimate_inmemory_data_size(self):
             return None
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            meta = BlockMetadata(None, None, None, None, (str(self.path),))
+            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(str(self.path),))
             return [ReadTask(_range_reader(self.path, a, b), meta, per_task_row_limit=per_task_row_limit)
                     for a, b in self.ranges]
 
@@ -97,19 +99,20 @@ def parquet_keys(files: list[str], key_column: str, image_column: str) -> list[s
 
 
 def input_key_chunks(archive, kind: str, limit: int = 0, key_column: str = "key",
-                     image_column: str = "image") -> Iterator[pa.Array]:
-    """Every input key of ``archive`` (the first ``limit``), in chunks of at most 65,536: what a
-    run accounts for at its end, in bounded memory (no image bytes are read)."""
+                     image_column: str = "image", chunk: int = CHUNK) -> Iterator[pa.Array]:
+    """Every input key of ``archive`` (the first ``limit``), in chunks of ``chunk`` keys (at
+    least 65,536): what a run accounts for at its end, in bounded memory (no image bytes read)."""
+    chunk = max(chunk, CHUNK)
     if kind == "parquet":
         from cxrscreen.io.sources import parquet_files
 
         keys = parquet_keys([str(f) for f in parquet_files(Path(archive))], key_column, image_column)
         keys = keys[:limit or None]
-        for i in range(0, len(keys), CHUNK):
-            yield pa.array(keys[i:i + CHUNK], pa.string())
+        for i in range(0, len(keys), chunk):
+            yield pa.array(keys[i:i + chunk], pa.string())
         return
-    for chunk in _chunks(itertools.islice(list_inputs(archive), limit or None), CHUNK):
-        yield pa.array([it.key for it in chunk], pa.string())
+    for items in _chunks(itertools.islice(list_inputs(archive), limit or None), chunk):
+        yield pa.array([it.key for it in items], pa.string())
 
 
 def _chunks(items: Iterable, n: int) -> Iterator[list]:

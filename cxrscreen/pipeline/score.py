@@ -209,7 +209,7 @@ def dry_run(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: ScoreCo
     kind = archive_kind(archive)
     index = output_index(out_dir, clean=False)  # no lock held: a running score's temp files stay
     have_keys, formats, n, have = key_array(index["key"]), Counter(), 0, 0
-    for keys in input_key_chunks(archive, kind, cfg.limit, cfg.key_column, cfg.image_column):
+    for keys in input_key_chunks(archive, kind, cfg.limit, cfg.key_column, cfg.image_column, chunk=index.num_rows):
         n += len(keys)
         formats.update(("parquet" if kind == "parquet" else Path(k).suffix.lower().lstrip(".") or "dicom")
                        for k in keys.to_pylist())
@@ -323,13 +323,14 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
                                                               index=index.select(["key", "sha256"])),
                             batch_format="numpy", batch_size=256, num_cpus=plan.decode_cpus)
     elif kind == "list" and not cfg.limit and \
-            _on_every_node(ray, nodes, _sees_list, str(Path(archive).resolve()), os.path.getsize(archive)):
+            _on_every_node(ray, nodes, _sees_list, os.path.abspath(archive), os.path.getsize(archive)):
         # streamed: read tasks list it (every node sees the file), results start at once
-        source = list_file_datasource(Path(archive).resolve(), cfg.batch_size)
+        source = list_file_datasource(os.path.abspath(archive), cfg.batch_size)  # a link: its folder, not the target's
         if not source.ranges:
             return ScoreSummary(seconds=time.perf_counter() - t0, rows=index.num_rows)
         input_keys, n_inputs = None, 0  # counted at the end
-        n_pending = estimated_lines(Path(archive))  # for the progress bar and the write batches
+        # an estimate, for the progress bar and the write batches: lines less the rows already in OUT
+        n_pending = max(estimated_lines(Path(archive)) - index.num_rows, 0)
         ds = ray.data.read_datasource(source, override_num_blocks=len(source.ranges), num_cpus=plan.decode_cpus)
         if index.num_rows:
             ds = ds.map_batches(with_expected_sha, fn_kwargs=dict(index=index.select(["key", "sha256"])),
@@ -403,8 +404,8 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     if stopped:
         raise Interrupted(f"stopped by {stopped}: {summary.scored} rows finished in this run were written to "
                           f"{out_dir}; run the same command again to score the rest")
-    key_chunks = [input_keys] if input_keys is not None else \
-        input_key_chunks(archive, kind)  # a streamed list is read again, a chunk at a time
+    # a streamed list is read again in chunks as large as OUT (each chunk costs one pass over OUT)
+    key_chunks = [input_keys] if input_keys is not None else input_key_chunks(archive, kind, chunk=index.num_rows)
     summary.missing, stale, summary.inputs = _missing_and_stale(key_chunks, index["key"])
     summary.skipped = summary.inputs - summary.scored
     summary.seconds = time.perf_counter() - t0
@@ -420,7 +421,7 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
 def _missing_and_stale(key_chunks: Iterable, have) -> tuple[list[str], pa.Array, int]:
     """Input keys without a row in OUT, OUT's keys of inputs no longer in the archive, and the
     number of inputs, from the input keys in chunks (compared as Arrow arrays: no Python set of
-    a million keys)."""
+    a million keys; each chunk costs a pass over OUT, so chunks should not be much smaller)."""
     have = key_array(have)
     listed = np.zeros(len(have), bool)
     missing, n = set(), 0
