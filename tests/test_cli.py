@@ -124,3 +124,15 @@ def test_repeated_options_give_lists(monkeypatch, tmp_path):
                                     "-o", str(tmp_path / "b.parquet")])
     assert res.exit_code == 0, res.output
     assert seen == {"actors": (1, 2), "sizes": (8,)}
+
+
+def test_the_cli_and_the_score_module_import_without_torch_or_ray():
+    """Start-up (issue 18.6): torch and Ray load where they are needed (the model check's thread,
+    the model actors), not when the CLI or the scoring module is imported; a dry run needs neither."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cxrscreen.cli, cxrscreen.pipeline.score; "
+            "print(sorted(m for m in ('torch', 'ray', 'torchvision', 'segmentation_models_pytorch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

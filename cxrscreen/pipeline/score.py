@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +25,9 @@ from cxrscreen.pipeline.listing import (input_key_chunks, list_file_datasource, 
 from cxrscreen.pipeline.output import (OutputLock, PartWriter, drop_superseded, expected_sha, key_array, new_run_id,
                                        output_index, superseded, write_rows)
 from cxrscreen.io.batch import decode_batch, decode_items
-from cxrscreen.pipeline.stages import Classifier, SegmentClassify, Segmenter
+
+if TYPE_CHECKING:  # torch and the models load in the model check's thread while Ray starts, not here
+    from cxrscreen.pipeline.stages import Classifier, Segmenter
 
 
 @dataclass
@@ -91,6 +93,7 @@ def check_models(cfg: ScoreConfig) -> dict:
     """Resolve and load-check every model (and the site profile) in the driver, while Ray starts
     (``_start``): a wrong name or a broken checkpoint fails in seconds with one line (ValueError).
     Returns what the end-of-run drift check needs from the classifier's checkpoint."""
+    import cxrscreen.pipeline.stages  # noqa: F401 - the stages' imports (torch, masks) done here, while Ray starts
     from cxrscreen.models import load_model
     from cxrscreen.models.site import SiteProfile
 
@@ -353,6 +356,8 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     # row: tests/test_pipeline.py kills a model actor, and a worker node, in the middle of a run.
     ds = ds.map_batches(decode_batch, fn_kwargs=decode_kwargs, batch_size=cfg.batch_size,
                         batch_format="numpy", num_cpus=plan.decode_cpus)
+    from cxrscreen.pipeline.stages import Classifier, SegmentClassify, Segmenter  # imported by the model check already
+
     model_kwargs = cfg.runtime_options(plan.device, plan.threads)
     pool = dict(batch_size=cfg.batch_size, batch_format="numpy", num_cpus=plan.actor_cpus,
                 num_gpus=plan.actor_gpus or None)
@@ -442,6 +447,8 @@ def _parquet_to_items(batch: dict[str, np.ndarray], image_column: str, key_colum
 def score_items_local(items: Iterable[InputItem], cfg: ScoreConfig = ScoreConfig(),
                       segmenter: Segmenter | None = None, classifier: Classifier | None = None) -> Iterable[dict]:
     """The same stages without Ray, one batch at a time (for tests, notebooks and benchmarks)."""
+    from cxrscreen.pipeline.stages import Classifier, Segmenter
+
     if segmenter is None and cfg.segmenter:
         segmenter = Segmenter(cfg.segmenter_options(), cfg.runtime_options())
     if classifier is None:
