@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-# The shipped referral policy, chosen on the leave-one-source-out folds (README, "What it does
-# not know"): the low_confidence threshold is set on val so that COVID films are called COVID or
+# The shipped referral policy, chosen on the leave-one-source-out folds (README, "Referral:
+# what the model does not know"): the low_confidence threshold is set on val so that COVID films are called COVID or
 # referred at this rate, and the out_of_distribution threshold refers this share of val.
 TARGET_SENSITIVITY = 0.95
 OOD_REFER_RATE = 0.25

@@ -5,7 +5,7 @@ A list file streams: ``list_file_datasource`` splits it into byte ranges that Ra
 results start, and never holds the list (it reads it once more at the end, in chunks, to account
 for every input: ``input_key_chunks``). Folder trees, single images and runs with ``limit`` are
 listed on the driver into an Arrow table in chunks (``pending_items``: a folder of 100,000 files
-in 2-3 s). Paths travel as bytes: a non-UTF-8 name is a valid path but not valid
+in 1.8-3.2 s). Paths travel as bytes: a non-UTF-8 name is a valid path but not valid
 Arrow text. Parquet archives are read by Ray's Parquet reader (``parquet_keys`` checks them).
 """
 
