@@ -117,9 +117,10 @@ def test_ray_score_on_2_cpus_accounts_for_every_input(mixed_archive, ray_2cpu, t
 
 
 @pytest.mark.timeout(300)
-def test_a_list_file_streams_through_read_tasks_and_resumes(mixed_archive, ray_2cpu, tmp_path, monkeypatch):
-    """A list archive is listed by Ray's read tasks in byte ranges, not on the driver; every line
-    still gets exactly one row, a second run skips them, and a changed list is accounted for."""
+def test_lists_and_folder_trees_stream_through_read_tasks_and_resume(mixed_archive, ray_2cpu, tmp_path, monkeypatch):
+    """A list archive is listed by Ray's read tasks in byte ranges, a folder tree by folders, not
+    on the driver; every input still gets exactly one row, a second run skips them, and a
+    changed list is accounted for."""
     import cxrscreen.pipeline.score as score_module
 
     from cxrscreen.io.sources import safe_text
@@ -144,6 +145,9 @@ def test_a_list_file_streams_through_read_tasks_and_resumes(mixed_archive, ray_2
     listing.write_bytes(b"\n".join(paths[1:]) + b"\n")  # one line gone: its row is stale, reported, kept
     fewer = score_archive(listing, out, ScoreConfig(**FAST), progress=False)
     assert fewer.inputs == 35 and fewer.stale == 1 and fewer.rows == 36
+    tree = score_archive(archive, tmp_path / "tree", ScoreConfig(**FAST), progress=False)
+    assert tree.inputs == 35 and tree.ok == 25 and tree.missing == [] and tree.skipped == 0
+    assert sorted(pl.read_parquet(tmp_path / "tree" / "*.parquet")["key"]) == sorted(it.key for it in list_inputs(archive))
 
 
 @pytest.mark.slow
@@ -543,7 +547,8 @@ def test_workers_write_part_files_and_hand_back_only_counts(mixed_archive, tmp_p
 
     import pyarrow as pa
 
-    from cxrscreen.pipeline.output import expected_sha, output_index, row_counts, superseded, write_rows
+    from cxrscreen.io.batch import unchanged
+    from cxrscreen.pipeline.output import SHA_PREFIX, drop_superseded, key_hashes, output_index, row_counts, write_rows
 
     archive, _ = mixed_archive
     cfg = ScoreConfig(**FAST)
@@ -563,11 +568,20 @@ def test_workers_write_part_files_and_hand_back_only_counts(mixed_archive, tmp_p
     (tmp_path / ".part-20260102T000000-bbbbbb-x.parquet.tmp").write_bytes(b"half")  # a killed write
     index = output_index(tmp_path)
     assert index.num_rows == n + 2 and not list(tmp_path.glob(".part-*.tmp"))
-    assert sorted(set(index["run"].to_pylist())) == ["20260101T000000-aaaaaa", "20260102T000000-bbbbbb"]
-    assert sorted(superseded(index, "20260102T000000-bbbbbb").to_pylist()) == sorted(str(k) for k in batch["key"][:2])
+    assert index.runs == ["20260101T000000-aaaaaa", "20260102T000000-bbbbbb"]
+    assert index.hashes.nbytes + index.sha.nbytes + index.run.nbytes == 28 * (n + 2)  # no key text kept
+    newer = index.superseded("20260102T000000-bbbbbb")
+    assert sorted(newer) == sorted(key_hashes([str(k) for k in batch["key"][:2]]))
     first, sha0 = str(batch["key"][0]), batch["sha256"][0]
-    assert expected_sha(pa.array([first, "not-there"]), index).to_pylist() == [sha0, None]
-    assert expected_sha(pa.array([first]), index).to_pylist() == [sha0]  # a batch far smaller than the index
+    assert index.expected_sha(pa.array([first, "not-there"])).to_pylist() == [sha0[:SHA_PREFIX], None]
+    assert unchanged(sha0[:SHA_PREFIX], sha0) and not unchanged(sha0[:SHA_PREFIX], "0" * 64)
+    assert unchanged("", "") and not unchanged("", sha0) and not unchanged(None, sha0)  # still unreadable
+    assert not unchanged(np.float32("nan"), sha0)  # Ray hands an all-None column back as NaN
+    assert key_hashes(["a", "b"]).tolist() == key_hashes(pa.array(["a", "b"])).tolist() != key_hashes(["b", "a"]).tolist()
+    # the earlier run's rows of the re-scored keys are dropped; its other rows stay
+    assert drop_superseded(tmp_path, newer, "20260102T000000-bbbbbb") == 2
+    index = output_index(tmp_path)
+    assert index.num_rows == n and not len(index.superseded("20260102T000000-bbbbbb"))
 
 
 _FAULT_SCRIPT = """
@@ -648,7 +662,7 @@ score.pending_items = lambda *a: listed.append(1) or pending_items(*a)
 for name in ("shared", "local"):
     if name == "local":  # as if the worker node had a disk of its own
         score._sees_token = lambda path: False
-        score._sees_list = lambda path, size: False
+        score._sees_archive = lambda path, folders, size: False
     s = score_archive(listing, out / name, cfg, progress=False)
     suffixes = {len(p.name.rsplit("-", 1)[1]) for p in (out / name).glob("part-*.parquet")}
     got[name] = {"ok": s.ok, "rows": s.rows, "missing": len(s.missing), "suffixes": sorted(suffixes),
@@ -665,7 +679,8 @@ def test_workers_write_on_a_shared_disk_and_the_driver_otherwise(tmp_path):
     """Issue 18.4/18.5: on a cluster of two nodes (127.0.0.1) whose nodes all see OUT (a token
     file read back on each node), write tasks write the part files (named by their rows' keys);
     when a node does not see OUT, the driver writes them (numbered). Likewise a list archive is
-    listed by read tasks where every node sees it, else by the driver. One row per input."""
+    listed by read tasks where every node sees it, else by the driver (folder trees alike:
+    the same check). One row per input."""
     import json
 
     (tmp_path / "arch").mkdir()

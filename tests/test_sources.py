@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -73,12 +74,49 @@ def test_list_file_ranges_yield_every_input_exactly_once(tmp_path):
     assert [it.key for it in list_inputs(cr)] == ["a.png", "b.png", "d.png"]
     no_path = tmp_path / "bad.csv"
     no_path.write_text("file,label\na.png,normal\n")
-    from cxrscreen.pipeline.listing import list_file_datasource
+    from cxrscreen.pipeline.listing import archive_datasource
 
     with pytest.raises(ValueError, match="'path' column"):  # on the driver, before any read task
-        list_file_datasource(no_path)
+        archive_datasource(no_path, "list")
     latin = list(list_inputs(txt))[-1]  # kept as a path, escaped in the key
     assert latin.key == "caf\\xe9.png" and os.fsencode(latin.path).endswith(b"caf\xe9.png")
+
+
+def test_folder_units_tile_the_tree_whatever_its_shape(tmp_path):
+    """However a tree is cut into read tasks' folders, every image is listed exactly once, with
+    the key and label the driver's walk gives it; only the top folders are opened to cut it."""
+    from cxrscreen.io.sources import folder_items, folder_units
+    from cxrscreen.pipeline.listing import _read_part, archive_datasource
+
+    _tree(tmp_path)
+    for i in range(30):  # a wide folder and a deep one
+        (tmp_path / "wide" / f"{i:02d}").mkdir(parents=True)
+        (tmp_path / "wide" / f"{i:02d}" / f"{i}.png").write_bytes(b"x")
+    deep = tmp_path / "deep" / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    (deep / "z.dcm").write_bytes(b"x")
+    (tmp_path / "root.jpg").write_bytes(b"x")
+    (tmp_path / ".hidden" / "x").mkdir(parents=True)
+    (tmp_path / ".hidden" / "x" / "h.png").write_bytes(b"x")
+    (tmp_path / "linked").symlink_to(tmp_path / "wide", target_is_directory=True)  # not followed
+    whole = [(it.key, it.path, it.label) for it in list_inputs(tmp_path, labels_from_folders=True)]
+    assert len(whole) == 39 and not any(k.startswith((".hidden", "linked")) for k, *_ in whole)
+    labels = {"covid": "covid", "normal": "normal"}
+    for min_units in (1, 2, 5, 40, 1000):
+        units = folder_units(tmp_path, min_units=min_units)
+        assert min_units == 1 or len(units) >= min(min_units, 8)  # the root opened: 1 + 7 folders
+        got = [(it.key, it.path, it.label) for f, rec in units
+               for it in folder_items(tmp_path, Path(f), rec, label_map=None)]
+        assert sorted(k for k, *_ in got) == sorted(k for k, *_ in whole)  # each once
+        assert sorted(got) == sorted((k, p, None) for k, p, _ in whole)
+        lab = {it.key: it.label for f, rec in units for it in folder_items(tmp_path, Path(f), rec, labels)}
+        assert lab["COVID/a.png"] == "covid" and lab["chest_xray/train/NORMAL/e.png"] == "normal"
+    assert folder_units(tmp_path, min_units=1) == [(str(tmp_path), True)]  # nothing opened
+    assert len(folder_units(tmp_path, min_units=1000, max_entries=3)) < 10  # stops after a few entries
+    source = archive_datasource(tmp_path, "folder", min_rows=2)
+    blocks = [t for part in source.parts for t in _read_part(tmp_path, "folder", part, 4)]
+    assert all(t.num_rows <= 4 for t in blocks) and sum(t.num_rows for t in blocks) == 39
+    assert sorted(k for t in blocks for k in t["key"].to_pylist()) == sorted(k for k, *_ in whole)
 
 
 def test_parquet_rows(phantom_archive):

@@ -107,13 +107,21 @@ def col(values, dtype=object) -> np.ndarray:
     return arr
 
 
+def unchanged(expected: str | None, sha: str) -> bool:
+    """Whether content hashing to ``sha`` is what a row of an earlier run hashed: ``expected`` is
+    that row's hash or its first characters (the resume index keeps 16); an unreadable input
+    hashes to "" and stays unchanged while it is still unreadable. Not a string (None, or the NaN
+    Ray makes of an all-None column): no earlier row."""
+    return isinstance(expected, str) and (expected == sha or (expected != "" and sha.startswith(expected)))
+
+
 def decode_batch(batch: dict[str, np.ndarray], work_size: int = WORK_SIZE, max_pixels: int = 80_000_000,
                  max_bytes: int = MAX_BYTES, prefer_lut: bool = True, include_phi: bool = False,
                  defer_jpeg: bool = False) -> dict[str, np.ndarray]:
     """Read + hash + decode + resize each row; failures become error rows, never exceptions.
 
     Input columns: ``key``, and ``path`` or ``data`` (bytes); optional ``expected_sha``: a
-    row whose content hash equals it was scored before and is dropped.
+    row whose content hash equals it, or begins with it, was scored before and is dropped.
     With ``defer_jpeg``, plain JPEGs are not decoded here but passed on as ``jpeg_bytes`` for
     the first model actor to decode in one batch on its device (nvJPEG on a GPU).
     """
@@ -140,7 +148,7 @@ def decode_batch(batch: dict[str, np.ndarray], work_size: int = WORK_SIZE, max_p
             sha = hashlib.sha256(data).hexdigest()
         except ImageError as e:
             err = e
-        if expected[i] is not None and expected[i] == sha:
+        if unchanged(expected[i], sha):
             continue  # scored in an earlier run with identical content
         size = deferrable_jpeg(data, opts) if err is None and defer_jpeg else None
         if size is not None:

@@ -101,24 +101,57 @@ def list_inputs(archive: str | os.PathLike, labels_from_folders: bool = False,
     kind = archive_kind(archive)
     root = Path(archive)
     if kind == "folder":
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fn in sorted(filenames):
-                if fn.startswith("."):
-                    continue
-                full = Path(dirpath) / fn
-                suffix = full.suffix.lower()
-                if suffix not in IMAGE_SUFFIXES and not (suffix == "" and has_dicom_magic(full)):
-                    continue
-                rel = full.relative_to(root)
-                label = label_from_path(rel, label_map) if labels_from_folders else None
-                yield InputItem(key=safe_text(rel.as_posix()), path=str(full), label=label)
+        yield from folder_items(root, label_map=label_map if labels_from_folders else None)
     elif kind == "file":
         yield InputItem(key=safe_text(root.name), path=str(root))
     elif kind == "list":
         yield from list_file_items(root)
     else:
         yield from _parquet_rows(root, image_column, key_column)
+
+
+def folder_items(root: Path, folder: Path | None = None, recursive: bool = True,
+                 label_map: dict[str, str] | None = None) -> Iterator[InputItem]:
+    """The images of ``folder`` (default: ``root``) and, with ``recursive``, of its sub-folders,
+    keyed by their path relative to ``root``, folders and files in name order: image suffixes
+    and extension-less DICOM (DICM magic); hidden files and folders are skipped, links to
+    folders are not followed. ``folder_units`` cuts a tree into calls of this that tile it.
+    With ``label_map``, each item's label is its nearest labelled ancestor folder's class."""
+    for dirpath, dirnames, filenames in os.walk(root if folder is None else folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+        for fn in sorted(filenames):
+            if fn.startswith("."):
+                continue
+            full = Path(dirpath) / fn
+            suffix = full.suffix.lower()
+            if suffix not in IMAGE_SUFFIXES and not (suffix == "" and has_dicom_magic(full)):
+                continue
+            rel = full.relative_to(root)
+            label = label_from_path(rel, label_map) if label_map is not None else None
+            yield InputItem(key=safe_text(rel.as_posix()), path=str(full), label=label)
+
+
+def folder_units(root: Path, min_units: int = 64, max_entries: int = 50_000) -> list[tuple[str, bool]]:
+    """``(folder, recursive)`` pairs whose ``folder_items`` tile the tree under ``root``: folders
+    are opened breadth first (each one's own files become a non-recursive unit, its sub-folders
+    queued) until there are ``min_units`` units or ``max_entries`` entries were looked at; the
+    queued folders are walked whole. Only folder entries are read here, so a tree of millions of
+    files is cut up in a fraction of a second."""
+    units, queue, seen = [], [Path(root)], 0
+    while queue and len(units) + len(queue) < min_units and seen < max_entries:
+        folder = queue.pop(0)
+        units.append((str(folder), False))
+        try:
+            with os.scandir(folder) as entries:
+                subs = []
+                for e in entries:
+                    seen += 1
+                    if not e.name.startswith(".") and e.is_dir() and not e.is_symlink():
+                        subs.append(e.name)
+        except OSError:  # unreadable: os.walk skips it too
+            continue
+        queue += [folder / d for d in sorted(subs)]
+    return units + [(str(f), True) for f in queue]
 
 
 def list_file_items(path: Path, start: int = 0, end: int | None = None) -> Iterator[InputItem]:

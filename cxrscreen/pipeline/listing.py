@@ -1,16 +1,18 @@
 """Hand an archive's inputs to Ray Data, and count them afterwards.
 
-A list file streams: ``list_file_datasource`` splits it into byte ranges that Ray's read tasks list
-(``cxrscreen.io.sources.list_file_items``), so the driver reads only its size and head before
-results start, and never holds the list (it reads it once more at the end, in chunks, to account
-for every input: ``input_key_chunks``). Folder trees, single images and runs with ``limit`` are
-listed on the driver into an Arrow table in chunks (``pending_items``: a folder of 100,000 files
-in 1.8-3.2 s). Paths travel as bytes: a non-UTF-8 name is a valid path but not valid
-Arrow text. Parquet archives are read by Ray's Parquet reader (``parquet_keys`` checks them).
+List files and folder trees stream: ``archive_datasource`` splits a list into byte ranges, a
+tree into folders, that Ray's read tasks list (``cxrscreen.io.sources.list_file_items``,
+``folder_items``), so the driver reads only a list's size and head, or a tree's top folders,
+before results start, and never holds the archive (it lists it once more at the end, in chunks,
+to account for every input: ``input_key_chunks``). Single images and runs with ``limit`` are
+listed on the driver into an Arrow table in chunks (``pending_items``). Paths travel as bytes: a
+non-UTF-8 name is a valid path but not valid Arrow text. Parquet archives are read by Ray's
+Parquet reader (``parquet_keys`` checks them).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from pathlib import Path
@@ -18,14 +20,15 @@ from typing import Iterable, Iterator
 
 import pyarrow as pa
 
-from cxrscreen.io.sources import InputItem, list_file_items, list_file_ranges, list_inputs
-from cxrscreen.pipeline.output import expected_sha
+from cxrscreen.io.sources import (InputItem, folder_items, folder_units, list_file_items, list_file_ranges,
+                                  list_inputs)
+from cxrscreen.pipeline.output import ResumeIndex
 
 ITEM_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.binary()), ("expected_sha", pa.string())])
 CHUNK = 65_536
 
 
-def items_table(items: Iterable[InputItem], index: pa.Table | None = None) -> pa.Table:
+def items_table(items: Iterable[InputItem], index: ResumeIndex | None = None) -> pa.Table:
     """Inputs with a path as an Arrow table (key, path, the content hash of the key's row in
     ``index`` or null)."""
     keys, paths = [], []
@@ -33,11 +36,11 @@ def items_table(items: Iterable[InputItem], index: pa.Table | None = None) -> pa
         keys.append(it.key)
         paths.append(os.fsencode(it.path))
     k = pa.array(keys, pa.string())
-    sha = expected_sha(k, index) if index is not None and index.num_rows else pa.nulls(len(k), pa.string())
+    sha = index.expected_sha(k) if index is not None and index.num_rows else pa.nulls(len(k), pa.string())
     return pa.Table.from_arrays([k, pa.array(paths, pa.binary()), sha], schema=ITEM_SCHEMA)
 
 
-def pending_items(archive, index: pa.Table, limit: int = 0) -> pa.Table:
+def pending_items(archive, index: ResumeIndex, limit: int = 0) -> pa.Table:
     """The inputs of a folder, list or single-image archive (the first ``limit``) as one Arrow table, built in
     chunks: for a million paths about 6x less time and 4x less driver memory than a list of
     dicts handed to Ray (benchmarks/README.md)."""
@@ -46,41 +49,54 @@ def pending_items(archive, index: pa.Table, limit: int = 0) -> pa.Table:
     return pa.concat_tables(parts) if parts else ITEM_SCHEMA.empty_table()
 
 
-def list_file_datasource(path: str | os.PathLike, min_lines: int = 64):
-    """A Ray Data datasource that lists a list file in byte ranges of about ``min_lines`` lines
-    (at most 200 ranges), one read task each; ``.ranges`` holds them. Ray is imported here, by
-    a run that uses it."""
+def archive_datasource(path: str | os.PathLike, kind: str, min_rows: int = 64):
+    """A Ray Data datasource whose read tasks list a list file or a folder tree, so that results
+    start before the archive is listed and the driver never holds it; ``.parts`` holds one read
+    task's share each. A list file is cut into byte ranges of about ``min_rows`` lines (at most
+    200: ``list_file_ranges``; only its size and head are read here), a folder tree into folders
+    (``folder_units``; only folder entries near the top are read here), each listed in blocks of
+    at most 4,096 inputs. Ray is imported here, by a run that uses it."""
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
-    class ListFile(Datasource):
+    path = Path(path)
+    if kind == "list":
+        next(list_file_items(path, 0, 0), None)  # a CSV list's header is checked here, not in a task
+        parts = list_file_ranges(path, min_rows)
+    elif kind == "folder":
+        parts = folder_units(path)
+    else:
+        raise ValueError(f"{kind}: only list files and folder trees are listed by read tasks")
+
+    class ArchiveListing(Datasource):
         def __init__(self):
             super().__init__()
-            self.path = Path(path)
-            next(list_file_items(self.path, 0, 0), None)  # a CSV list's header is checked here, not in a task
-            self.ranges = list_file_ranges(self.path, min_lines)
+            self.parts = parts
 
         def estimate_inmemory_data_size(self):
             return None
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(str(self.path),))
-            return [ReadTask(_range_reader(self.path, a, b), meta, per_task_row_limit=per_task_row_limit)
-                    for a, b in self.ranges]
+            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(str(path),))
+            return [ReadTask(functools.partial(_read_part, path, kind, part, max(min_rows, 4096)), meta,
+                             per_task_row_limit=per_task_row_limit) for part in self.parts]
 
-    return ListFile()
-
-
-def _range_reader(path: Path, start: int, end: int):
-    def read() -> Iterator[pa.Table]:
-        yield items_table(list_file_items(path, start, end))
-    return read
+    return ArchiveListing()
 
 
-def with_expected_sha(batch: pa.Table, index: pa.Table) -> pa.Table:
-    """A streamed list's rows with the content hash of their key's row in ``index`` (a resumed run)."""
+def _read_part(path: Path, kind: str, part: tuple, block_rows: int) -> Iterator[pa.Table]:
+    if kind == "list":
+        items = list_file_items(path, *part)
+    else:
+        items = folder_items(path, Path(part[0]), recursive=part[1])
+    for chunk in _chunks(items, block_rows):
+        yield items_table(chunk)
+
+
+def with_expected_sha(batch: pa.Table, index: ResumeIndex) -> pa.Table:
+    """A streamed archive's rows with the content hash of their key's row in ``index`` (a resumed run)."""
     return batch.set_column(batch.schema.get_field_index("expected_sha"), "expected_sha",
-                            expected_sha(batch["key"], index))
+                            index.expected_sha(batch["key"]))
 
 
 def parquet_keys(files: list[str], key_column: str, image_column: str) -> list[str]:

@@ -5,8 +5,10 @@ tasks on the workers (a cluster) write atomic Parquet part files; an interrupted
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,13 +19,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cxrscreen.io.sources import InputItem, archive_kind, estimated_lines, parquet_files
+from cxrscreen.io.sources import InputItem, archive_kind, estimated_lines, folder_items, parquet_files
 from cxrscreen.cluster import init_ray
 from cxrscreen.pipeline.config import ScoreConfig
-from cxrscreen.pipeline.listing import (input_key_chunks, list_file_datasource, parquet_keys, pending_items,
+from cxrscreen.pipeline.listing import (archive_datasource, input_key_chunks, parquet_keys, pending_items,
                                         with_expected_sha)
-from cxrscreen.pipeline.output import (OutputLock, PartWriter, drop_superseded, expected_sha, key_array, new_run_id,
-                                       output_index, superseded, write_rows)
+from cxrscreen.pipeline.output import (OutputLock, PartWriter, ResumeIndex, drop_superseded, key_array, key_hashes,
+                                       new_run_id, output_index, write_rows)
 from cxrscreen.io.batch import decode_batch, decode_items
 
 if TYPE_CHECKING:  # torch and the models load in the model check's thread while Ray starts, not here
@@ -211,12 +213,12 @@ def dry_run(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: ScoreCo
     otherwise), and how many would be scored for the first time (``cfg.limit`` applied)."""
     kind = archive_kind(archive)
     index = output_index(out_dir, clean=False)  # no lock held: a running score's temp files stay
-    have_keys, formats, n, have = key_array(index["key"]), Counter(), 0, 0
+    formats, n, have = Counter(), 0, 0
     for keys in input_key_chunks(archive, kind, cfg.limit, cfg.key_column, cfg.image_column, chunk=index.num_rows):
         n += len(keys)
         formats.update(("parquet" if kind == "parquet" else Path(k).suffix.lower().lstrip(".") or "dicom")
                        for k in keys.to_pylist())
-        have += pc.sum(pc.is_in(keys, value_set=have_keys)).as_py() or 0
+        have += int(index.find(key_hashes(keys))[0].sum())
     return {"archive": str(archive), "kind": kind, "inputs": n, "by_format": dict(formats.most_common()),
             "with_rows_in_out": have, "new": n - have, "rows_in_out": index.num_rows}
 
@@ -259,8 +261,21 @@ def _sees_token(path: str) -> bool:
     return p.is_file() and p.read_text() == p.name
 
 
-def _sees_list(path: str, size: int) -> bool:
-    return os.path.isfile(path) and os.path.getsize(path) == size
+def _seen(archive) -> tuple[str, list[str], int]:
+    """What another node must see of a list file or folder tree to list it as the driver would:
+    the path, and the list's size or up to 16 of the tree's top folders."""
+    path = os.path.abspath(archive)
+    if os.path.isfile(path):
+        return path, [], os.path.getsize(path)
+    with os.scandir(path) as entries:
+        top = sorted(e.path for e in itertools.islice(entries, 256) if e.is_dir() and not e.name.startswith("."))
+    return path, top[:16], -1
+
+
+def _sees_archive(path: str, folders: list[str], size: int) -> bool:
+    if size >= 0:
+        return os.path.isfile(path) and os.path.getsize(path) == size
+    return os.path.isdir(path) and all(os.path.isdir(f) for f in folders)
 
 
 class Interrupted(RuntimeError):
@@ -308,6 +323,7 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     plan = plan_resources(cfg, res.get("CPU", 1), res.get("GPU", 0))
     index = output_index(out_dir)
     nodes = _cpu_nodes(ray)
+    tree_size: list[int] = []  # a streamed tree's inputs, once a thread has counted them
     decode_kwargs = dict(work_size=cfg.work_size, **cfg.decode_options())
     if kind == "parquet":
         if res.get("CPU", 1) < 2:
@@ -316,27 +332,30 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
         files = [str(f) for f in parquet_files(Path(archive))]
         input_keys = parquet_keys(files, cfg.key_column, cfg.image_column)[:cfg.limit or None]
         n_inputs = len(input_keys)
-        n_pending = n_inputs - (pc.sum(pc.is_valid(expected_sha(input_keys, index))).as_py() or 0)
+        n_pending = n_inputs - int(index.find(key_hashes(input_keys))[0].sum())
         ds = ray.data.read_parquet(files, columns=[cfg.key_column, cfg.image_column], num_cpus=plan.decode_cpus)
         if cfg.limit:  # the first N rows in file order, as input_keys counts them (this dataset only)
             ds.context.execution_options.preserve_order = True
             ds = ds.limit(cfg.limit)
         ds = ds.map_batches(_parquet_to_items, fn_kwargs=dict(image_column=cfg.image_column,
                                                               key_column=cfg.key_column,
-                                                              index=index.select(["key", "sha256"])),
+                                                              index=index),
                             batch_format="numpy", batch_size=256, num_cpus=plan.decode_cpus)
-    elif kind == "list" and not cfg.limit and \
-            _on_every_node(ray, nodes, _sees_list, os.path.abspath(archive), os.path.getsize(archive)):
-        # streamed: read tasks list it (every node sees the file), results start at once
-        source = list_file_datasource(os.path.abspath(archive), cfg.batch_size)  # a link: its folder, not the target's
-        if not source.ranges:
+    elif kind in ("list", "folder") and not cfg.limit and _on_every_node(ray, nodes, _sees_archive, *_seen(archive)):
+        # streamed: read tasks list it (every node sees it), results start at once
+        source = archive_datasource(os.path.abspath(archive), kind, cfg.batch_size)  # a link: its folder, not the target's
+        if not source.parts:
             return ScoreSummary(seconds=time.perf_counter() - t0, rows=index.num_rows)
         input_keys, n_inputs = None, 0  # counted at the end
-        # an estimate, for the progress bar and the write batches: lines less the rows already in OUT
-        n_pending = max(estimated_lines(Path(archive)) - index.num_rows, 0)
-        ds = ray.data.read_datasource(source, override_num_blocks=len(source.ranges), num_cpus=plan.decode_cpus)
+        # for the progress bar and the write batches: a list's lines less the rows already in OUT
+        # (an estimate); a tree's size is unknown until a thread has walked it (the bar's total then)
+        n_pending = max(estimated_lines(Path(archive)) - index.num_rows, 0) if kind == "list" else None
+        if n_pending is None and progress:
+            threading.Thread(target=lambda: tree_size.append(sum(1 for _ in folder_items(Path(archive)))),
+                             daemon=True).start()
+        ds = ray.data.read_datasource(source, override_num_blocks=len(source.parts), num_cpus=plan.decode_cpus)
         if index.num_rows:
-            ds = ds.map_batches(with_expected_sha, fn_kwargs=dict(index=index.select(["key", "sha256"])),
+            ds = ds.map_batches(with_expected_sha, fn_kwargs=dict(index=index),
                                 batch_format="pyarrow", batch_size=None, num_cpus=plan.decode_cpus)
     else:
         items = pending_items(archive, index, cfg.limit)
@@ -345,10 +364,12 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
         n_pending = items["expected_sha"].null_count
         if not n_inputs:
             return ScoreSummary(seconds=time.perf_counter() - t0, rows=index.num_rows)
-        # blocks of batch_size rows for small archives (results flow out while work goes on), at
-        # most 200 blocks for big ones (each block is one object-store put)
-        step = max(cfg.batch_size, -(-n_inputs // 200))
+        step = max(cfg.batch_size, -(-n_inputs // 200))  # at most 200 puts; cut into batches below
         ds = ray.data.from_arrow([items.slice(i, step) for i in range(0, n_inputs, step)])
+    # blocks of one batch: Ray joins what a read task yields into one block, and a model actor
+    # hands back a block's rows together, so without this a list range's or a folder's first
+    # result would wait for all of its inputs (and the actors would share few blocks)
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     # Fault tolerance is Ray's, kept at the defaults on purpose (they fit: every stage is pure):
     # a decode task lost with its worker or node is re-run (Ray's task max_retries=3); a dead
     # model actor is restarted without limit and its in-flight batches are retried on the new
@@ -381,11 +402,12 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
         _workers_see(ray, out_dir, nodes)
     if on_workers:
         ds = ds.map_batches(write_rows, fn_kwargs=dict(out_dir=str(out_dir), run=run, include_phi=cfg.include_phi),
-                            batch_size=min(cfg.rows_per_file, max(cfg.batch_size, -(-max(n_pending, 1) // 8))),
+                            batch_size=cfg.rows_per_file if n_pending is None else
+                            min(cfg.rows_per_file, max(cfg.batch_size, -(-max(n_pending, 1) // 8))),
                             batch_format="numpy", num_cpus=plan.decode_cpus)
     writer = None if on_workers else PartWriter(out_dir, run, cfg.rows_per_file, cfg.include_phi)
     summary = ScoreSummary(inputs=n_inputs)
-    bar = tqdm(total=max(n_pending, 0), unit="img", desc="score", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=n_pending, unit="img", desc="score", disable=not progress, smoothing=0.1)
     stopped = None
     try:
         with _interruptible():  # after Ray's start-up, which sets a SIGTERM handler of its own
@@ -397,6 +419,8 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
                     if not summary.first_row_s:
                         summary.first_row_s, summary.first_rows = time.perf_counter() - t0, n
                     summary.add(counts)
+                    if bar.total is None and tree_size:
+                        bar.total = max(tree_size[0] - index.num_rows, bar.n + n)
                     bar.update(n)
     except KeyboardInterrupt as e:
         stopped = str(e) or "SIGINT"
@@ -404,14 +428,14 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     if writer is not None:  # also when stopped: what is finished is kept
         writer.flush()
     index = output_index(out_dir)
-    if drop_superseded(out_dir, superseded(index, run), run):  # also when stopped: what is written is kept
+    if drop_superseded(out_dir, index.superseded(run), run):  # also when stopped: what is written is kept
         index = output_index(out_dir)
     if stopped:
         raise Interrupted(f"stopped by {stopped}: {summary.scored} rows finished in this run were written to "
                           f"{out_dir}; run the same command again to score the rest")
     # a streamed list is read again in chunks as large as OUT (each chunk costs one pass over OUT)
     key_chunks = [input_keys] if input_keys is not None else input_key_chunks(archive, kind, chunk=index.num_rows)
-    summary.missing, stale, summary.inputs = _missing_and_stale(key_chunks, index["key"])
+    summary.missing, stale, summary.inputs = _missing_and_stale(key_chunks, index)
     summary.skipped = summary.inputs - summary.scored
     summary.seconds = time.perf_counter() - t0
     if len(stale) and cfg.prune:
@@ -423,24 +447,25 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     return summary
 
 
-def _missing_and_stale(key_chunks: Iterable, have) -> tuple[list[str], pa.Array, int]:
-    """Input keys without a row in OUT, OUT's keys of inputs no longer in the archive, and the
-    number of inputs, from the input keys in chunks (compared as Arrow arrays: no Python set of
-    a million keys; each chunk costs a pass over OUT, so chunks should not be much smaller)."""
-    have = key_array(have)
-    listed = np.zeros(len(have), bool)
+def _missing_and_stale(key_chunks: Iterable, index: ResumeIndex) -> tuple[list[str], np.ndarray, int]:
+    """Input keys without a row in OUT, the key hashes of OUT's rows whose input is no longer
+    in the archive, and the number of inputs, from the input keys in chunks (compared as hashes:
+    no Python set of a million keys; each chunk costs a pass over OUT, so chunks should not be
+    much smaller)."""
+    listed = np.zeros(index.num_rows, bool)
     missing, n = set(), 0
     for keys in key_chunks:
-        keys = key_array(keys)
+        keys, hashes = key_array(keys), key_hashes(keys)
         n += len(keys)
-        missing.update(pc.filter(keys, pc.invert(pc.is_in(keys, value_set=have))).to_pylist())
-        listed |= pc.is_in(have, value_set=keys).to_numpy(zero_copy_only=False)
-    return sorted(missing), pc.unique(pc.filter(have, pa.array(~listed))), n
+        found, _ = index.find(hashes)
+        missing.update(pc.filter(keys, pa.array(~found)).to_pylist())
+        listed |= np.isin(index.hashes, hashes)
+    return sorted(missing), np.unique(index.hashes[~listed]), n
 
 
-def _parquet_to_items(batch: dict[str, np.ndarray], image_column: str, key_column: str, index: pa.Table) -> dict:
+def _parquet_to_items(batch: dict[str, np.ndarray], image_column: str, key_column: str, index: ResumeIndex) -> dict:
     keys = np.asarray([str(k) for k in batch[key_column]], object)
-    sha = expected_sha(pa.array(keys, pa.string()), index).to_numpy(zero_copy_only=False)
+    sha = index.expected_sha(pa.array(keys, pa.string())).to_numpy(zero_copy_only=False)
     return {"key": keys, "data": batch[image_column], "expected_sha": sha}
 
 
