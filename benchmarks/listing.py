@@ -110,8 +110,12 @@ def main() -> None:
         before, t0 = _rss_mb(), time.perf_counter()
         index = read(out)
         seconds, grown = time.perf_counter() - t0, _rss_mb() - before
-        rows.append(dict(way=way, n=index.num_rows, seconds=seconds, driver_rss_growth_mb=grown, **machine_info()))
-        print(f"{way}: {index.num_rows} rows in {seconds:.1f} s, driver RSS +{grown:.0f} MB", flush=True)
+        held = (index.nbytes if isinstance(index, pa.Table) else
+                index.hashes.nbytes + index.sha.nbytes + index.run.nbytes) / 2**20
+        rows.append(dict(way=way, n=index.num_rows, seconds=seconds, driver_rss_growth_mb=grown, index_mb=held,
+                         **machine_info()))
+        print(f"{way}: {index.num_rows} rows in {seconds:.1f} s, {held:.0f} MB held, driver RSS +{grown:.0f} MB",
+              flush=True)
         del index
     index = output_index(out)
     gc.collect()

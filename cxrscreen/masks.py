@@ -1,8 +1,8 @@
 """Lung-mask post-processing and measurements (two largest components, holes filled).
 
-``lung_regions`` cleans one mask with scipy (fastest on a CPU); ``lung_regions_batch`` cleans a
-batch where it lies: on a GPU as tensor ops in one pass over the batch (no per-image Python), on
-a CPU with ``lung_regions`` per image. ``mask_pngs`` encodes a batch of masks as 1-bit PNGs.
+``lung_regions`` cleans one mask with OpenCV (fastest on a CPU: about 2x scipy's labelling,
+benchmarks/README.md); ``lung_regions_batch`` cleans a batch where it lies: on a GPU as tensor
+ops in one pass over the batch (no per-image Python), on a CPU with ``lung_regions`` per image. ``mask_pngs`` encodes a batch of masks as 1-bit PNGs.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from scipy import ndimage
 
 
 @dataclass
@@ -32,22 +32,23 @@ class LungRegions:
 
 def lung_regions(mask: np.ndarray) -> LungRegions:
     """Keep the two largest 4-connected components of a boolean mask, fill their holes, and
-    measure area fraction, the overall box and one box per lung - with one labelling pass.
-    Each component goes to the side its box centre lies on."""
+    measure area fraction, the overall box and one box per lung, with one OpenCV labelling pass
+    (components, areas and boxes together) and one flood fill. Each component goes to the side
+    its box centre lies on."""
     h, w = mask.shape
-    labels, n = ndimage.label(mask)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(np.ascontiguousarray(mask, bool).view(np.uint8),
+                                                           connectivity=4, ltype=cv2.CV_32S)
     nan = np.full(4, np.nan, np.float32)
-    if n == 0:
-        return LungRegions(np.zeros_like(mask, bool), 0.0, nan, nan.copy(), nan.copy())
-    keep = np.argsort(np.bincount(labels.ravel())[1:])[-2:] + 1
-    lut = np.zeros(n + 1, bool)
+    if n <= 1:
+        return LungRegions(np.zeros((h, w), bool), 0.0, nan, nan.copy(), nan.copy())
+    keep = np.argsort(stats[1:, cv2.CC_STAT_AREA], kind="stable")[-2:] + 1
+    lut = np.zeros(n, bool)
     lut[keep] = True
     cleaned = fill_holes(lut[labels])  # holes lie inside a component: boxes unchanged
-    slices = ndimage.find_objects(labels)
     boxes = {"right": [], "left": []}
     for k in keep:
-        ys, xs = slices[k - 1]
-        box = np.array([xs.start / w, ys.start / h, xs.stop / w, ys.stop / h], np.float32)
+        x, y, bw, bh = stats[k, :4]
+        box = np.array([x / w, y / h, (x + bw) / w, (y + bh) / h], np.float32)
         boxes["right" if (box[0] + box[2]) / 2 < 0.5 else "left"].append(box)
 
     def union(bs):
@@ -58,13 +59,13 @@ def lung_regions(mask: np.ndarray) -> LungRegions:
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``ndimage.binary_fill_holes`` by one labelling of the background (background not
-    4-connected to the border is a hole): the same result, about 3x faster at 256 px."""
-    background, n = ndimage.label(~mask)
-    border = np.zeros(n + 1, bool)
-    border[np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])] = True
-    border[0] = False  # label 0 is the mask itself
-    return ~border[background]
+    """``ndimage.binary_fill_holes``: background not 4-connected to the border is a hole. One
+    OpenCV flood fill of the background from a one-pixel frame around the mask."""
+    h, w = mask.shape
+    framed = np.zeros((h + 2, w + 2), np.uint8)
+    framed[1:-1, 1:-1] = mask
+    cv2.floodFill(framed, None, (0, 0), 2, flags=4)
+    return framed[1:-1, 1:-1] != 2
 
 
 def decode_mask_png(data: bytes) -> np.ndarray:
@@ -130,7 +131,7 @@ class BatchRegions:
 
 
 def lung_regions_batch(masks: torch.Tensor) -> BatchRegions:
-    """``lung_regions`` of every boolean mask of a batch (B, H, W): tensor ops on a GPU, scipy
+    """``lung_regions`` of every boolean mask of a batch (B, H, W): tensor ops on a GPU, OpenCV
     per image on a CPU (each measured fastest where it runs; they agree: tests/test_masks.py)."""
     if masks.device.type == "cpu":
         regions = [lung_regions(m) for m in masks.numpy()]
@@ -216,5 +217,7 @@ def _lung_regions_tensor(mask: torch.Tensor) -> BatchRegions:
 
 def mask_outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
     """The ``width`` px border of a boolean mask (the mask minus its erosion), for drawing."""
+    from scipy import ndimage
+
     mask = np.asarray(mask, bool)
     return mask & ~ndimage.binary_erosion(mask, iterations=max(1, width))

@@ -58,14 +58,33 @@ def to_model_input(images: torch.Tensor, size: int, channels: int = 1, intensity
 
 def crop_boxes(images: torch.Tensor, boxes: np.ndarray, size: int, margin: float = 0.05) -> torch.Tensor:
     """Crop each uint8 image (B, H, W) to its normalised box [x0, y0, x1, y1] (+margin), resized
-    to ``size``, in one batched ``roi_align`` on the images' device (each output pixel averages
-    the input pixels it covers); rows whose box is NaN keep the whole image. Returns uint8."""
-    from torchvision.ops import roi_align
+    to ``size``, on the images' device; rows whose box is NaN keep the whole image. Returns uint8.
 
+    The arithmetic of ``torchvision.ops.roi_align(aligned=True, sampling_ratio=-1)``: each output
+    pixel averages ceil(box / size) x ceil(box / size) bilinear samples spread over the input
+    pixels it covers; done as one ``grid_sample`` (and an average pool where a box is larger than
+    ``size``) per group of rows with the same sample count, about 3x faster than roi_align on a
+    CPU (tests/test_preprocess.py checks that they agree)."""
     b = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4))
     b = torch.where(torch.isnan(b).any(1, keepdim=True), torch.tensor([0.0, 0.0, 1.0, 1.0]), b)
     b = torch.cat([(b[:, :2] - margin).clamp(0, 1), (b[:, 2:] + margin).clamp(0, 1)], 1)
     h, w = images.shape[-2:]
-    rois = torch.cat([torch.arange(len(b), dtype=torch.float32)[:, None], b * torch.tensor([w, h, w, h])], 1)
-    out = roi_align(images[:, None].float(), rois.to(images.device), (size, size), sampling_ratio=-1, aligned=True)
+    px = b * torch.tensor([w, h, w, h], dtype=torch.float32)  # box corners in pixels
+    samples = torch.stack([((px[:, 3] - px[:, 1]) / size).ceil(), ((px[:, 2] - px[:, 0]) / size).ceil()], 1)
+    samples = samples.clamp(min=1).to(torch.int64)  # per row: samples per output pixel, down and across
+    x = images[:, None].float()
+    out = torch.empty((len(b), 1, size, size), dtype=torch.float32, device=images.device)
+    for rh, rw in torch.unique(samples, dim=0).tolist():
+        rows = torch.nonzero((samples == torch.tensor([rh, rw])).all(1))[:, 0]
+        r = px[rows]
+        # sample k of an axis lies at start - 0.5 + (k + 0.5) * bin / samples (k < size * samples)
+        ky = (torch.arange(size * rh, dtype=torch.float32) + 0.5) / rh
+        kx = (torch.arange(size * rw, dtype=torch.float32) + 0.5) / rw
+        ys = r[:, 1:2] - 0.5 + ky[None] * ((r[:, 3] - r[:, 1]) / size)[:, None]
+        xs = r[:, 0:1] - 0.5 + kx[None] * ((r[:, 2] - r[:, 0]) / size)[:, None]
+        gy, gx = (2 * ys + 1) / h - 1, (2 * xs + 1) / w - 1  # grid_sample's coordinates (align_corners=False)
+        grid = torch.stack([gx[:, None, :].expand(-1, len(ky), -1), gy[:, :, None].expand(-1, -1, len(kx))], -1)
+        idx = rows.to(images.device)
+        crop = F.grid_sample(x[idx], grid.to(images.device), mode="bilinear", padding_mode="border", align_corners=False)
+        out[idx] = F.avg_pool2d(crop, (rh, rw)) if rh * rw > 1 else crop
     return out[:, 0].round().clamp(0, 255).to(torch.uint8)

@@ -54,6 +54,28 @@ def test_fill_holes_matches_scipy(seed, density, size):
     assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), density=st.floats(0.2, 0.8), size=st.integers(2, 64))
+def test_lung_regions_match_scipy(seed, density, size):
+    """OpenCV's labelling and flood fill give what scipy gives: the two largest 4-connected
+    components (where the second and third largest differ in area), holes filled, their boxes."""
+    mask = ndimage.gaussian_filter(np.random.default_rng(seed).random((size, size + 5)), 1.5) < 0.5 - (0.5 - density) / 4
+    labels, n = ndimage.label(mask)
+    areas = np.bincount(labels.ravel())[1:]
+    if n > 2 and np.sort(areas)[-2] == np.sort(areas)[-3]:
+        return  # a tie: either component is right
+    keep = np.argsort(areas)[-2:] + 1
+    want = ndimage.binary_fill_holes(np.isin(labels, keep))
+    r = lung_regions(mask)
+    assert np.array_equal(r.mask, want) and r.fraction == pytest.approx(want.mean())
+    if n:
+        ys, xs = np.nonzero(np.isin(labels, keep))
+        h, w = mask.shape
+        np.testing.assert_allclose(r.box, [xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h], rtol=1e-6)
+    else:
+        assert np.isnan(r.box).all() and not r.mask.any()
+
+
 def _random_masks(seed: int, n: int = 12, size: int = 48) -> np.ndarray:
     """Blobby masks with specks and holes, a serpentine (many turns), an empty and a full one."""
     rng = np.random.default_rng(seed)

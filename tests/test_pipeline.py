@@ -152,6 +152,42 @@ def test_lists_and_folder_trees_stream_through_read_tasks_and_resume(mixed_archi
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_the_driver_scores_the_first_batch_as_the_actors_would(mixed_archive, ray_2cpu, whole_image_classifier,
+                                                               tmp_path, monkeypatch):
+    """Issue 18.6: while Ray starts the model actors, the driver scores the archive's first batch
+    with the same stages (its rows equal the actors' rows for the same inputs); Ray gets the rest,
+    every input once; an archive no bigger than one batch never reaches Ray's model stages."""
+    import cxrscreen.pipeline.score as score_module
+
+    archive, _ = mixed_archive
+    keys = [it.key for it in list_inputs(archive)]
+    seen = []
+    on_driver = score_module._score_on_driver
+    monkeypatch.setattr(score_module, "_score_on_driver", lambda items, *a: seen.extend(it.key for it in items)
+                        or on_driver(items, *a))
+    cfg = dict(classifier=whole_image_classifier, batch_size=8, rows_per_file=10)
+    both = score_archive(archive, tmp_path / "both", ScoreConfig(**cfg), progress=False)
+    assert seen == keys[:8] and both.inputs == 35 and both.missing == [] and both.first_rows == 8
+    actors = score_archive(archive, tmp_path / "actors", ScoreConfig(**cfg, first_batch_on_driver=False), progress=False)
+    assert len(seen) == 8 and actors.missing == [] and actors.inputs == 35
+    a, b = (pl.read_parquet(tmp_path / d / "*.parquet").sort("key") for d in ("both", "actors"))
+    assert a["key"].to_list() == b["key"].to_list() == sorted(keys) and a["key"].n_unique() == 35
+    for c in ("status", "error_type", "label", "refer", "sha256"):
+        assert a[c].to_list() == b[c].to_list(), c
+    probs = [c for c in a.columns if c.startswith("prob_")]
+    pa_, pb = a.select(probs).to_numpy(), b.select(probs).to_numpy()
+    assert np.array_equal(np.isnan(pa_), np.isnan(pb)) and np.nanmax(np.abs(pa_ - pb)) <= 1e-4  # error rows: NaN
+    small = tmp_path / "small"
+    small.mkdir()
+    for it in list(list_inputs(archive))[:5]:
+        (small / os.path.basename(it.path)).write_bytes(Path(it.path).read_bytes())
+    monkeypatch.setattr(score_module, "_model_stages", None)  # Ray's model stages must not be built
+    few = score_archive(small, tmp_path / "few", ScoreConfig(**cfg), progress=False)
+    assert few.inputs == 5 and few.scored == 5 and few.missing == [] and few.rows == 5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_parquet_archive_and_phi_on_request(mixed_archive, ray_2cpu, tmp_path):
     archive, _ = mixed_archive
     src = archive.parent / "phantoms.parquet"

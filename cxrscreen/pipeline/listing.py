@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cxrscreen.io.sources import (InputItem, folder_items, folder_units, list_file_items, list_file_ranges,
                                   list_inputs)
@@ -93,25 +94,29 @@ def _read_part(path: Path, kind: str, part: tuple, block_rows: int) -> Iterator[
         yield items_table(chunk)
 
 
-def with_expected_sha(batch: pa.Table, index: ResumeIndex) -> pa.Table:
-    """A streamed archive's rows with the content hash of their key's row in ``index`` (a resumed run)."""
+def pending_rows(batch: pa.Table, index: ResumeIndex, skip: pa.Array | None = None) -> pa.Table:
+    """A streamed archive's rows with the content hash of their key's row in ``index`` (a resumed
+    run), less the rows of ``skip`` (keys the driver scores itself)."""
+    if skip is not None and len(skip):
+        batch = batch.filter(pc.invert(pc.is_in(batch["key"], value_set=skip)))
     return batch.set_column(batch.schema.get_field_index("expected_sha"), "expected_sha",
                             index.expected_sha(batch["key"]))
 
 
-def parquet_keys(files: list[str], key_column: str, image_column: str) -> list[str]:
-    """Keys of Parquet inputs; the key column must exist (row numbers are not stable keys)."""
+def parquet_keys(files: list[str], key_column: str, image_column: str) -> pa.Array:
+    """Keys of Parquet inputs as one Arrow text array (no Python string per key); the key column
+    must exist (row numbers are not stable keys)."""
     import pyarrow.parquet as pq
 
-    keys = []
+    keys = [pa.array([], pa.string())]
     for f in files:
         names = pq.ParquetFile(f).schema_arrow.names
         for col in (key_column, image_column):
             if col not in names:
                 raise ValueError(f"{f}: Parquet archives need columns {key_column!r} and {image_column!r} "
                                  f"(has {names}); set key_column / image_column in the score config")
-        keys += [str(k) for k in pq.read_table(f, columns=[key_column])[key_column].to_pylist()]
-    return keys
+        keys += pq.read_table(f, columns=[key_column])[key_column].cast(pa.string()).chunks
+    return pa.concat_arrays(keys)
 
 
 def input_key_chunks(archive, kind: str, limit: int = 0, key_column: str = "key",
@@ -125,7 +130,7 @@ def input_key_chunks(archive, kind: str, limit: int = 0, key_column: str = "key"
         keys = parquet_keys([str(f) for f in parquet_files(Path(archive))], key_column, image_column)
         keys = keys[:limit or None]
         for i in range(0, len(keys), chunk):
-            yield pa.array(keys[i:i + chunk], pa.string())
+            yield keys[i:i + chunk]
         return
     for items in _chunks(itertools.islice(list_inputs(archive), limit or None), chunk):
         yield pa.array([it.key for it in items], pa.string())

@@ -19,14 +19,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cxrscreen.io.sources import InputItem, archive_kind, estimated_lines, folder_items, parquet_files
+from cxrscreen.io.sources import InputItem, archive_kind, estimated_lines, folder_items, list_inputs, parquet_files
 from cxrscreen.cluster import init_ray
 from cxrscreen.pipeline.config import ScoreConfig
 from cxrscreen.pipeline.listing import (archive_datasource, input_key_chunks, parquet_keys, pending_items,
-                                        with_expected_sha)
+                                        pending_rows)
 from cxrscreen.pipeline.output import (OutputLock, PartWriter, ResumeIndex, drop_superseded, key_array, key_hashes,
                                        new_run_id, output_index, write_rows)
-from cxrscreen.io.batch import decode_batch, decode_items
+from cxrscreen.io.batch import col, decode_batch, decode_items
 
 if TYPE_CHECKING:  # torch and the models load in the model check's thread while Ray starts, not here
     from cxrscreen.pipeline.stages import Classifier, Segmenter
@@ -138,10 +138,21 @@ class ModelCheckFailed(ValueError):
     """A model or site profile given to ``score`` cannot be used (wrong name, broken checkpoint)."""
 
 
+def driver_stages(cfg: ScoreConfig) -> tuple[Segmenter | None, Classifier]:
+    """The model stages in the driver, on its CPU with one torch thread: they score the archive's
+    first batch while Ray starts the model actors (``first_batch_on_driver``)."""
+    from cxrscreen.pipeline.stages import Classifier, Segmenter
+
+    runtime = cfg.runtime_options("cpu", 1)
+    return Segmenter(cfg.segmenter_options(), runtime) if cfg.segmenter else None, \
+        Classifier(cfg.classifier_options(), runtime)
+
+
 def _start(cfg: ScoreConfig):
     """Ray started while the models are checked: the check (torch and model imports, weights
-    read) runs in a thread during Ray's start-up, which mostly waits for its processes. Returns Ray and what
-    ``drift_warning`` needs; a model that fails its check raises ``ModelCheckFailed``."""
+    read), then the driver's own stages (``driver_stages``), run in a thread during Ray's
+    start-up, which mostly waits for its processes. Returns Ray, what ``drift_warning`` needs and
+    the driver's stages (or None); a model that fails its check raises ``ModelCheckFailed``."""
     from concurrent.futures import ThreadPoolExecutor
 
     import ray as ray_module
@@ -149,15 +160,18 @@ def _start(cfg: ScoreConfig):
     fresh = not ray_module.is_initialized()
     with ThreadPoolExecutor(1) as pool:
         checked = pool.submit(check_models, cfg)
+        stages = pool.submit(driver_stages, cfg) if cfg.first_batch_on_driver else None
         try:
             ray = init_ray(cfg.address, cfg.num_cpus)
         finally:
             err = checked.exception()
         if err is not None:
+            if stages is not None:
+                stages.cancel()
             if fresh:  # started for this run only: a Python caller is not left with it
                 ray.shutdown()
             raise ModelCheckFailed(str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}") from err
-    return ray, checked.result()
+    return ray, checked.result(), stages.result() if stages is not None else None
 
 
 class ClusterTooSmall(RuntimeError):
@@ -318,13 +332,18 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    ray, reference = _start(cfg)
+    ray, reference, stages = _start(cfg)
     res = ray.cluster_resources()
     plan = plan_resources(cfg, res.get("CPU", 1), res.get("GPU", 0))
     index = output_index(out_dir)
     nodes = _cpu_nodes(ray)
+    # the first batch is scored in the driver while Ray starts the actors (on CPUs: on GPUs the
+    # actors' runtime differs); if it is the whole archive, Ray runs nothing
+    first = list(itertools.islice(list_inputs(archive), min(cfg.batch_size, cfg.limit or cfg.batch_size))) \
+        if stages is not None and plan.device == "cpu" and kind != "parquet" else []
+    skip = pa.array([it.key for it in first], pa.string())
+    rest = not first or len(first) == cfg.batch_size  # else the first batch is all of it
     tree_size: list[int] = []  # a streamed tree's inputs, once a thread has counted them
-    decode_kwargs = dict(work_size=cfg.work_size, **cfg.decode_options())
     if kind == "parquet":
         if res.get("CPU", 1) < 2:
             raise ClusterTooSmall("a Parquet archive needs a Ray cluster with at least 2 CPUs: Ray Data's Parquet "
@@ -341,7 +360,7 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
                                                               key_column=cfg.key_column,
                                                               index=index),
                             batch_format="numpy", batch_size=256, num_cpus=plan.decode_cpus)
-    elif kind in ("list", "folder") and not cfg.limit and _on_every_node(ray, nodes, _sees_archive, *_seen(archive)):
+    elif kind in ("list", "folder") and not cfg.limit and rest and _on_every_node(ray, nodes, _sees_archive, *_seen(archive)):
         # streamed: read tasks list it (every node sees it), results start at once
         source = archive_datasource(os.path.abspath(archive), kind, cfg.batch_size)  # a link: its folder, not the target's
         if not source.parts:
@@ -354,8 +373,8 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
             threading.Thread(target=lambda: tree_size.append(sum(1 for _ in folder_items(Path(archive)))),
                              daemon=True).start()
         ds = ray.data.read_datasource(source, override_num_blocks=len(source.parts), num_cpus=plan.decode_cpus)
-        if index.num_rows:
-            ds = ds.map_batches(with_expected_sha, fn_kwargs=dict(index=index),
+        if index.num_rows or len(skip):
+            ds = ds.map_batches(pending_rows, fn_kwargs=dict(index=index, skip=skip),
                                 batch_format="pyarrow", batch_size=None, num_cpus=plan.decode_cpus)
     else:
         items = pending_items(archive, index, cfg.limit)
@@ -364,35 +383,11 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
         n_pending = items["expected_sha"].null_count
         if not n_inputs:
             return ScoreSummary(seconds=time.perf_counter() - t0, rows=index.num_rows)
-        step = max(cfg.batch_size, -(-n_inputs // 200))  # at most 200 puts; cut into batches below
-        ds = ray.data.from_arrow([items.slice(i, step) for i in range(0, n_inputs, step)])
-    # blocks of one batch: Ray joins what a read task yields into one block, and a model actor
-    # hands back a block's rows together, so without this a list range's or a folder's first
-    # result would wait for all of its inputs (and the actors would share few blocks)
-    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    # Fault tolerance is Ray's, kept at the defaults on purpose (they fit: every stage is pure):
-    # a decode task lost with its worker or node is re-run (Ray's task max_retries=3); a dead
-    # model actor is restarted without limit and its in-flight batches are retried on the new
-    # one (Ray Data's max_restarts=-1, max_task_retries=-1). Every input still gets exactly one
-    # row: tests/test_pipeline.py kills a model actor, and a worker node, in the middle of a run.
-    ds = ds.map_batches(decode_batch, fn_kwargs=decode_kwargs, batch_size=cfg.batch_size,
-                        batch_format="numpy", num_cpus=plan.decode_cpus)
-    from cxrscreen.pipeline.stages import Classifier, SegmentClassify, Segmenter  # imported by the model check already
-
-    model_kwargs = cfg.runtime_options(plan.device, plan.threads)
-    pool = dict(batch_size=cfg.batch_size, batch_format="numpy", num_cpus=plan.actor_cpus,
-                num_gpus=plan.actor_gpus or None)
-    if plan.fused:
-        ds = ds.map_batches(SegmentClassify, fn_constructor_kwargs=dict(
-            segmenter=cfg.segmenter_options(), classifier=cfg.classifier_options(), runtime=model_kwargs),
-            compute=ray.data.ActorPoolStrategy(size=cfg.cls_actors), **pool)
-    else:
-        if cfg.segmenter:
-            ds = ds.map_batches(Segmenter, fn_constructor_kwargs=dict(options=cfg.segmenter_options(),
-                                                                      runtime=model_kwargs),
-                                compute=ray.data.ActorPoolStrategy(size=cfg.seg_actors), **pool)
-        ds = ds.map_batches(Classifier, fn_constructor_kwargs=dict(options=cfg.classifier_options(), runtime=model_kwargs),
-                            compute=ray.data.ActorPoolStrategy(size=cfg.cls_actors), **pool)
+        items = items.filter(pc.invert(pc.is_in(items["key"], value_set=skip))) if len(skip) else items
+        step = max(cfg.batch_size, -(-items.num_rows // 200))  # at most 200 puts; cut into batches below
+        ds = ray.data.from_arrow([items.slice(i, step) for i in range(0, items.num_rows, step)]) \
+            if items.num_rows else None
+    ds = _model_stages(ray, ds, cfg, plan) if ds is not None else None
     # who writes the part files (benchmarks/README.md, "Who writes the part files"): on one node
     # the driver (measured faster there); on a cluster write tasks on the workers, so that the
     # head does not convert and write every row; the driver then only receives each file's counts
@@ -400,7 +395,7 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     # workers write only where every node with CPUs sees OUT (a shared filesystem), else the driver
     on_workers = (cfg.writers == "workers" or (cfg.writers == "auto" and len(nodes) > 1)) and \
         _workers_see(ray, out_dir, nodes)
-    if on_workers:
+    if on_workers and ds is not None:
         ds = ds.map_batches(write_rows, fn_kwargs=dict(out_dir=str(out_dir), run=run, include_phi=cfg.include_phi),
                             batch_size=cfg.rows_per_file if n_pending is None else
                             min(cfg.rows_per_file, max(cfg.batch_size, -(-max(n_pending, 1) // 8))),
@@ -408,22 +403,46 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     writer = None if on_workers else PartWriter(out_dir, run, cfg.rows_per_file, cfg.include_phi)
     summary = ScoreSummary(inputs=n_inputs)
     bar = tqdm(total=n_pending, unit="img", desc="score", disable=not progress, smoothing=0.1)
+    lock, failed = threading.Lock(), []
+
+    def take(batch: dict) -> None:
+        """Write a batch of output rows (the driver writes), or count the part files written
+        (one row of counts each); the driver's own first batch arrives from a thread."""
+        with lock:
+            written = [(len(batch["key"]), writer.add(batch))] if writer is not None else \
+                [(int(n), json.loads(c)) for n, c in zip(batch["rows"], batch["counts"])]
+            for n, counts in written:
+                if not summary.first_row_s:
+                    summary.first_row_s, summary.first_rows = time.perf_counter() - t0, n
+                summary.add(counts)
+                if bar.total is None and tree_size:
+                    bar.total = max(tree_size[0] - index.num_rows, bar.n + n)
+                bar.update(n)
+
+    def score_first() -> None:
+        try:
+            rows = _score_on_driver(first, index, stages, cfg)
+            if rows is not None:
+                take(rows if writer is not None else write_rows(rows, str(out_dir), run, cfg.include_phi))
+        except BaseException as e:  # noqa: BLE001 - raised in the main thread after the run
+            failed.append(e)
+
+    on_driver = threading.Thread(target=score_first, daemon=True)
+    if first:
+        on_driver.start()
     stopped = None
     try:
         with _interruptible():  # after Ray's start-up, which sets a SIGTERM handler of its own
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-                # rows from the models (the driver writes them), or one row of counts per part file
-                written = [(len(batch["key"]), writer.add(batch))] if writer is not None else \
-                    [(int(n), json.loads(c)) for n, c in zip(batch["rows"], batch["counts"])]
-                for n, counts in written:
-                    if not summary.first_row_s:
-                        summary.first_row_s, summary.first_rows = time.perf_counter() - t0, n
-                    summary.add(counts)
-                    if bar.total is None and tree_size:
-                        bar.total = max(tree_size[0] - index.num_rows, bar.n + n)
-                    bar.update(n)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2) if ds is not None else []:
+                take(batch)
+            if first:
+                on_driver.join()
     except KeyboardInterrupt as e:
         stopped = str(e) or "SIGINT"
+    if first:
+        on_driver.join()
+    if failed:
+        raise failed[0]
     bar.close()
     if writer is not None:  # also when stopped: what is finished is kept
         writer.flush()
@@ -447,6 +466,38 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     return summary
 
 
+def _model_stages(ray, ds, cfg: ScoreConfig, plan: ResourcePlan):
+    """Inputs (key, path or bytes, expected_sha) -> output rows: batches, decode tasks, model actors."""
+    from cxrscreen.pipeline.stages import Classifier, SegmentClassify, Segmenter  # imported by the model check already
+
+    # blocks of one batch: Ray joins what a read task yields into one block, and a model actor
+    # hands back a block's rows together, so without this a list range's or a folder's first
+    # result would wait for all of its inputs (and the actors would share few blocks)
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
+    # Fault tolerance is Ray's, kept at the defaults on purpose (they fit: every stage is pure):
+    # a decode task lost with its worker or node is re-run (Ray's task max_retries=3); a dead
+    # model actor is restarted without limit and its in-flight batches are retried on the new
+    # one (Ray Data's max_restarts=-1, max_task_retries=-1). Every input still gets exactly one
+    # row: tests/test_pipeline.py kills a model actor, and a worker node, in the middle of a run.
+    ds = ds.map_batches(decode_batch, fn_kwargs=dict(work_size=cfg.work_size, **cfg.decode_options()),
+                        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=plan.decode_cpus)
+    model_kwargs = cfg.runtime_options(plan.device, plan.threads)
+    pool = dict(batch_size=cfg.batch_size, batch_format="numpy", num_cpus=plan.actor_cpus,
+                num_gpus=plan.actor_gpus or None)
+    if plan.fused:
+        ds = ds.map_batches(SegmentClassify, fn_constructor_kwargs=dict(
+            segmenter=cfg.segmenter_options(), classifier=cfg.classifier_options(), runtime=model_kwargs),
+            compute=ray.data.ActorPoolStrategy(size=cfg.cls_actors), **pool)
+    else:
+        if cfg.segmenter:
+            ds = ds.map_batches(Segmenter, fn_constructor_kwargs=dict(options=cfg.segmenter_options(),
+                                                                      runtime=model_kwargs),
+                                compute=ray.data.ActorPoolStrategy(size=cfg.seg_actors), **pool)
+        ds = ds.map_batches(Classifier, fn_constructor_kwargs=dict(options=cfg.classifier_options(), runtime=model_kwargs),
+                            compute=ray.data.ActorPoolStrategy(size=cfg.cls_actors), **pool)
+    return ds
+
+
 def _missing_and_stale(key_chunks: Iterable, index: ResumeIndex) -> tuple[list[str], np.ndarray, int]:
     """Input keys without a row in OUT, the key hashes of OUT's rows whose input is no longer
     in the archive, and the number of inputs, from the input keys in chunks (compared as hashes:
@@ -461,6 +512,19 @@ def _missing_and_stale(key_chunks: Iterable, index: ResumeIndex) -> tuple[list[s
         missing.update(pc.filter(keys, pa.array(~found)).to_pylist())
         listed |= np.isin(index.hashes, hashes)
     return sorted(missing), np.unique(index.hashes[~listed]), n
+
+
+def _score_on_driver(items: list[InputItem], index: ResumeIndex, stages: tuple, cfg: ScoreConfig) -> dict | None:
+    """Output rows of ``items`` scored by the driver's own stages, as a model actor would score
+    them (inputs whose content has a row in ``index`` skipped); None when every one was skipped."""
+    keys = [it.key for it in items]
+    batch = decode_batch({"key": col(keys), "path": col([os.fsencode(it.path) for it in items]),
+                          "expected_sha": index.expected_sha(keys).to_numpy(zero_copy_only=False)},
+                         cfg.work_size, **cfg.decode_options())
+    if not len(batch["key"]):
+        return None
+    segmenter, classifier = stages
+    return classifier(segmenter(batch) if segmenter is not None else batch)
 
 
 def _parquet_to_items(batch: dict[str, np.ndarray], image_column: str, key_column: str, index: ResumeIndex) -> dict:
