@@ -4,9 +4,10 @@
 with the segmenter and classifier fused in one actor pool (`fused: true`) and in two pools,
 alternating, `--reps` times each, on one embedded Ray; also the driver's CPU seconds per
 wall second (its share of the machine: Arrow conversion, part files, progress).
-(2) Start-up: `cxrscreen score --json` in a fresh process on 32 images, each setting
-`--reps` times: `first_row_s` (seconds from the start of scoring to the first result) and the
-process's wall time (imports and Ray start included).
+(2) Start-up: `cxrscreen score --json` in a fresh process on 32 images, each setting (fused or
+not, the driver scoring the first batch itself or not: `first_batch_on_driver`) `--reps` times:
+`first_row_s` (seconds from the start of scoring to the first result) and the process's wall
+time (imports and Ray start included).
 Usage: python benchmarks/model_stage.py [-n 1024] [--reps 2] [-o benchmarks/results/model_stage.parquet]
 """
 
@@ -53,12 +54,13 @@ def steady(archive: Path, fused: bool) -> dict:
                 driver_cpu_share=(_driver_cpu() - cpu0) / wall, ok=s.ok)
 
 
-def cold_start(archive: Path, fused: bool) -> dict:
+def cold_start(archive: Path, fused: bool, on_driver: bool) -> dict:
     out = Path(tempfile.mkdtemp(prefix="cxr-start-"))
     t0 = time.perf_counter()
     try:
         res = subprocess.run([str(Path(sys.executable).with_name("cxrscreen")), "score", str(archive), "-o", str(out),
-                              "--json", "--no-worklist", "--set", f"fused={str(fused).lower()}"],
+                              "--json", "--no-worklist", "--set", f"fused={str(fused).lower()}",
+                              "--set", f"first_batch_on_driver={str(on_driver).lower()}"],
                              capture_output=True, text=True, check=True)
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -82,10 +84,12 @@ def main() -> None:
     info, rows = machine_info(), []
     for rep in range(a.reps):  # cold starts first, with no Ray of this process running
         for fused in (True, False):
-            r = cold_start(small, fused)
-            rows.append(dict(mode="start_up", fused=fused, rep=rep, n=32, source=source, **r, **info))
-            print(f"start-up fused={fused}: first result after {r['first_row_s']:.2f} s, process {r['process_wall_s']:.2f} s",
-                  flush=True)
+            for on_driver in (True, False):
+                r = cold_start(small, fused, on_driver)
+                rows.append(dict(mode="start_up", fused=fused, first_batch_on_driver=on_driver, rep=rep, n=32,
+                                 source=source, **r, **info))
+                print(f"start-up fused={fused} first_batch_on_driver={on_driver}: first result after "
+                      f"{r['first_row_s']:.2f} s, process {r['process_wall_s']:.2f} s", flush=True)
     init_ray(None, os.cpu_count())
     for rep in range(a.reps):
         for fused in (True, False):
@@ -96,8 +100,8 @@ def main() -> None:
     df = pl.DataFrame(rows, infer_schema_length=None)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     df.write_parquet(a.out)
-    print(df.group_by("mode", "fused").agg(pl.col("images_per_s_steady", "first_row_s", "driver_cpu_share",
-                                                  "process_wall_s").mean()).sort("mode", "fused"))
+    print(df.group_by("mode", "fused", "first_batch_on_driver").agg(pl.col("images_per_s_steady", "first_row_s", "driver_cpu_share",
+                                                  "process_wall_s").mean()).sort("mode", "fused", "first_batch_on_driver"))
 
 
 if __name__ == "__main__":

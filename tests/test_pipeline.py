@@ -123,6 +123,7 @@ def test_lists_and_folder_trees_stream_through_read_tasks_and_resume(mixed_archi
     changed list is accounted for."""
     import cxrscreen.pipeline.score as score_module
 
+    from cxrscreen.data.synth import encode_png, make_phantom
     from cxrscreen.io.sources import safe_text
 
     archive, bad = mixed_archive
@@ -145,8 +146,22 @@ def test_lists_and_folder_trees_stream_through_read_tasks_and_resume(mixed_archi
     listing.write_bytes(b"\n".join(paths[1:]) + b"\n")  # one line gone: its row is stale, reported, kept
     fewer = score_archive(listing, out, ScoreConfig(**FAST), progress=False)
     assert fewer.inputs == 35 and fewer.stale == 1 and fewer.rows == 36
-    tree = score_archive(archive, tmp_path / "tree", ScoreConfig(**FAST), progress=False)
+    tree = score_archive(archive, tmp_path / "tree", ScoreConfig(**FAST, first_batch_on_driver=False), progress=False)
     assert tree.inputs == 35 and tree.ok == 25 and tree.missing == [] and tree.skipped == 0
+    assert tree.first_rows <= 8  # results come a batch at a time, not once the folder's 35 are done
+    live = tmp_path / "live"  # a folder that receives a file while the run goes on
+    live.mkdir()
+    for i, it in enumerate(list(list_inputs(archive))[:12]):
+        (live / f"{i:02d}{Path(it.path).suffix}").write_bytes(Path(it.path).read_bytes())
+    accounted = score_module._missing_and_stale
+    late = encode_png(make_phantom("normal", 64, 3).image)
+    monkeypatch.setattr(score_module, "_missing_and_stale",
+                        lambda *a: (live / "late.png").write_bytes(late) and accounted(*a))
+    first = score_archive(live, tmp_path / "live-out", ScoreConfig(**FAST), progress=False)
+    assert first.missing == [] and first.arrived == 1 and first.inputs == 13 and first.scored == 12
+    monkeypatch.setattr(score_module, "_missing_and_stale", accounted)
+    again = score_archive(live, tmp_path / "live-out", ScoreConfig(**FAST), progress=False)
+    assert again.scored == 1 and again.skipped == 12 and again.arrived == 0 and again.rows == 13
     assert sorted(pl.read_parquet(tmp_path / "tree" / "*.parquet")["key"]) == sorted(it.key for it in list_inputs(archive))
 
 

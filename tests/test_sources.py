@@ -102,21 +102,28 @@ def test_folder_units_tile_the_tree_whatever_its_shape(tmp_path):
     whole = [(it.key, it.path, it.label) for it in list_inputs(tmp_path, labels_from_folders=True)]
     assert len(whole) == 39 and not any(k.startswith((".hidden", "linked")) for k, *_ in whole)
     labels = {"covid": "covid", "normal": "normal"}
-    for min_units in (1, 2, 5, 40, 1000):
-        units = folder_units(tmp_path, min_units=min_units)
+    for min_units, min_files in ((1, 64), (2, 64), (5, 1), (40, 2), (1000, 1)):
+        units = folder_units(tmp_path, min_units=min_units, min_files=min_files)
         assert min_units == 1 or len(units) >= min(min_units, 8)  # the root opened: 1 + 7 folders
-        got = [(it.key, it.path, it.label) for f, rec in units
-               for it in folder_items(tmp_path, Path(f), rec, label_map=None)]
+        got = [(it.key, it.path, it.label) for f, rec, i, k in units
+               for it in folder_items(tmp_path, Path(f), rec, label_map=None, shard=i, shards=k)]
         assert sorted(k for k, *_ in got) == sorted(k for k, *_ in whole)  # each once
         assert sorted(got) == sorted((k, p, None) for k, p, _ in whole)
-        lab = {it.key: it.label for f, rec in units for it in folder_items(tmp_path, Path(f), rec, labels)}
+        lab = {it.key: it.label for f, rec, i, k in units for it in folder_items(tmp_path, Path(f), rec, labels, i, k)}
         assert lab["COVID/a.png"] == "covid" and lab["chest_xray/train/NORMAL/e.png"] == "normal"
-    assert folder_units(tmp_path, min_units=1) == [(str(tmp_path), True)]  # nothing opened
-    assert len(folder_units(tmp_path, min_units=1000, max_entries=3)) < 10  # stops after a few entries
+    assert folder_units(tmp_path, min_units=1) == [(str(tmp_path), True, 0, 1)]  # nothing opened
     source = archive_datasource(tmp_path, "folder", min_rows=2)
     blocks = [t for part in source.parts for t in _read_part(tmp_path, "folder", part, 4)]
     assert all(t.num_rows <= 4 for t in blocks) and sum(t.num_rows for t in blocks) == 39
     assert sorted(k for t in blocks for k in t["key"].to_pylist()) == sorted(k for k, *_ in whole)
+    flat = tmp_path / "wide" / "00"
+    for i in range(200):
+        (flat / f"x{i:03d}.png").write_bytes(b"x")
+    shards = [u for u in folder_units(flat, min_files=16) if not u[1]]
+    assert len(shards) == 12 and {k for *_, k in shards} == {12}  # a flat folder: parallel shards
+    keys = [it.key for f, rec, i, k in shards for it in folder_items(flat, Path(f), rec, shard=i, shards=k)]
+    assert sorted(keys) == sorted(it.key for it in list_inputs(flat)) and len(keys) == 201
+    assert len(folder_units(tmp_path, min_units=1000, max_entries=3)) < 10  # stops after a few entries
 
 
 def test_parquet_rows(phantom_archive):
@@ -144,3 +151,25 @@ def test_non_utf8_file_names_become_ordinary_rows_with_escaped_keys(tmp_path):
     assert b["status"][0] == "ok" and b["source_path"][0].endswith("caf\\xe9 \\xff.png")
     table = batch_to_table(b, output_schema(["a"]))  # valid Arrow text: no UnicodeEncodeError
     assert table["key"].to_pylist() == ["caf\\xe9 \\xff.png"]
+
+
+def test_parquet_keys_are_the_keys_rows_get(tmp_path):
+    """The keys the driver counts a Parquet archive by are the text its rows' keys become when a
+    batch is scored (``str`` of each value): float ids, nulls and plain text alike."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cxrscreen.pipeline.listing import parquet_keys
+    from cxrscreen.pipeline.output import output_index
+    from cxrscreen.pipeline.score import _parquet_to_items
+
+    empty = output_index(tmp_path / "no-out")
+    cols = {"f": pa.array([1.0, 2.5, None]), "s": pa.array(["a", None, "c"]), "t": pa.array(["x", "y", "z"])}
+    for name, keys in cols.items():
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"key": keys, "image": pa.array([b"1", b"2", b"3"])}), path)
+        table = pq.read_table(path)  # a numpy batch, as Ray Data hands it to _parquet_to_items
+        batch = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+        rows = _parquet_to_items(batch, "image", "key", index=empty)
+        assert parquet_keys([str(path)], "key", "image").to_pylist() == list(rows["key"]), name
+    assert parquet_keys([str(tmp_path / "f.parquet")], "key", "image").to_pylist() == ["1.0", "2.5", "nan"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import itertools
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -111,16 +112,17 @@ def list_inputs(archive: str | os.PathLike, labels_from_folders: bool = False,
 
 
 def folder_items(root: Path, folder: Path | None = None, recursive: bool = True,
-                 label_map: dict[str, str] | None = None) -> Iterator[InputItem]:
+                 label_map: dict[str, str] | None = None, shard: int = 0, shards: int = 1) -> Iterator[InputItem]:
     """The images of ``folder`` (default: ``root``) and, with ``recursive``, of its sub-folders,
     keyed by their path relative to ``root``, folders and files in name order: image suffixes
     and extension-less DICOM (DICM magic); hidden files and folders are skipped, links to
-    folders are not followed. ``folder_units`` cuts a tree into calls of this that tile it.
-    With ``label_map``, each item's label is its nearest labelled ancestor folder's class."""
+    folders are not followed; with ``shards`` > 1 only the files whose name hashes to ``shard``
+    (CRC-32). ``folder_units`` cuts a tree into calls of this that tile it. With ``label_map``,
+    each item's label is its nearest labelled ancestor folder's class."""
     for dirpath, dirnames, filenames in os.walk(root if folder is None else folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
         for fn in sorted(filenames):
-            if fn.startswith("."):
+            if fn.startswith(".") or shards > 1 and zlib.crc32(os.fsencode(fn)) % shards != shard:
                 continue
             full = Path(dirpath) / fn
             suffix = full.suffix.lower()
@@ -131,27 +133,39 @@ def folder_items(root: Path, folder: Path | None = None, recursive: bool = True,
             yield InputItem(key=safe_text(rel.as_posix()), path=str(full), label=label)
 
 
-def folder_units(root: Path, min_units: int = 64, max_entries: int = 50_000) -> list[tuple[str, bool]]:
-    """``(folder, recursive)`` pairs whose ``folder_items`` tile the tree under ``root``: folders
-    are opened breadth first (each one's own files become a non-recursive unit, its sub-folders
-    queued) until there are ``min_units`` units or ``max_entries`` entries were looked at; the
-    queued folders are walked whole. Only folder entries are read here, so a tree of millions of
-    files is cut up in a fraction of a second."""
+def folder_units(root: Path, min_units: int = 64, max_entries: int = 50_000,
+                 min_files: int = 64) -> list[tuple[str, bool, int, int]]:
+    """``(folder, recursive, shard, shards)`` whose ``folder_items`` tile the tree under ``root``:
+    folders are opened breadth first (each one's own files become non-recursive units, its
+    sub-folders queued) until there are ``min_units`` units or ``max_entries`` entries were looked
+    at; the queued folders are walked whole. An opened folder's files are cut by name hash into
+    up to 64 shards of at least ``min_files`` (fewer where that many passes over a huge folder
+    would cost more than they save), so that a flat folder is listed, and decoded, by parallel
+    tasks. Only folder entries are read here: a tree of millions of files is cut up in seconds."""
     units, queue, seen = [], [Path(root)], 0
     while queue and len(units) + len(queue) < min_units and seen < max_entries:
         folder = queue.pop(0)
-        units.append((str(folder), False))
+        subs, files = [], 0
         try:
             with os.scandir(folder) as entries:
-                subs = []
                 for e in entries:
                     seen += 1
-                    if not e.name.startswith(".") and e.is_dir() and not e.is_symlink():
+                    if e.name.startswith("."):
+                        continue
+                    try:
+                        is_dir = e.is_dir()
+                    except OSError:  # as os.walk does: a file
+                        is_dir = False
+                    if is_dir and not e.is_symlink():
                         subs.append(e.name)
+                    elif not is_dir:
+                        files += 1
         except OSError:  # unreadable: os.walk skips it too
-            continue
+            pass
+        shards = max(1, min(files // max(min_files, 1), 64, 20_000_000 // max(files, 1)))
+        units += [(str(folder), False, i, shards) for i in range(shards)]
         queue += [folder / d for d in sorted(subs)]
-    return units + [(str(f), True) for f in queue]
+    return units + [(str(f), True, 0, 1) for f in queue]
 
 
 def list_file_items(path: Path, start: int = 0, end: int | None = None) -> Iterator[InputItem]:

@@ -4,8 +4,9 @@ List files and folder trees stream: ``archive_datasource`` splits a list into by
 tree into folders, that Ray's read tasks list (``cxrscreen.io.sources.list_file_items``,
 ``folder_items``), so the driver reads only a list's size and head, or a tree's top folders,
 before results start, and never holds the archive (it lists it once more at the end, in chunks,
-to account for every input: ``input_key_chunks``). Single images and runs with ``limit`` are
-listed on the driver into an Arrow table in chunks (``pending_items``). Paths travel as bytes: a
+to account for every input: ``input_key_chunks``). Single images, runs with ``limit``, archives
+of at most one batch and archives some node cannot see are listed on the driver into an Arrow
+table in chunks (``pending_items``). Paths travel as bytes: a
 non-UTF-8 name is a valid path but not valid Arrow text. Parquet archives are read by Ray's
 Parquet reader (``parquet_keys`` checks them).
 """
@@ -55,8 +56,8 @@ def archive_datasource(path: str | os.PathLike, kind: str, min_rows: int = 64):
     start before the archive is listed and the driver never holds it; ``.parts`` holds one read
     task's share each. A list file is cut into byte ranges of about ``min_rows`` lines (at most
     200: ``list_file_ranges``; only its size and head are read here), a folder tree into folders
-    (``folder_units``; only folder entries near the top are read here), each listed in blocks of
-    at most 4,096 inputs. Ray is imported here, by a run that uses it."""
+    and shards of big folders (``folder_units``; only folder entries near the top are read here),
+    each listed in blocks of 4,096 inputs (``min_rows`` if more). Ray is imported here, by a run that uses it."""
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
@@ -65,7 +66,7 @@ def archive_datasource(path: str | os.PathLike, kind: str, min_rows: int = 64):
         next(list_file_items(path, 0, 0), None)  # a CSV list's header is checked here, not in a task
         parts = list_file_ranges(path, min_rows)
     elif kind == "folder":
-        parts = folder_units(path)
+        parts = folder_units(path, min_files=min_rows)
     else:
         raise ValueError(f"{kind}: only list files and folder trees are listed by read tasks")
 
@@ -89,7 +90,8 @@ def _read_part(path: Path, kind: str, part: tuple, block_rows: int) -> Iterator[
     if kind == "list":
         items = list_file_items(path, *part)
     else:
-        items = folder_items(path, Path(part[0]), recursive=part[1])
+        folder, recursive, shard, shards = part
+        items = folder_items(path, Path(folder), recursive, shard=shard, shards=shards)
     for chunk in _chunks(items, block_rows):
         yield items_table(chunk)
 
@@ -115,7 +117,11 @@ def parquet_keys(files: list[str], key_column: str, image_column: str) -> pa.Arr
             if col not in names:
                 raise ValueError(f"{f}: Parquet archives need columns {key_column!r} and {image_column!r} "
                                  f"(has {names}); set key_column / image_column in the score config")
-        keys += pq.read_table(f, columns=[key_column])[key_column].cast(pa.string()).chunks
+        col = pq.read_table(f, columns=[key_column])[key_column]
+        if pa.types.is_string(col.type) and not col.null_count:  # as they are: no Python string per key
+            keys += col.chunks
+        else:  # the text each row's key becomes when its batch is scored (``str`` of the value)
+            keys.append(pa.array([str(k) for k in col.to_numpy(zero_copy_only=False)], pa.string()))
     return pa.concat_arrays(keys)
 
 

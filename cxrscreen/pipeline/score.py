@@ -1,5 +1,6 @@
-"""Score an archive: Ray Data streams inputs through decode tasks and a model actor pool
-(segmenter and classifier fused in one actor; or two pools); the driver (one node) or write
+"""Score an archive: Ray Data streams inputs (listed by read tasks, ``listing``) through decode
+tasks and a model actor pool (segmenter and classifier fused in one actor; or two pools), while
+the driver scores the first batch itself with the same stages; the driver (one node) or write
 tasks on the workers (a cluster) write atomic Parquet part files; an interrupted run resumes."""
 
 from __future__ import annotations
@@ -35,13 +36,16 @@ if TYPE_CHECKING:  # torch and the models load in the model check's thread while
 @dataclass
 class ScoreSummary:
     inputs: int = 0  # inputs found in the archive
-    skipped: int = 0  # already in OUT from an earlier run (same key and content hash)
+    skipped: int = 0  # inputs not scored by this run: in OUT from an earlier run with the same content
     ok: int = 0
     errors: Counter = field(default_factory=Counter)  # error type -> count
     seconds: float = 0.0
     missing: list = field(default_factory=list)  # input keys without an output row (should be empty)
-    first_row_s: float = 0.0  # start-up: seconds until the first result arrived
-    first_rows: int = 0  # rows of that first result (not counted in the steady rate)
+    arrived: int = 0  # inputs of a streamed archive that appeared after their part was listed (next run scores them)
+    first_row_s: float = 0.0  # start-up: seconds until the first result arrived (the driver's own batch, if any)
+    first_rows: int = 0  # rows of that first result
+    steady_from_s: float = 0.0  # seconds until the model actors' first result (the steady rate is counted after it)
+    steady_from_rows: int = 0  # rows finished by then (not counted in the steady rate)
     referred: Counter = field(default_factory=Counter)  # refer_reason code -> rows
     labels: Counter = field(default_factory=Counter)  # predicted label -> rows
     drift: str = ""  # one line when the archive differs from the training data (drift_warning)
@@ -58,10 +62,10 @@ class ScoreSummary:
 
     @property
     def steady_images_per_s(self) -> float:
-        """Throughput after start-up (Ray init, actor and model loading): the rows after the first
-        result, over the time after it."""
-        steady = self.scored - self.first_rows
-        return steady / max(self.seconds - self.first_row_s, 1e-9) if steady > 0 else 0.0
+        """Throughput after start-up (Ray init, actor and model loading): the rows after the model
+        actors' first result, over the time after it (0 when the driver scored every row)."""
+        steady = self.scored - self.steady_from_rows
+        return steady / max(self.seconds - self.steady_from_s, 1e-9) if steady > 0 and self.steady_from_s else 0.0
 
     @property
     def scored(self) -> int:
@@ -75,8 +79,9 @@ class ScoreSummary:
         """The summary as plain JSON-able values (``cxrscreen score --json``)."""
         return {"inputs": self.inputs, "skipped": self.skipped, "ok": self.ok, "errors": dict(self.errors),
                 "referred_by_reason": dict(self.referred), "labels": dict(self.labels),
-                "rows": self.rows, "stale": self.stale, "pruned": self.pruned, "missing": len(self.missing),
+                "rows": self.rows, "stale": self.stale, "pruned": self.pruned, "missing": len(self.missing), "arrived": self.arrived,
                 "seconds": round(self.seconds, 3), "first_row_s": round(self.first_row_s, 3),
+                "steady_from_s": round(self.steady_from_s, 3),
                 "images_per_s": round(self.images_per_s, 3), "steady_images_per_s": round(self.steady_images_per_s, 3),
                 "drift": self.drift or None}
 
@@ -88,7 +93,8 @@ class ScoreSummary:
                 f"{self.images_per_s:.1f} images/s overall, {self.steady_images_per_s:.1f} steady; "
                 f"{self.rows} rows in the output" + (f", {self.stale} of them for inputs no longer in the archive "
                                                      "(kept; --prune removes them)" if self.stale else "")
-                + (f"; {self.pruned} rows of removed inputs pruned" if self.pruned else ""))
+                + (f"; {self.pruned} rows of removed inputs pruned" if self.pruned else "")
+                + (f"; {self.arrived} inputs arrived during the run (run again to score them)" if self.arrived else ""))
 
 
 def check_models(cfg: ScoreConfig) -> dict:
@@ -141,11 +147,16 @@ class ModelCheckFailed(ValueError):
 def driver_stages(cfg: ScoreConfig) -> tuple[Segmenter | None, Classifier]:
     """The model stages in the driver, on its CPU with one torch thread: they score the archive's
     first batch while Ray starts the model actors (``first_batch_on_driver``)."""
+    import torch
+
     from cxrscreen.pipeline.stages import Classifier, Segmenter
 
-    runtime = cfg.runtime_options("cpu", 1)
-    return Segmenter(cfg.segmenter_options(), runtime) if cfg.segmenter else None, \
-        Classifier(cfg.classifier_options(), runtime)
+    runtime, threads = cfg.runtime_options("cpu", 1), torch.get_num_threads()
+    try:
+        return Segmenter(cfg.segmenter_options(), runtime) if cfg.segmenter else None, \
+            Classifier(cfg.classifier_options(), runtime)
+    finally:  # the torch runtime sets the process's thread count: a Python caller keeps its own
+        torch.set_num_threads(threads)
 
 
 def _start(cfg: ScoreConfig):
@@ -331,7 +342,7 @@ def score_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: S
 def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress: bool) -> ScoreSummary:
     from tqdm import tqdm
 
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     ray, reference, stages = _start(cfg)
     res = ray.cluster_resources()
     plan = plan_resources(cfg, res.get("CPU", 1), res.get("GPU", 0))
@@ -405,16 +416,19 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     bar = tqdm(total=n_pending, unit="img", desc="score", disable=not progress, smoothing=0.1)
     lock, failed = threading.Lock(), []
 
-    def take(batch: dict) -> None:
+    def take(batch: dict, from_actors: bool = True) -> None:
         """Write a batch of output rows (the driver writes), or count the part files written
         (one row of counts each); the driver's own first batch arrives from a thread."""
         with lock:
             written = [(len(batch["key"]), writer.add(batch))] if writer is not None else \
                 [(int(n), json.loads(c)) for n, c in zip(batch["rows"], batch["counts"])]
             for n, counts in written:
+                now = time.perf_counter() - t0
                 if not summary.first_row_s:
-                    summary.first_row_s, summary.first_rows = time.perf_counter() - t0, n
+                    summary.first_row_s, summary.first_rows = now, n
                 summary.add(counts)
+                if from_actors and not summary.steady_from_s:
+                    summary.steady_from_s, summary.steady_from_rows = now, summary.scored
                 if bar.total is None and tree_size:
                     bar.total = max(tree_size[0] - index.num_rows, bar.n + n)
                 bar.update(n)
@@ -423,7 +437,7 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
         try:
             rows = _score_on_driver(first, index, stages, cfg)
             if rows is not None:
-                take(rows if writer is not None else write_rows(rows, str(out_dir), run, cfg.include_phi))
+                take(rows if writer is not None else write_rows(rows, str(out_dir), run, cfg.include_phi), False)
         except BaseException as e:  # noqa: BLE001 - raised in the main thread after the run
             failed.append(e)
 
@@ -439,23 +453,27 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
                 on_driver.join()
     except KeyboardInterrupt as e:
         stopped = str(e) or "SIGINT"
-    if first:
-        on_driver.join()
-    if failed:
-        raise failed[0]
+    finally:  # the driver's batch is finished, and written, before anything else happens
+        if first:
+            on_driver.join()
     bar.close()
     if writer is not None:  # also when stopped: what is finished is kept
         writer.flush()
     index = output_index(out_dir)
     if drop_superseded(out_dir, index.superseded(run), run):  # also when stopped: what is written is kept
         index = output_index(out_dir)
+    if failed:  # the driver's first batch could not be written (what Ray scored is kept)
+        raise failed[0]
     if stopped:
         raise Interrupted(f"stopped by {stopped}: {summary.scored} rows finished in this run were written to "
                           f"{out_dir}; run the same command again to score the rest")
     # a streamed list is read again in chunks as large as OUT (each chunk costs one pass over OUT)
     key_chunks = [input_keys] if input_keys is not None else input_key_chunks(archive, kind, chunk=index.num_rows)
     summary.missing, stale, summary.inputs = _missing_and_stale(key_chunks, index)
-    summary.skipped = summary.inputs - summary.scored
+    if input_keys is None and summary.missing:  # listed in parts while the run went on
+        late = _arrived_during(archive, kind, summary.missing, started)
+        summary.missing, summary.arrived = [k for k in summary.missing if k not in late], len(late)
+    summary.skipped = summary.inputs - summary.scored - summary.arrived - len(summary.missing)
     summary.seconds = time.perf_counter() - t0
     if len(stale) and cfg.prune:
         summary.pruned = drop_superseded(out_dir, stale, keep_run="")
@@ -470,10 +488,12 @@ def _model_stages(ray, ds, cfg: ScoreConfig, plan: ResourcePlan):
     """Inputs (key, path or bytes, expected_sha) -> output rows: batches, decode tasks, model actors."""
     from cxrscreen.pipeline.stages import Classifier, SegmentClassify, Segmenter  # imported by the model check already
 
-    # blocks of one batch: Ray joins what a read task yields into one block, and a model actor
-    # hands back a block's rows together, so without this a list range's or a folder's first
-    # result would wait for all of its inputs (and the actors would share few blocks)
-    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
+    # Ray joins what a task yields into blocks of up to 128 MiB: the decoded images of a folder
+    # or list range would reach the actors as a few blocks, so the first result would wait for
+    # thousands of images; blocks of about one batch of work images stream out as decoded.
+    # (Ray's repartition cuts blocks too, but measured slower, and its tasks take a whole CPU,
+    # which a 1-CPU cluster never has beside the actors: benchmarks/README.md, "Ceiling".)
+    ds.context.target_max_block_size = cfg.batch_size * cfg.work_size ** 2
     # Fault tolerance is Ray's, kept at the defaults on purpose (they fit: every stage is pure):
     # a decode task lost with its worker or node is re-run (Ray's task max_retries=3); a dead
     # model actor is restarted without limit and its in-flight batches are retried on the new
@@ -496,6 +516,20 @@ def _model_stages(ray, ds, cfg: ScoreConfig, plan: ResourcePlan):
         ds = ds.map_batches(Classifier, fn_constructor_kwargs=dict(options=cfg.classifier_options(), runtime=model_kwargs),
                             compute=ray.data.ActorPoolStrategy(size=cfg.cls_actors), **pool)
     return ds
+
+
+def _arrived_during(archive, kind: str, keys: list[str], since: float) -> set[str]:
+    """Of a streamed archive's keys without a row, those that may have arrived after their part
+    was listed: a folder's files created (ctime) since the run began, or every one if the list
+    file itself changed since then."""
+    if kind == "list":
+        return set(keys) if os.stat(archive).st_mtime >= since else set()
+    late = set()
+    for k in keys:
+        with contextlib.suppress(OSError):  # gone again, or an escaped name: missing
+            if os.stat(os.path.join(archive, k)).st_ctime >= since:
+                late.add(k)
+    return late
 
 
 def _missing_and_stale(key_chunks: Iterable, index: ResumeIndex) -> tuple[list[str], np.ndarray, int]:
@@ -521,9 +555,11 @@ def _score_on_driver(items: list[InputItem], index: ResumeIndex, stages: tuple, 
     batch = decode_batch({"key": col(keys), "path": col([os.fsencode(it.path) for it in items]),
                           "expected_sha": index.expected_sha(keys).to_numpy(zero_copy_only=False)},
                          cfg.work_size, **cfg.decode_options())
-    if not len(batch["key"]):
-        return None
-    segmenter, classifier = stages
+    return _model_rows(batch, *stages) if len(batch["key"]) else None
+
+
+def _model_rows(batch: dict, segmenter: Segmenter | None, classifier: Classifier) -> dict:
+    """A decoded batch through the model stages, as the actors run them."""
     return classifier(segmenter(batch) if segmenter is not None else batch)
 
 
@@ -545,10 +581,7 @@ def score_items_local(items: Iterable[InputItem], cfg: ScoreConfig = ScoreConfig
     buf: list[InputItem] = []
 
     def run(chunk):
-        batch = decode_items(chunk, cfg.work_size, **cfg.decode_options())
-        if segmenter is not None:
-            batch = segmenter(batch)
-        return classifier(batch)
+        return _model_rows(decode_items(chunk, cfg.work_size, **cfg.decode_options()), segmenter, classifier)
 
     for it in items:
         buf.append(it)

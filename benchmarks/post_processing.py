@@ -1,0 +1,119 @@
+"""The CPU work around the models, before and after, in one run on the same inputs and one
+thread: lung-mask clean-up (scipy's two labellings, as before, vs OpenCV's labelling with stats
+and one flood fill, `masks.lung_regions` now) on the shipped U-Net's masks of ../shared/data/cxr
+(phantoms without it), and the lung crop (torchvision's `roi_align`, as before, vs
+`preprocess.crop_boxes` now) on the same images and boxes; with how far the outputs are apart
+(masks identical / Dice, crop grey levels).
+Usage: python benchmarks/post_processing.py [-n 512] [-o benchmarks/results/post_processing.parquet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from scipy import ndimage
+
+from cxrscreen.bench import machine_info, prepare_inputs
+from cxrscreen.io.batch import decode_items
+from cxrscreen.io.sources import list_inputs
+from cxrscreen.masks import dice_scores, lung_regions
+from cxrscreen.predict import ModelRunner
+from cxrscreen.preprocess import crop_boxes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def scipy_regions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The clean-up as it was: scipy labels, the two largest components, holes filled by a
+    second labelling of the background; the cleaned mask and its box."""
+    h, w = mask.shape
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros_like(mask, bool), np.full(4, np.nan, np.float32)
+    keep = np.argsort(np.bincount(labels.ravel())[1:])[-2:] + 1
+    kept = np.isin(labels, keep)
+    background, m = ndimage.label(~kept)
+    border = np.zeros(m + 1, bool)
+    border[np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])] = True
+    border[0] = False
+    slices = ndimage.find_objects(labels)
+    ys = slice(min(slices[k - 1][0].start for k in keep), max(slices[k - 1][0].stop for k in keep))
+    xs = slice(min(slices[k - 1][1].start for k in keep), max(slices[k - 1][1].stop for k in keep))
+    return ~border[background], np.array([xs.start / w, ys.start / h, xs.stop / w, ys.stop / h], np.float32)
+
+
+def roi_align_crop(images: torch.Tensor, boxes: np.ndarray, size: int, margin: float = 0.05) -> torch.Tensor:
+    """The lung crop as it was: one torchvision roi_align (aligned, adaptive sampling)."""
+    from torchvision.ops import roi_align
+
+    b = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4))
+    b = torch.where(torch.isnan(b).any(1, keepdim=True), torch.tensor([0.0, 0.0, 1.0, 1.0]), b)
+    b = torch.cat([(b[:, :2] - margin).clamp(0, 1), (b[:, 2:] + margin).clamp(0, 1)], 1)
+    h, w = images.shape[-2:]
+    rois = torch.cat([torch.arange(len(b), dtype=torch.float32)[:, None], b * torch.tensor([w, h, w, h])], 1)
+    out = roi_align(images[:, None].float(), rois, (size, size), sampling_ratio=-1, aligned=True)
+    return out[:, 0].round().clamp(0, 255).to(torch.uint8)
+
+
+def per_image_ms(fn, n: int, reps: int = 3) -> float:
+    best = np.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best / n * 1000
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-n", type=int, default=512)
+    p.add_argument("--source", default="cxr")
+    p.add_argument("-o", "--out", default=str(ROOT / "benchmarks" / "results" / "post_processing.parquet"))
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    folder = prepare_inputs(a.source, a.n, Path(tempfile.mkdtemp(prefix="cxrbench-post-")), ROOT.parent / "shared" / "data")
+    items = list(list_inputs(folder))
+    seg = ModelRunner("unet-lungs-fast", "segment", "cpu", "fp32", 2, "torch", False)
+    images, masks = [], []
+    for i in range(0, len(items), 32):
+        b = decode_items(items[i:i + 32], 256)
+        ok = b["image"][b["status"] == "ok"]
+        images.append(ok)
+        masks.append((seg.segment_probs(ok) > 0.5).numpy())
+    images, masks = np.concatenate(images), np.concatenate(masks)
+    n, info, rows = len(masks), machine_info(), []
+    before = [scipy_regions(m) for m in masks]
+    now = [lung_regions(m) for m in masks]
+    same = sum(np.array_equal(b[0], r.mask) for b, r in zip(before, now))
+    dice = dice_scores(np.stack([b[0] for b in before]), np.stack([r.mask for r in now]))
+    for way, fn in (("mask clean-up: scipy, two labellings (before)", lambda: [scipy_regions(m) for m in masks]),
+                    ("mask clean-up: OpenCV, labels with stats + flood fill (now)",
+                     lambda: [lung_regions(m) for m in masks])):
+        rows.append(dict(way=way, n=n, ms_per_image=per_image_ms(fn, n), identical=same, min_dice=float(dice.min()),
+                         **info))
+    boxes = np.stack([r.box for r in now])
+    x = torch.from_numpy(images)
+    old = torch.cat([roi_align_crop(x[i:i + 16], boxes[i:i + 16], 224) for i in range(0, n, 16)])
+    new = torch.cat([crop_boxes(x[i:i + 16], boxes[i:i + 16], 224) for i in range(0, n, 16)])
+    diff = (old.int() - new.int()).abs()
+    for way, crop in (("lung crop 256 -> 224 px: roi_align (before)", roi_align_crop),
+                      ("lung crop 256 -> 224 px: grouped grid_sample (crop_boxes, now)", crop_boxes)):
+        fn = (lambda c=crop: [c(x[i:i + 16], boxes[i:i + 16], 224) for i in range(0, n, 16)])
+        rows.append(dict(way=way, n=n, ms_per_image=per_image_ms(fn, n), max_grey_diff=int(diff.max()),
+                         share_pixels_differing=float((diff > 0).float().mean()), **info))
+    for r in rows:
+        print(f"{r['way']}: {r['ms_per_image']:.3f} ms per image", flush=True)
+    print(f"masks identical {same}/{n}, min Dice {dice.min():.4f}; crops differ by at most {int(diff.max())} grey "
+          f"level in {float((diff > 0).float().mean()):.2%} of pixels")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame(rows, infer_schema_length=None).write_parquet(a.out)
+
+
+if __name__ == "__main__":
+    main()
