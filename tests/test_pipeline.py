@@ -171,7 +171,7 @@ def test_the_driver_scores_the_first_batch_as_the_actors_would(mixed_archive, ra
                                                                tmp_path, monkeypatch):
     """Issue 18.6: while Ray starts the model actors, the driver scores the archive's first batch
     with the same stages (its rows equal the actors' rows for the same inputs); Ray gets the rest,
-    every input once; an archive no bigger than one batch never reaches Ray's model stages."""
+    every input once; an archive of at most one batch never reaches Ray's model stages."""
     import cxrscreen.pipeline.score as score_module
 
     archive, _ = mixed_archive
@@ -194,11 +194,11 @@ def test_the_driver_scores_the_first_batch_as_the_actors_would(mixed_archive, ra
     assert np.array_equal(np.isnan(pa_), np.isnan(pb)) and np.nanmax(np.abs(pa_ - pb)) <= 1e-4  # error rows: NaN
     small = tmp_path / "small"
     small.mkdir()
-    for it in list(list_inputs(archive))[:5]:
-        (small / os.path.basename(it.path)).write_bytes(Path(it.path).read_bytes())
+    for i, it in enumerate(list(list_inputs(archive))[:8]):  # exactly one batch
+        (small / f"{i:02d}{Path(it.path).suffix}").write_bytes(Path(it.path).read_bytes())
     monkeypatch.setattr(score_module, "_model_stages", None)  # Ray's model stages must not be built
     few = score_archive(small, tmp_path / "few", ScoreConfig(**cfg), progress=False)
-    assert few.inputs == 5 and few.scored == 5 and few.missing == [] and few.rows == 5
+    assert few.inputs == 8 and few.scored == 8 and few.missing == [] and few.rows == 8
 
 
 @pytest.mark.slow

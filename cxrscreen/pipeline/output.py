@@ -194,10 +194,10 @@ def key_hashes(keys) -> np.ndarray:
 
 class ResumeIndex:
     """What a run needs to know of the rows already in OUT, in about 28 bytes per row (about
-    28 MB for a million rows, where the keys and hashes as text took over 120 MB): each row's key
+    27 MB for a million rows, where the keys and hashes as Arrow text took 93 MB): each row's key
     as a 64-bit hash (``key_hashes``, sorted), the first ``SHA_PREFIX`` hex characters of its
     content hash and its run. Keys themselves are read one part file at a time and never kept. A
-    hash collision between two of a million keys has odds of about 1 in 30 million; two colliding
+    hash collision between two of a million keys has odds of about 1 in 37 million; two colliding
     keys would share one row's place (the newer scored input replaces the other's row)."""
 
     def __init__(self, hashes: np.ndarray, sha: np.ndarray, run: np.ndarray, runs: list[str]):

@@ -350,10 +350,12 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     nodes = _cpu_nodes(ray)
     # the first batch is scored in the driver while Ray starts the actors (on CPUs: on GPUs the
     # actors' runtime differs); if it is the whole archive, Ray runs nothing
-    first = list(itertools.islice(list_inputs(archive), min(cfg.batch_size, cfg.limit or cfg.batch_size))) \
+    n_first = min(cfg.batch_size, cfg.limit or cfg.batch_size)
+    first = list(itertools.islice(list_inputs(archive), n_first + 1)) \
         if stages is not None and plan.device == "cpu" and kind != "parquet" else []
+    rest = not first or len(first) > n_first  # else the first batch is all of it
+    first = first[:n_first]
     skip = pa.array([it.key for it in first], pa.string())
-    rest = not first or len(first) == cfg.batch_size  # else the first batch is all of it
     tree_size: list[int] = []  # a streamed tree's inputs, once a thread has counted them
     if kind == "parquet":
         if res.get("CPU", 1) < 2:
