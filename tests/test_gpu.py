@@ -97,3 +97,31 @@ def test_tensorrt_matches_torch_fp32(items):
     pytest.importorskip("tensorrt", reason="tensorrt is not installed (pip install 'cxrscreen[tensorrt]')")
     ref = _score(items[:24], device="cuda", runtime="torch", precision="fp32")
     _compare(ref, _score(items[:24], device="cuda", runtime="tensorrt", precision="fp16"), 0.02, 0.97)
+
+
+def test_lung_crop_on_the_gpu_matches_cpu():
+    """crop_boxes (grouped grid_sample, roi_align's arithmetic) gives the same crops on the device."""
+    from cxrscreen.preprocess import crop_boxes
+
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (16, 256, 256), dtype=np.uint8))
+    x0, y0 = rng.uniform(0, 0.5, 16), rng.uniform(0, 0.5, 16)
+    boxes = np.stack([x0, y0, x0 + rng.uniform(0.1, 0.5, 16), y0 + rng.uniform(0.1, 0.5, 16)], 1).astype(np.float32)
+    boxes[0] = np.nan
+    cpu, gpu = crop_boxes(images, boxes, 224), crop_boxes(images.cuda(), boxes, 224)
+    assert gpu.is_cuda and gpu.shape == cpu.shape
+    diff = (gpu.cpu().int() - cpu.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+
+
+def test_fused_actor_on_the_gpu_matches_two_stages(items):
+    """SegmentClassify (images copied to the device once, both models there) gives the rows of
+    Segmenter then Classifier on the same device."""
+    from cxrscreen.pipeline.stages import Classifier, SegmentClassify, Segmenter
+
+    cfg = ScoreConfig(device="cuda", runtime="torch", precision="fp32", batch_size=16)
+    two = Classifier(cfg.classifier_options(), cfg.runtime_options())(
+        Segmenter(cfg.segmenter_options(), cfg.runtime_options())(decode_items(items)))
+    fused = SegmentClassify(cfg.segmenter_options(), cfg.classifier_options(), cfg.runtime_options())(decode_items(items))
+    assert list(fused["status"]) == list(two["status"]) and (two["status"] == "ok").sum() >= 10
+    _compare(two, fused, 1e-3, 0.99)
