@@ -91,7 +91,8 @@ def _random_masks(seed: int, n: int = 12, size: int = 48) -> np.ndarray:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_batched_tensor_post_processing_matches_scipy_per_image(seed):
-    """The GPU path (tensor ops, run here on CPU) gives exactly what lung_regions gives per image."""
+    """The GPU path (tensor ops, run here on CPU) and the threaded host path give exactly what
+    lung_regions gives per image."""
     import torch
 
     from cxrscreen.masks import _lung_regions_tensor, components, lung_regions_batch
@@ -103,11 +104,11 @@ def test_batched_tensor_post_processing_matches_scipy_per_image(seed):
         assert len(np.unique(l[m])) == n  # same partition as scipy: one id per component
         pairs = set(zip(ref[m].tolist(), l[m].tolist()))
         assert len(pairs) == n
-    ref = lung_regions_batch(torch.from_numpy(masks))  # CPU tensors: scipy per image
-    out = _lung_regions_tensor(torch.from_numpy(masks))
-    assert (ref.masks == out.masks).all()
-    for k in ("fraction", "box", "right", "left"):
-        np.testing.assert_allclose(getattr(out, k), getattr(ref, k), atol=1e-6, err_msg=k)
+    ref = lung_regions_batch(torch.from_numpy(masks))  # CPU tensors: OpenCV per image
+    for out in (_lung_regions_tensor(torch.from_numpy(masks)), lung_regions_batch(torch.from_numpy(masks), workers=3)):
+        assert (ref.masks == out.masks).all()
+        for k in ("fraction", "box", "right", "left"):
+            np.testing.assert_allclose(getattr(out, k), getattr(ref, k), atol=1e-6, err_msg=k)
 
 
 def test_mask_pngs_are_1_bit_and_round_trip_at_any_size():
@@ -118,7 +119,7 @@ def test_mask_pngs_are_1_bit_and_round_trip_at_any_size():
 
     masks = _random_masks(3, n=4, size=37)  # a width that is not a multiple of 8
     pngs = mask_pngs(masks)
-    assert Image.open(io.BytesIO(pngs[0])).mode == "1"
+    assert Image.open(io.BytesIO(pngs[0])).mode == "1" and mask_pngs(masks, workers=3) == pngs
     assert all((decode_mask_png(p) == m).all() for p, m in zip(pngs, masks))
     big = resize_masks(masks, 74)
     assert big.shape == (4, 74, 74) and (big[:, ::2, ::2] == masks).all()

@@ -9,17 +9,20 @@ section so that a run stopped by its time limit still returns what it measured:
 - ``stage``: the pipeline's own ``Segmenter`` + ``Classifier`` actors on pre-decoded uint8 work
   images in host memory (host-device transfers, preprocessing, lung boxes, mask PNGs, OOD
   score, referral included), with the GPU utilisation sampled by nvidia-smi; also from JPEG
-  bytes in memory decoded by the segmenter actor (nvJPEG on CUDA).
+  bytes in memory decoded by the segmenter actor (nvJPEG on CUDA); and the fused
+  ``SegmentClassify`` actor with 1, 2, 4 and 8 threads (1: masks cleaned by tensor ops on the
+  device; more: by OpenCV on the host in that many threads).
 - ``parts``: where a stage's time goes: raw batched ``decode_jpeg`` on the device and on the
   CPU, host-device copy of a uint8 batch, and the segmenter stage's mask post-processing:
-  per image with scipy + PIL (as before) and batched (``lung_regions_batch`` + ``mask_pngs``).
+  per image with scipy + PIL (as before) and batched (``lung_regions_batch`` + ``mask_pngs``:
+  tensor ops on the device, OpenCV on the host in 1, 2, 4, 8 threads).
 - ``profile``: a ``torch.profiler`` table (``profile.txt``) of the batched mask post-processing
   and one segmenter forward.
 - ``cpu``: the CPU-side ceiling: decode + resize of PNG and JPEG files on every core.
 - ``agreement``: fp16 and bf16 (graphs on) against fp32 on the same real images: max |dp|,
   label agreement, minimum lung-mask Dice.
 
-Usage: python benchmarks/gpu/bench_gpu.py --device cuda|cpu --data DIR --out DIR [--budget S]
+Usage: python benchmarks/gpu/bench_gpu.py --device cuda|cpu --data DIR --out DIR [--budget S] [--sections a,b]
 """
 
 from __future__ import annotations
@@ -192,11 +195,15 @@ def stage_section(run: Run, cfg: ScoreConfig, images: np.ndarray, jpeg_files: li
         run.add("stage", "Segmenter+Classifier pre-decoded", batch_size=bs, precision=precision, cuda_graphs=c.cuda_graphs,
                 images_per_s=n / (t_seg + t_cls), segment_stage_share=t_seg / (t_seg + t_cls), images=n, **gpu)
     bs = batch_sizes[-1]
-    if run.left() > 20:  # the fused actor (the GPU default): images copied to the device once for both models
-        fused = SegmentClassify(c.segmenter_options(), c.classifier_options(), c.runtime_options())
+    for threads in (1, 2, 4, 8):  # the fused actor (the GPU default); masks cleaned on the device with 1 thread
+        if run.left() < 20:
+            break
+        fused = SegmentClassify(c.segmenter_options(), c.classifier_options(), c.runtime_options(threads=threads))
         t, n, gpu = _time_actor(fused, lambda: _stage_batches(images, bs), run.device)
-        run.add("stage", "SegmentClassify (fused) pre-decoded", batch_size=bs, precision=precision,
-                cuda_graphs=c.cuda_graphs, images_per_s=n / t, images=n, **gpu)
+        run.add("stage", "SegmentClassify (fused) pre-decoded", batch_size=bs, precision=precision, threads=threads,
+                cuda_graphs=c.cuda_graphs, images_per_s=n / t, images=n,
+                note="masks: tensor ops on the device" if threads == 1 and run.device != "cpu"
+                else f"masks: OpenCV on the host, {threads} threads", **gpu)
     data = [f.read_bytes() for f in jpeg_files]
     bs = batch_sizes[-1]
     items = [InputItem(f"j{i}", data=data[i % len(data)]) for i in range(max(len(images), bs))]
@@ -242,13 +249,15 @@ def parts_section(run: Run, cfg: ScoreConfig, images: np.ndarray, jpeg_files: li
     probs = seg.segment_probs(images[:bs])
     t = median_seconds(lambda: _post_process_per_image(probs[:64].cpu().numpy()), "cpu", max(2, reps // 4), warm=1)
     run.add("parts", "mask post-processing per image (before)", images_per_s=64 / t,
-            note="scipy lung_regions + PIL 8-bit PNG, one core")
-    for where in dict.fromkeys((run.device, "cpu")):
+            note="lung_regions per image + PIL 8-bit PNG, one core")
+    for where, workers in dict.fromkeys(((run.device, 1), ("cpu", 1), (run.device, 2), (run.device, 4),
+                                          (run.device, 8))):
         p = probs.to(where)
-        t = median_seconds(lambda: mask_pngs(resize_masks(lung_regions_batch(p > 0.5).masks, 256).cpu().numpy()),
-                           run.device, max(2, reps // 4), warm=1)
-        run.add("parts", f"mask post-processing batched on {where}", batch_size=bs, images_per_s=bs / t,
-                note="lung_regions_batch + 1-bit mask_pngs")
+        t = median_seconds(lambda: mask_pngs(resize_masks(lung_regions_batch(p > 0.5, workers).masks, 256).cpu().numpy(),
+                                             workers=workers), run.device, max(2, reps // 4), warm=1)
+        run.add("parts", f"mask post-processing from {where}, {workers} threads", batch_size=bs, images_per_s=bs / t,
+                threads=workers, note="lung_regions_batch + 1-bit mask_pngs" +
+                (": tensor ops on the device" if where != "cpu" and workers == 1 else ": OpenCV on the host"))
     run.save()
 
 
@@ -307,6 +316,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="32,128,256,512")
     p.add_argument("--n", type=int, default=2048, help="images per stage timing")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--sections", default="model,stage,parts,profile,cpu,agreement")
     a = p.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
@@ -320,13 +330,19 @@ def main() -> None:
     images = work_images(files["png"], max(a.n, max(sizes)))
     precisions = ("fp32", "fp16", "bf16") if a.device == "cuda" else ("fp32", "bf16")
     run.add("run", "start", gpu=run.info["gpu"], cpus=cpus, images=len(images), budget_s=a.budget)
-    model_section(run, cfg, images, sizes, precisions, a.reps)
-    stage_section(run, cfg, images, files["jpeg"], sizes[1:] or sizes)
-    parts_section(run, cfg, images, files["jpeg"], a.reps)
-    if run.left() > 20:
+    sections = a.sections.split(",")
+    if "model" in sections:
+        model_section(run, cfg, images, sizes, precisions, a.reps)
+    if "stage" in sections:
+        stage_section(run, cfg, images, files["jpeg"], sizes[1:] or sizes)
+    if "parts" in sections:
+        parts_section(run, cfg, images, files["jpeg"], a.reps)
+    if "profile" in sections and run.left() > 20:
         profile_section(run, cfg, images)
-    cpu_section(run, cfg, files, a.n, cpus)
-    agreement_section(run, cfg, files["png"][:96])
+    if "cpu" in sections:
+        cpu_section(run, cfg, files, a.n, cpus)
+    if "agreement" in sections:
+        agreement_section(run, cfg, files["png"][:96])
     run.add("run", "end", seconds_left=run.left())
     run.save()
 

@@ -4,7 +4,8 @@
 #
 #   benchmarks/gpu/run.sh                       # on the GPU machine (about 6 minutes on an H200)
 #   benchmarks/gpu/run.sh --device cpu --n 64   # the same steps on CPU, small (the rehearsal)
-#   options: --budget S (benchmark seconds; later sections are skipped past it), --no-train
+#   options: --budget S (benchmark seconds; later sections are skipped past it), --no-train,
+#            --sections model,stage,parts,profile,cpu,agreement (bench_gpu.py's sections to run)
 #
 # The GPU machine has PyTorch 2.11 / torchvision 0.26 and no segmentation-models-pytorch,
 # pydicom, polars or ray, and cannot download: wheels travel in git-ignored .whl/ (and .whl2/:
@@ -14,13 +15,14 @@
 # CPU rehearsal proves the same.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-DEVICE=cuda N=2048 BUDGET=240 SIZES=32,128,256,512 REPS=10 STEPS=6 TRAIN=1
+DEVICE=cuda N=2048 BUDGET=240 SIZES=32,128,256,512 REPS=10 STEPS=6 TRAIN=1 SECTIONS=model,stage,parts,profile,cpu,agreement
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
     --n) N=$2; shift 2 ;;
     --budget) BUDGET=$2; shift 2 ;;
     --no-train) TRAIN=0; shift ;;
+    --sections) SECTIONS=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -84,7 +86,7 @@ EOF
   echo "no .gpudata (benchmarks/gpu/prepare_data.py): generated phantoms"
 fi
 timeout $((BUDGET + 90)) $PY benchmarks/gpu/bench_gpu.py --device "$DEVICE" --data "$DATA" --out "$OUT" \
-  --budget "$BUDGET" --n "$N" --batch-sizes "$SIZES" --reps "$REPS"
+  --budget "$BUDGET" --n "$N" --batch-sizes "$SIZES" --reps "$REPS" --sections "$SECTIONS"
 echo "bench exit: $?"
 
 # 4. training steps

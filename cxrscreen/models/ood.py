@@ -103,12 +103,11 @@ APPEARANCE_DIMS = 16  # ... projected on the 16 leading principal components of 
 
 
 def appearance_features(images) -> np.ndarray:
-    """uint8 work images (B, H, W), numpy or torch -> (B, 576) float32 appearance features:
-    24 x 24 area averages, each image standardised (mean 0, sd 1)."""
+    """uint8 work images (B, H, W), numpy or torch (on any device: computed there) -> (B, 576)
+    float32 appearance features: 24 x 24 area averages, each image standardised (mean 0, sd 1)."""
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-    x = torch.nn.functional.interpolate(x.float().cpu()[:, None], size=(APPEARANCE_SIDE,) * 2, mode="area")
-    x = x.flatten(1)
-    return ((x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6)).numpy().astype(np.float32)
+    x = torch.nn.functional.interpolate(x.float()[:, None], size=(APPEARANCE_SIDE,) * 2, mode="area").flatten(1)
+    return ((x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6)).cpu().numpy().astype(np.float32)
 
 
 def _gaussians(x: np.ndarray, targets: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:

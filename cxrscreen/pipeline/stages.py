@@ -104,6 +104,7 @@ class Segmenter(_ModelStage):
     def __init__(self, options: SegmenterOptions = SegmenterOptions(), runtime: RuntimeOptions = RuntimeOptions()):
         super().__init__(options.spec, runtime, options.allow_untrained)
         self.mask_size, self.threshold = options.mask_size, options.threshold
+        self.workers = runtime.threads or 1  # mask clean-up and PNGs in the actor's threads
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
@@ -116,8 +117,9 @@ class Segmenter(_ModelStage):
         right, left = boxes.copy(), boxes.copy()
         try:
             if ok.any():
-                regions = lung_regions_batch(self.runner.segment_probs(select_rows(batch["image"], ok)) > self.threshold)
-                pngs = mask_pngs(resize_masks(regions.masks, self.mask_size).cpu().numpy())
+                probs = self.runner.segment_probs(select_rows(batch["image"], ok))
+                regions = lung_regions_batch(probs > self.threshold, self.workers)
+                pngs = mask_pngs(resize_masks(regions.masks, self.mask_size).cpu().numpy(), workers=self.workers)
                 rows = np.nonzero(ok)[0]
                 for i, png in zip(rows, pngs):
                     masks[i] = png
