@@ -197,11 +197,15 @@ def image_batch(images: np.ndarray) -> dict[str, np.ndarray]:
             "error_type": np.full(n, None, object), "error_message": np.full(n, None, object), "image": images}
 
 
-def decode_items(items, work_size: int = WORK_SIZE, **options) -> dict[str, np.ndarray]:
+def decode_items(items, work_size: int = WORK_SIZE, expected_sha=None, **options) -> dict[str, np.ndarray]:
     """``decode_batch`` over a sequence of ``InputItem`` (path or bytes): a model-stage batch
-    (with an empty ``image`` array when no row is left, for callers outside Ray)."""
-    out = decode_batch({"key": col([it.key for it in items]), "path": col([it.path for it in items]),
-                        "data": col([it.data for it in items])}, work_size, **options)
+    (with an empty ``image`` array when no row is left, for callers outside Ray). ``expected_sha``:
+    per item, the content hash (prefix) of an earlier run's row, or None (``decode_batch``)."""
+    batch = {"key": col([it.key for it in items]), "path": col([it.path for it in items]),
+             "data": col([it.data for it in items])}
+    if expected_sha is not None:
+        batch["expected_sha"] = col(list(expected_sha))
+    out = decode_batch(batch, work_size, **options)
     out.setdefault("image", np.zeros((0, work_size, work_size), np.uint8))
     if options.get("defer_jpeg"):
         out.setdefault("jpeg_bytes", col([]))

@@ -96,11 +96,16 @@ def _read_part(path: Path, kind: str, part: tuple, block_rows: int) -> Iterator[
         yield items_table(chunk)
 
 
+def without_keys(items: pa.Table, keys: pa.Array) -> pa.Table:
+    """Input rows less those whose key is in ``keys`` (the inputs the driver scores itself)."""
+    return items.filter(pc.invert(pc.is_in(items["key"], value_set=keys))) if len(keys) else items
+
+
 def pending_rows(batch: pa.Table, index: ResumeIndex, skip: pa.Array | None = None) -> pa.Table:
     """A streamed archive's rows with the content hash of their key's row in ``index`` (a resumed
     run), less the rows of ``skip`` (keys the driver scores itself)."""
-    if skip is not None and len(skip):
-        batch = batch.filter(pc.invert(pc.is_in(batch["key"], value_set=skip)))
+    if skip is not None:
+        batch = without_keys(batch, skip)
     return batch.set_column(batch.schema.get_field_index("expected_sha"), "expected_sha",
                             index.expected_sha(batch["key"]))
 

@@ -204,24 +204,6 @@ class ResumeIndex:
         order = np.argsort(hashes, kind="stable")
         self.hashes, self.sha, self.run, self.runs = hashes[order], sha[order], run[order], runs
 
-    @classmethod
-    def read(cls, out_dir: str | Path, clean: bool = True) -> "ResumeIndex":
-        """The index of ``out_dir``'s complete part files. With ``clean`` (the lock holder only),
-        temp files of a killed run are removed: their rows were never visible."""
-        out = Path(out_dir)
-        hashes, shas, codes, runs = [], [], [], {}
-        for f in sorted(out.glob("part-*.parquet")) if out.exists() else []:
-            t = pq.read_table(f, columns=["key", "sha256"])
-            code = runs.setdefault(f.name[len("part-"):].rsplit("-", 1)[0], len(runs))
-            hashes.append(key_hashes(t["key"]))
-            sha = pc.utf8_slice_codeunits(pc.fill_null(t["sha256"], ""), 0, SHA_PREFIX)
-            shas.append(np.asarray(sha.to_pylist(), f"S{SHA_PREFIX}"))
-            codes.append(np.full(t.num_rows, code, np.int32))
-        for tmp in out.glob(".part-*.tmp") if clean and out.exists() else []:
-            tmp.unlink()
-        cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype))
-        return cls(cat(hashes, "<u8"), cat(shas, f"S{SHA_PREFIX}"), cat(codes, np.int32), list(runs))
-
     @property
     def num_rows(self) -> int:
         return len(self.hashes)
@@ -231,6 +213,10 @@ class ResumeIndex:
         pos = np.minimum(np.searchsorted(self.hashes, hashes), max(self.num_rows - 1, 0))
         found = self.hashes[pos] == hashes if self.num_rows else np.zeros(len(hashes), bool)
         return found, pos
+
+    def has(self, keys) -> np.ndarray:
+        """Per key, whether OUT has a row of it."""
+        return self.find(key_hashes(keys))[0]
 
     def expected_sha(self, keys) -> pa.Array:
         """Per key, the content hash prefix of its row (null where it has none): an input whose
@@ -247,8 +233,22 @@ class ResumeIndex:
 
 
 def output_index(out_dir: str | Path, clean: bool = True) -> ResumeIndex:
-    """The resume index of ``out_dir`` (``ResumeIndex.read``)."""
-    return ResumeIndex.read(out_dir, clean)
+    """The resume index of ``out_dir``'s complete part files, read one file at a time. With
+    ``clean`` (the lock holder only), temp files of a killed run are removed: their rows were
+    never visible."""
+    out = Path(out_dir)
+    hashes, shas, codes, runs = [], [], [], {}
+    for f in sorted(out.glob("part-*.parquet")) if out.exists() else []:
+        t = pq.read_table(f, columns=["key", "sha256"])
+        code = runs.setdefault(f.name[len("part-"):].rsplit("-", 1)[0], len(runs))
+        hashes.append(key_hashes(t["key"]))
+        sha = pc.utf8_slice_codeunits(pc.fill_null(t["sha256"], ""), 0, SHA_PREFIX)
+        shas.append(np.asarray(sha.to_pylist(), f"S{SHA_PREFIX}"))
+        codes.append(np.full(t.num_rows, code, np.int32))
+    for tmp in out.glob(".part-*.tmp") if clean and out.exists() else []:
+        tmp.unlink()
+    cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype))  # noqa: E731
+    return ResumeIndex(cat(hashes, "<u8"), cat(shas, f"S{SHA_PREFIX}"), cat(codes, np.int32), list(runs))
 
 
 def key_array(values) -> pa.Array:

@@ -24,10 +24,10 @@ from cxrscreen.io.sources import InputItem, archive_kind, estimated_lines, folde
 from cxrscreen.cluster import init_ray
 from cxrscreen.pipeline.config import ScoreConfig
 from cxrscreen.pipeline.listing import (archive_datasource, input_key_chunks, parquet_keys, pending_items,
-                                        pending_rows)
+                                        pending_rows, without_keys)
 from cxrscreen.pipeline.output import (OutputLock, PartWriter, ResumeIndex, drop_superseded, key_array, key_hashes,
                                        new_run_id, output_index, write_rows)
-from cxrscreen.io.batch import col, decode_batch, decode_items
+from cxrscreen.io.batch import decode_batch, decode_items
 
 if TYPE_CHECKING:  # torch and the models load in the model check's thread while Ray starts, not here
     from cxrscreen.pipeline.stages import Classifier, Segmenter
@@ -243,7 +243,7 @@ def dry_run(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: ScoreCo
         n += len(keys)
         formats.update(("parquet" if kind == "parquet" else Path(k).suffix.lower().lstrip(".") or "dicom")
                        for k in keys.to_pylist())
-        have += int(index.find(key_hashes(keys))[0].sum())
+        have += int(index.has(keys).sum())
     return {"archive": str(archive), "kind": kind, "inputs": n, "by_format": dict(formats.most_common()),
             "with_rows_in_out": have, "new": n - have, "rows_in_out": index.num_rows}
 
@@ -364,7 +364,7 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
         files = [str(f) for f in parquet_files(Path(archive))]
         input_keys = parquet_keys(files, cfg.key_column, cfg.image_column)[:cfg.limit or None]
         n_inputs = len(input_keys)
-        n_pending = n_inputs - int(index.find(key_hashes(input_keys))[0].sum())
+        n_pending = n_inputs - int(index.has(input_keys).sum())
         ds = ray.data.read_parquet(files, columns=[cfg.key_column, cfg.image_column], num_cpus=plan.decode_cpus)
         if cfg.limit:  # the first N rows in file order, as input_keys counts them (this dataset only)
             ds.context.execution_options.preserve_order = True
@@ -396,7 +396,7 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
         n_pending = items["expected_sha"].null_count
         if not n_inputs:
             return ScoreSummary(seconds=time.perf_counter() - t0, rows=index.num_rows)
-        items = items.filter(pc.invert(pc.is_in(items["key"], value_set=skip))) if len(skip) else items
+        items = without_keys(items, skip)
         step = max(cfg.batch_size, -(-items.num_rows // 200))  # at most 200 puts; cut into batches below
         ds = ray.data.from_arrow([items.slice(i, step) for i in range(0, items.num_rows, step)]) \
             if items.num_rows else None
@@ -553,10 +553,8 @@ def _missing_and_stale(key_chunks: Iterable, index: ResumeIndex) -> tuple[list[s
 def _score_on_driver(items: list[InputItem], index: ResumeIndex, stages: tuple, cfg: ScoreConfig) -> dict | None:
     """Output rows of ``items`` scored by the driver's own stages, as a model actor would score
     them (inputs whose content has a row in ``index`` skipped); None when every one was skipped."""
-    keys = [it.key for it in items]
-    batch = decode_batch({"key": col(keys), "path": col([os.fsencode(it.path) for it in items]),
-                          "expected_sha": index.expected_sha(keys).to_numpy(zero_copy_only=False)},
-                         cfg.work_size, **cfg.decode_options())
+    batch = decode_items(items, cfg.work_size, index.expected_sha([it.key for it in items]).to_pylist(),
+                         **cfg.decode_options())
     return _model_rows(batch, *stages) if len(batch["key"]) else None
 
 
