@@ -5,7 +5,7 @@
 #   benchmarks/gpu/run.sh                       # on the GPU machine (about 6 minutes on an H200)
 #   benchmarks/gpu/run.sh --device cpu --n 64   # the same steps on CPU, small (the rehearsal)
 #   options: --budget S (benchmark seconds; later sections are skipped past it), --no-train,
-#            --sections model,stage,parts,profile,cpu,agreement (bench_gpu.py's sections to run)
+#            --sections model,stage,parts,profile,cpu,agreement (bench_gpu.py's sections to run), --no-tests
 #
 # The GPU machine has PyTorch 2.11 / torchvision 0.26 and no segmentation-models-pytorch,
 # pydicom, polars or ray, and cannot download: wheels travel in git-ignored .whl/ (and .whl2/:
@@ -15,7 +15,7 @@
 # CPU rehearsal proves the same.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-DEVICE=cuda N=2048 BUDGET=240 SIZES=32,128,256,512 REPS=10 STEPS=6 TRAIN=1 SECTIONS=model,stage,parts,profile,cpu,agreement
+DEVICE=cuda N=2048 BUDGET=240 SIZES=32,128,256,512 REPS=10 STEPS=6 TRAIN=1 SECTIONS=model,stage,parts,profile,cpu,agreement TESTS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
@@ -23,6 +23,7 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET=$2; shift 2 ;;
     --no-train) TRAIN=0; shift ;;
     --sections) SECTIONS=$2; shift 2 ;;
+    --no-tests) TESTS=0; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -64,9 +65,11 @@ fi
 
 # 2. the CUDA tests (they skip without CUDA)
 export CXRSCREEN_CACHE=$WORK/cache
-timeout 240 $PY -m pytest -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_gpu.py > "$OUT/pytest.txt" 2>&1
-echo "tests exit: $?"
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.txt"
+if [ "$TESTS" = 1 ]; then
+  timeout 240 $PY -m pytest -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_gpu.py > "$OUT/pytest.txt" 2>&1
+  echo "tests exit: $?"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.txt"
+fi
 
 # 3. the GPU benchmarks (pre-decoded, JPEG bytes, parts, CPU ceiling, agreement)
 DATA=.gpudata
