@@ -291,7 +291,9 @@ def test_resource_plan_leaves_cpus_for_decoding():
     fused_one = plan_resources(ScoreConfig(fused=True), cpus=1, gpus=0)
     assert fused_one.actor_cpus + fused_one.decode_cpus <= 1 and fused_one.decode_cpus > 0
     on_gpu = plan_resources(ScoreConfig(), cpus=16, gpus=1)  # GPUs: one fused pool by default
-    assert on_gpu.fused and on_gpu.actor_gpus == 1.0
+    assert on_gpu.fused and on_gpu.actor_gpus == 1.0 and on_gpu.actor_cpus == 4 and on_gpu.threads == 4
+    small_gpu = plan_resources(ScoreConfig(), cpus=4, gpus=1)  # a small node keeps most CPUs for decoding
+    assert small_gpu.actor_cpus == 1 and small_gpu.threads == 2 and small_gpu.decode_cpus == 1.0
     assert not plan_resources(ScoreConfig(segmenter=""), cpus=16, gpus=1).fused  # nothing to fuse
 
 
