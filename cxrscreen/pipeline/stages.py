@@ -104,7 +104,9 @@ class Segmenter(_ModelStage):
     def __init__(self, options: SegmenterOptions = SegmenterOptions(), runtime: RuntimeOptions = RuntimeOptions()):
         super().__init__(options.spec, runtime, options.allow_untrained)
         self.mask_size, self.threshold = options.mask_size, options.threshold
-        self.workers = runtime.threads or 1  # mask clean-up and PNGs in the actor's threads
+        # on a GPU the masks are the actor's bottleneck: cleaned in its threads; on CPUs the forward
+        # is, and the cores are shared with decoding: one thread (measured: benchmarks/README.md)
+        self.workers = (runtime.threads or 1) if str(self.runner.device).startswith("cuda") else 1
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
