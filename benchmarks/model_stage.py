@@ -8,7 +8,9 @@ wall second (its share of the machine: Arrow conversion, part files, progress).
 not, the driver scoring the first batch itself or not: `first_batch_on_driver`) `--reps` times:
 `first_row_s` (seconds from the start of scoring to the first result) and the process's wall
 time (imports and Ray start included).
-Usage: python benchmarks/model_stage.py [-n 1024] [--reps 2] [-o benchmarks/results/model_stage.parquet]
+With ``--start-up-only``: cold starts of the default settings alone, Ray's idle workers for the
+driver (``RAY_prestart_worker_first_driver``) off, as ``init_ray`` now sets, and on, alternating.
+Usage: python benchmarks/model_stage.py [-n 1024] [--reps 2] [--start-up-only] [-o benchmarks/results/model_stage.parquet]
 """
 
 from __future__ import annotations
@@ -54,14 +56,15 @@ def steady(archive: Path, fused: bool) -> dict:
                 driver_cpu_share=(_driver_cpu() - cpu0) / wall, ok=s.ok)
 
 
-def cold_start(archive: Path, fused: bool, on_driver: bool) -> dict:
+def cold_start(archive: Path, fused: bool, on_driver: bool, prestart: bool = False) -> dict:
     out = Path(tempfile.mkdtemp(prefix="cxr-start-"))
     t0 = time.perf_counter()
     try:
         res = subprocess.run([str(Path(sys.executable).with_name("cxrscreen")), "score", str(archive), "-o", str(out),
                               "--json", "--no-worklist", "--set", f"fused={str(fused).lower()}",
                               "--set", f"first_batch_on_driver={str(on_driver).lower()}"],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "RAY_prestart_worker_first_driver": str(int(prestart))})
     finally:
         shutil.rmtree(out, ignore_errors=True)
     s = json.loads(res.stdout.strip().splitlines()[-1])
@@ -76,13 +79,22 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("-o", "--out", default=str(ROOT / "benchmarks" / "results" / "model_stage.parquet"))
+    p.add_argument("--start-up-only", action="store_true",
+                   help="only cold starts: default settings, Ray's idle workers for the driver off (now) vs on (before)")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cxr-stage-inputs-"))
     source = "cxr" if Path(a.shared, "cxr", "manifest.csv").exists() else "phantoms"
     archive = prepare_inputs(source, a.n, work, Path(a.shared))
     small = prepare_inputs(source, 32, work / "small", Path(a.shared))
     info, rows = machine_info(), []
-    for rep in range(a.reps):  # cold starts first, with no Ray of this process running
+    for rep in range(a.reps if a.start_up_only else 0):  # alternating, so that drift hits both alike
+        for prestart in (False, True):
+            r = cold_start(small, False, True, prestart)
+            rows.append(dict(mode="start_up", fused=False, first_batch_on_driver=True, prestart_workers=prestart,
+                             rep=rep, n=32, source=source, **r, **info))
+            print(f"start-up prestart_workers={prestart}: first result after {r['first_row_s']:.2f} s, "
+                  f"process {r['process_wall_s']:.2f} s", flush=True)
+    for rep in range(0 if a.start_up_only else a.reps):  # cold starts first, with no Ray of this process running
         for fused in (True, False):
             for on_driver in (True, False):
                 r = cold_start(small, fused, on_driver)
@@ -90,8 +102,9 @@ def main() -> None:
                                  source=source, **r, **info))
                 print(f"start-up fused={fused} first_batch_on_driver={on_driver}: first result after "
                       f"{r['first_row_s']:.2f} s, process {r['process_wall_s']:.2f} s", flush=True)
-    init_ray(None, os.cpu_count())
-    for rep in range(a.reps):
+    if not a.start_up_only:
+        init_ray(None, os.cpu_count())
+    for rep in range(0 if a.start_up_only else a.reps):
         for fused in (True, False):
             r = steady(archive, fused)
             rows.append(dict(mode="pipeline", fused=fused, rep=rep, n=a.n, source=source, **r, **info))
@@ -100,8 +113,9 @@ def main() -> None:
     df = pl.DataFrame(rows, infer_schema_length=None)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     df.write_parquet(a.out)
-    print(df.group_by("mode", "fused", "first_batch_on_driver").agg(pl.col("images_per_s_steady", "first_row_s", "driver_cpu_share",
-                                                  "process_wall_s").mean()).sort("mode", "fused", "first_batch_on_driver"))
+    keys = ["mode", "fused", "first_batch_on_driver"] + (["prestart_workers"] if a.start_up_only else [])
+    print(df.group_by(keys).agg(pl.col(c).mean() for c in ("images_per_s_steady", "first_row_s", "driver_cpu_share",
+                                                            "process_wall_s") if c in df.columns).sort(keys))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
             if address:
                 ray.init(address=address, **kwargs)
             else:  # "local": always a fresh embedded instance, never a stray `ray start` cluster
+                # no idle workers started for the driver: they would import Ray on every core while
+                # the models load; tasks and actors start their own (benchmarks/README.md, start-up)
+                os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
                 ray.init(address="local", num_cpus=num_cpus, **kwargs)
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.INFO if loud else logging.ERROR)
