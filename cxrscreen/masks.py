@@ -9,6 +9,7 @@ pool of threads. ``mask_pngs`` encodes a batch of masks as 1-bit PNGs.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -136,8 +137,8 @@ class BatchRegions:
 def map_threads(fn, xs, workers: int = 1) -> list:
     """``[fn(x) for x in xs]``, in ``workers`` threads of a pool kept per size (for work that
     releases the GIL: OpenCV, zlib). Our threads are then the parallelism: OpenCV's own per-call
-    threads are turned off for the process (on busy cores they cost more than they give on a
-    256 px mask: 745 vs 1,018 masks/s on the 2-core VM under load)."""
+    threads are turned off for the process (beside ours they cost more than they give on a 256 px
+    mask: 4 threads 1,918 vs 2,363 masks/s on a 16-core H200 node, benchmarks/README.md)."""
     if workers <= 1 or len(xs) < 2:
         return [fn(x) for x in xs]
     if cv2.getNumThreads() != 1:
@@ -147,13 +148,15 @@ def map_threads(fn, xs, workers: int = 1) -> list:
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the parent's threads
 
 
 def lung_regions_batch(masks: torch.Tensor, workers: int = 1) -> BatchRegions:
     """``lung_regions`` of every boolean mask of a batch (B, H, W): OpenCV per image on the host
     in ``workers`` threads, or, for masks on a GPU with ``workers`` 1, tensor ops on the device
-    (one thread of OpenCV: 1,284 masks/s, the tensor ops on an H200: 1,507, two threads: about
-    twice one; benchmarks/README.md). Both agree exactly (tests/test_masks.py, tests/test_gpu.py)."""
+    (on a 16-core H200 node, clean-up + PNG: tensor ops 1,546 masks/s, OpenCV with 1 / 2 / 4
+    threads 1,386 / 1,877 / 2,363; benchmarks/README.md). Both agree exactly (tests/test_masks.py,
+    tests/test_gpu.py)."""
     if masks.device.type == "cpu" or workers > 1:
         regions = map_threads(lung_regions, list(masks.cpu().numpy()), workers)
         stack = (lambda xs, shape: np.stack(xs) if xs else np.zeros(shape, np.float32))  # noqa: E731

@@ -33,6 +33,7 @@ def ray_2cpu():
     from cxrscreen.cluster import init_ray
 
     ray = init_ray(num_cpus=2)
+    assert "RAY_prestart_worker_first_driver" in os.environ  # no idle workers for the driver (start-up)
     yield ray
     ray.shutdown()
 

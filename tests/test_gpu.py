@@ -52,7 +52,7 @@ def test_gpu_precisions_match_cpu_fp32(items, cpu_fp32, whole_image_classifier, 
     _compare(cpu_fp32, out, tol, 0.95)
 
 
-def test_gpu_mask_post_processing_matches_scipy(items):
+def test_gpu_mask_post_processing_matches_opencv_on_the_host(items):
     """lung_regions_batch as tensor ops on the GPU == OpenCV per image on the host (one thread
     and four), on real segmenter output."""
     from cxrscreen.masks import lung_regions_batch
@@ -117,14 +117,27 @@ def test_lung_crop_on_the_gpu_matches_cpu():
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
 
 
-def test_fused_actor_on_the_gpu_matches_two_stages(items):
+@pytest.mark.parametrize("threads", [1, 4])  # 4: masks cleaned by OpenCV on the host, as GPU actors do
+def test_fused_actor_on_the_gpu_matches_two_stages(items, threads):
     """SegmentClassify (images copied to the device once, both models there) gives the rows of
-    Segmenter then Classifier on the same device."""
+    Segmenter then Classifier on the same device (one thread: masks cleaned by tensor ops)."""
     from cxrscreen.pipeline.stages import Classifier, SegmentClassify, Segmenter
 
     cfg = ScoreConfig(device="cuda", runtime="torch", precision="fp32", batch_size=16)
-    two = Classifier(cfg.classifier_options(), cfg.runtime_options())(
-        Segmenter(cfg.segmenter_options(), cfg.runtime_options())(decode_items(items)))
-    fused = SegmentClassify(cfg.segmenter_options(), cfg.classifier_options(), cfg.runtime_options())(decode_items(items))
-    assert list(fused["status"]) == list(two["status"]) and (two["status"] == "ok").sum() >= 10
-    _compare(two, fused, 1e-3, 0.99)
+    two = Classifier(cfg.classifier_options(), cfg.runtime_options(threads=1))(
+        Segmenter(cfg.segmenter_options(), cfg.runtime_options(threads=1))(decode_items(items)))
+    fused = SegmentClassify(cfg.segmenter_options(), cfg.classifier_options(),
+                            cfg.runtime_options(threads=threads))
+    assert fused.segmenter.workers == threads
+    out = fused(decode_items(items))
+    assert list(out["status"]) == list(two["status"]) and (two["status"] == "ok").sum() >= 10
+    _compare(two, out, 1e-3, 0.99)
+    ok = two["status"] == "ok"
+    np.testing.assert_allclose(out["ood_score"][ok], two["ood_score"][ok], atol=1e-3)  # appearance on the device
+
+
+def test_appearance_features_on_the_gpu_match_cpu():
+    from cxrscreen.models.ood import appearance_features
+
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (8, 256, 256), dtype=np.uint8))
+    np.testing.assert_allclose(appearance_features(x.cuda()), appearance_features(x), atol=1e-4)

@@ -14,7 +14,7 @@ section so that a run stopped by its time limit still returns what it measured:
   device; more: by OpenCV on the host in that many threads).
 - ``parts``: where a stage's time goes: raw batched ``decode_jpeg`` on the device and on the
   CPU, host-device copy of a uint8 batch, and the segmenter stage's mask post-processing:
-  per image with scipy + PIL (as before) and batched (``lung_regions_batch`` + ``mask_pngs``:
+  per image with ``lung_regions`` + PIL (as before) and batched (``lung_regions_batch`` + ``mask_pngs``:
   tensor ops on the device, OpenCV on the host in 1, 2, 4, 8 threads).
 - ``profile``: a ``torch.profiler`` table (``profile.txt``) of the batched mask post-processing
   and one segmenter forward.
@@ -78,7 +78,10 @@ class Run:
         return self.deadline - time.monotonic()
 
     def add(self, section: str, name: str, **values) -> None:
-        row = {"section": section, "name": name, "device": self.device, **values, **self.info}
+        import cv2  # its per-call thread count is process-wide: recorded with every row
+
+        row = {"section": section, "name": name, "device": self.device, **values, **self.info,
+               "opencv_threads": cv2.getNumThreads()}
         self.rows.append(row)
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in values.items()}
         print(f"{section:9s} {name:32s} {shown}", flush=True)
@@ -205,7 +208,6 @@ def stage_section(run: Run, cfg: ScoreConfig, images: np.ndarray, jpeg_files: li
                 note="masks: tensor ops on the device" if threads == 1 and run.device != "cpu"
                 else f"masks: OpenCV on the host, {threads} threads", **gpu)
     data = [f.read_bytes() for f in jpeg_files]
-    bs = batch_sizes[-1]
     items = [InputItem(f"j{i}", data=data[i % len(data)]) for i in range(max(len(images), bs))]
     if jpeg_files and run.left() > 20:
         batches = lambda: [decode_items(items[j:j + bs], cfg.work_size, defer_jpeg=True)  # noqa: E731
@@ -218,7 +220,7 @@ def stage_section(run: Run, cfg: ScoreConfig, images: np.ndarray, jpeg_files: li
 
 
 def _post_process_per_image(probs: np.ndarray) -> int:
-    """The segmenter stage's post-processing before it was batched: scipy + PIL per image."""
+    """The segmenter stage's post-processing before it was batched: ``lung_regions`` + PIL per image."""
     from PIL import Image
     import io
 

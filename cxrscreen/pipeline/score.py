@@ -214,8 +214,8 @@ def plan_resources(cfg: ScoreConfig, cpus: float, gpus: float) -> ResourcePlan:
     # where they measured faster (benchmarks/README.md, "One model stage")
     fused = bool(cfg.segmenter) and (cfg.fused if cfg.fused is not None else use_gpu)
     n_actors = cfg.cls_actors + (cfg.seg_actors if cfg.segmenter and not fused else 0)
-    if use_gpu:  # a quarter of the node per actor, 1-4 CPUs: its threads clean the masks (4 threads:
-        # 1,152 vs 900 images/s with 2 on an H200, benchmarks/README.md); the rest decodes
+    if use_gpu:  # the actors share about a quarter of the node, 1-4 CPUs each: their threads clean the
+        # masks (4 threads: 1,152 vs 900 images/s with 2 on an H200, benchmarks/README.md); the rest decodes
         actor_cpus = cfg.actor_cpus or float(max(1, min(4, int(cpus) // (4 * n_actors))))
         return ResourcePlan(actor_cpus, min(1.0, gpus / n_actors), cfg.torch_threads or max(2, int(actor_cpus)), "cuda",
                             _decode_cpus(cpus, n_actors * actor_cpus), fused)
