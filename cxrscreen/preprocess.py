@@ -45,15 +45,16 @@ def to_unit(images: torch.Tensor, size: int, intensity: str = "raw") -> torch.Te
     return x
 
 
-def normalise(x: torch.Tensor, channels: int = 1) -> torch.Tensor:
-    """[0, 1] float (B, 1, H, W) -> the registry's normalisation, repeated to ``channels``."""
-    x = (x - MEAN) / STD
+def normalise(x: torch.Tensor, channels: int = 1, inplace: bool = False) -> torch.Tensor:
+    """[0, 1] float (B, 1, H, W) -> the registry's normalisation, repeated to ``channels``
+    (``inplace``: in ``x`` itself, the same arithmetic without two new tensors)."""
+    x = x.sub_(MEAN).div_(STD) if inplace else (x - MEAN) / STD
     return x.expand(-1, channels, -1, -1) if channels > 1 else x
 
 
 def to_model_input(images: torch.Tensor, size: int, channels: int = 1, intensity: str = "raw") -> torch.Tensor:
     """uint8 (B, H, W) on any device -> normalised float (B, channels, size, size) on that device."""
-    return normalise(to_unit(images, size, intensity), channels)
+    return normalise(to_unit(images, size, intensity), channels, inplace=True)  # to_unit's tensor is new
 
 
 def crop_boxes(images: torch.Tensor, boxes: np.ndarray, size: int, margin: float = 0.05) -> torch.Tensor:
@@ -73,8 +74,9 @@ def crop_boxes(images: torch.Tensor, boxes: np.ndarray, size: int, margin: float
     samples = torch.stack([((px[:, 3] - px[:, 1]) / size).ceil(), ((px[:, 2] - px[:, 0]) / size).ceil()], 1)
     samples = samples.clamp(min=1).to(torch.int64)  # per row: samples per output pixel, down and across
     x = images[:, None].float()
-    out = torch.empty((len(b), 1, size, size), dtype=torch.float32, device=images.device)
-    for rh, rw in torch.unique(samples, dim=0).tolist():
+    groups = torch.unique(samples, dim=0).tolist()
+    out = None if len(groups) == 1 else torch.empty((len(b), 1, size, size), dtype=torch.float32, device=images.device)
+    for rh, rw in groups:
         rows = torch.nonzero((samples == torch.tensor([rh, rw])).all(1))[:, 0]
         r = px[rows]
         # sample k of an axis lies at start - 0.5 + (k + 0.5) * bin / samples (k < size * samples)
@@ -83,8 +85,14 @@ def crop_boxes(images: torch.Tensor, boxes: np.ndarray, size: int, margin: float
         ys = r[:, 1:2] - 0.5 + ky[None] * ((r[:, 3] - r[:, 1]) / size)[:, None]
         xs = r[:, 0:1] - 0.5 + kx[None] * ((r[:, 2] - r[:, 0]) / size)[:, None]
         gy, gx = (2 * ys + 1) / h - 1, (2 * xs + 1) / w - 1  # grid_sample's coordinates (align_corners=False)
-        grid = torch.stack([gx[:, None, :].expand(-1, len(ky), -1), gy[:, :, None].expand(-1, -1, len(kx))], -1)
+        grid = torch.empty((len(rows), len(ky), len(kx), 2), dtype=torch.float32)
+        grid[..., 0], grid[..., 1] = gx[:, None, :], gy[:, :, None]
         idx = rows.to(images.device)
-        crop = F.grid_sample(x[idx], grid.to(images.device), mode="bilinear", padding_mode="border", align_corners=False)
-        out[idx] = F.avg_pool2d(crop, (rh, rw)) if rh * rw > 1 else crop
-    return out[:, 0].round().clamp(0, 255).to(torch.uint8)
+        crop = F.grid_sample(x if out is None else x[idx], grid.to(images.device), mode="bilinear",
+                             padding_mode="border", align_corners=False)
+        crop = F.avg_pool2d(crop, (rh, rw)) if rh * rw > 1 else crop
+        if out is None:  # one group: every row, in order
+            out = crop
+        else:
+            out[idx] = crop
+    return out[:, 0].round_().clamp_(0, 255).to(torch.uint8)
