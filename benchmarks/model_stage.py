@@ -8,8 +8,10 @@ wall second (its share of the machine: Arrow conversion, part files, progress).
 not, the driver scoring the first batch itself or not: `first_batch_on_driver`) `--reps` times:
 `first_row_s` (seconds from the start of scoring to the first result) and the process's wall
 time (imports and Ray start included).
-With ``--start-up-only``: cold starts of the default settings alone, Ray's idle workers for the
-driver (``RAY_prestart_worker_first_driver``) off, as ``init_ray`` now sets, and on, alternating.
+With ``--start-up-only``: cold starts of the default settings alone, alternating: a folder with
+Ray's idle workers for the driver (``RAY_prestart_worker_first_driver``) off, as ``init_ray``
+now sets, and on; the same 32 images ingested as Parquet (256 px), with the driver scoring its
+first batch (now) and without (as Parquet archives were scored before).
 Usage: python benchmarks/model_stage.py [-n 1024] [--reps 2] [--start-up-only] [-o benchmarks/results/model_stage.parquet]
 """
 
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import polars as pl
 
-from cxrscreen.bench import machine_info, prepare_inputs
+from cxrscreen.bench import ceiling_inputs, machine_info, prepare_inputs
 from cxrscreen.cluster import init_ray
 from cxrscreen.pipeline.config import ScoreConfig
 from cxrscreen.pipeline.score import score_archive
@@ -87,13 +89,15 @@ def main() -> None:
     archive = prepare_inputs(source, a.n, work, Path(a.shared))
     small = prepare_inputs(source, 32, work / "small", Path(a.shared))
     info, rows = machine_info(), []
+    parquet = ceiling_inputs(source, 32, work / "parquet", Path(a.shared))["parquet"] if a.start_up_only else None
     for rep in range(a.reps if a.start_up_only else 0):  # alternating, so that drift hits both alike
-        for prestart in (False, True):
-            r = cold_start(small, False, True, prestart)
-            rows.append(dict(mode="start_up", fused=False, first_batch_on_driver=True, prestart_workers=prestart,
-                             rep=rep, n=32, source=source, **r, **info))
-            print(f"start-up prestart_workers={prestart}: first result after {r['first_row_s']:.2f} s, "
-                  f"process {r['process_wall_s']:.2f} s", flush=True)
+        for archive_kind, on_driver, prestart in (("folder", True, False), ("folder", True, True),
+                                                  ("parquet", True, False), ("parquet", False, False)):
+            r = cold_start(parquet if archive_kind == "parquet" else small, False, on_driver, prestart)
+            rows.append(dict(mode="start_up", archive=archive_kind, fused=False, first_batch_on_driver=on_driver,
+                             prestart_workers=prestart, rep=rep, n=32, source=source, **r, **info))
+            print(f"start-up {archive_kind} first_batch_on_driver={on_driver} prestart_workers={prestart}: first result "
+                  f"after {r['first_row_s']:.2f} s, process {r['process_wall_s']:.2f} s", flush=True)
     for rep in range(0 if a.start_up_only else a.reps):  # cold starts first, with no Ray of this process running
         for fused in (True, False):
             for on_driver in (True, False):
@@ -113,7 +117,7 @@ def main() -> None:
     df = pl.DataFrame(rows, infer_schema_length=None)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     df.write_parquet(a.out)
-    keys = ["mode", "fused", "first_batch_on_driver"] + (["prestart_workers"] if a.start_up_only else [])
+    keys = ["mode", "fused", "first_batch_on_driver"] + (["archive", "prestart_workers"] if a.start_up_only else [])
     print(df.group_by(keys).agg(pl.col(c).mean() for c in ("images_per_s_steady", "first_row_s", "driver_cpu_share",
                                                             "process_wall_s") if c in df.columns).sort(keys))
 

@@ -205,6 +205,39 @@ def test_the_driver_scores_the_first_batch_as_the_actors_would(mixed_archive, ra
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_the_driver_scores_the_first_parquet_batch_too(mixed_archive, ray_2cpu, whole_image_classifier, tmp_path,
+                                                       monkeypatch):
+    """A Parquet archive's first rows (file order) are scored by the driver, the read tasks skip
+    them, the rows equal the actors' own; ``--limit`` within one batch never reaches Ray's stages."""
+    import cxrscreen.pipeline.score as score_module
+
+    archive, _ = mixed_archive
+    src = archive.parent / "phantoms.parquet"
+    keys = [str(k) for k in pl.read_parquet(src)["key"]]
+    seen = []
+    on_driver = score_module._score_on_driver
+    monkeypatch.setattr(score_module, "_score_on_driver", lambda items, *a: seen.extend(it.key for it in items)
+                        or on_driver(items, *a))
+    cfg = dict(classifier=whole_image_classifier, batch_size=8, rows_per_file=10)
+    both = score_archive(src, tmp_path / "both", ScoreConfig(**cfg), progress=False)
+    assert seen == keys[:8] and both.inputs == len(keys) > 8 and both.missing == [] and both.first_rows == 8
+    actors = score_archive(src, tmp_path / "actors", ScoreConfig(**cfg, first_batch_on_driver=False), progress=False)
+    assert len(seen) == 8 and actors.missing == []
+    a, b = (pl.read_parquet(tmp_path / d / "*.parquet").sort("key") for d in ("both", "actors"))
+    assert a["key"].to_list() == b["key"].to_list() == sorted(keys)
+    for c in ("status", "label", "refer", "sha256"):
+        assert a[c].to_list() == b[c].to_list(), c
+    probs = [c for c in a.columns if c.startswith("prob_")]
+    assert np.nanmax(np.abs(a.select(probs).to_numpy() - b.select(probs).to_numpy())) <= 1e-4
+    again = score_archive(src, tmp_path / "both", ScoreConfig(**cfg), progress=False)  # resumed: nothing new
+    assert again.scored == 0 and again.rows == len(keys) and len(seen) == 16
+    monkeypatch.setattr(score_module, "_model_stages", None)  # Ray's model stages must not be built
+    few = score_archive(src, tmp_path / "few", ScoreConfig(**cfg, limit=8), progress=False)
+    assert few.inputs == 8 and few.scored == 8 and few.missing == [] and few.rows == 8
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_parquet_archive_and_phi_on_request(mixed_archive, ray_2cpu, tmp_path):
     archive, _ = mixed_archive
     src = archive.parent / "phantoms.parquet"

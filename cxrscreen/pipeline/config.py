@@ -88,7 +88,7 @@ class ScoreConfig:
     lung_fraction_min: float = ClassifierOptions.lung_fraction_range[0]  # refer when the lung area fraction
     lung_fraction_max: float = ClassifierOptions.lung_fraction_range[1]  # is outside this range (not a frontal CXR?)
     rows_per_file: int = 1000  # at most this many rows per output part file (each written atomically)
-    first_batch_on_driver: bool = True  # on CPUs, the driver scores the first batch while Ray starts the model actors
+    first_batch_on_driver: bool = True  # on CPUs, the driver scores the first batch while Ray starts the model actors (any archive kind)
     writers: str = "auto"  # who writes part files: driver | workers | auto (workers if several nodes have CPUs and all see OUT)
     worklist: bool = True  # write worklist.csv and worklist.html into OUT after the run (cxrscreen.results)
     prune: bool = False  # remove rows of inputs no longer in the archive (default: keep them, counted as stale)

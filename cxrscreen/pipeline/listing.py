@@ -130,6 +130,21 @@ def parquet_keys(files: list[str], key_column: str, image_column: str) -> pa.Arr
     return pa.concat_arrays(keys)
 
 
+def parquet_head_items(files: list[str], key_column: str, image_column: str, n: int) -> list[InputItem]:
+    """The first ``n`` rows of Parquet inputs in file order, as items with their image bytes
+    and the key text ``str`` gives each row (as ``parquet_keys`` and the read tasks do)."""
+    import pyarrow.parquet as pq
+
+    items: list[InputItem] = []
+    for f in files:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=max(n, 1), columns=[key_column, image_column]):
+            for key, data in zip(batch[key_column].to_pylist(), batch[image_column].to_pylist()):
+                if len(items) == n:
+                    return items
+                items.append(InputItem(str(key), data=data))
+    return items
+
+
 def input_key_chunks(archive, kind: str, limit: int = 0, key_column: str = "key",
                      image_column: str = "image", chunk: int = CHUNK) -> Iterator[pa.Array]:
     """Every input key of ``archive`` (the first ``limit``), in chunks of ``chunk`` keys (at

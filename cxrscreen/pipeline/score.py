@@ -23,8 +23,8 @@ import pyarrow.compute as pc
 from cxrscreen.io.sources import InputItem, archive_kind, estimated_lines, folder_items, list_inputs, parquet_files
 from cxrscreen.cluster import init_ray
 from cxrscreen.pipeline.config import ScoreConfig
-from cxrscreen.pipeline.listing import (archive_datasource, input_key_chunks, parquet_keys, pending_items,
-                                        pending_rows, without_keys)
+from cxrscreen.pipeline.listing import (archive_datasource, input_key_chunks, parquet_head_items, parquet_keys,
+                                        pending_items, pending_rows, without_keys)
 from cxrscreen.pipeline.output import (OutputLock, PartWriter, ResumeIndex, drop_superseded, key_array, key_hashes,
                                        new_run_id, output_index, write_rows)
 from cxrscreen.io.batch import decode_batch, decode_items
@@ -349,11 +349,13 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     plan = plan_resources(cfg, res.get("CPU", 1), res.get("GPU", 0))
     index = output_index(out_dir)
     nodes = _cpu_nodes(ray)
+    files = [str(f) for f in parquet_files(Path(archive))] if kind == "parquet" else []
     # the first batch is scored in the driver while Ray starts the actors (on CPUs: on GPUs the
     # actors' runtime differs); if it is the whole archive, Ray runs nothing
     n_first = min(cfg.batch_size, cfg.limit or cfg.batch_size)
-    first = list(itertools.islice(list_inputs(archive), n_first + 1)) \
-        if stages is not None and plan.device == "cpu" and kind != "parquet" else []
+    first = [] if stages is None or plan.device != "cpu" else \
+        parquet_head_items(files, cfg.key_column, cfg.image_column, n_first + 1) if kind == "parquet" else \
+        list(itertools.islice(list_inputs(archive), n_first + 1))
     rest = not first or len(first) > n_first  # else the first batch is all of it
     first = first[:n_first]
     skip = pa.array([it.key for it in first], pa.string())
@@ -362,7 +364,6 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
         if res.get("CPU", 1) < 2:
             raise ClusterTooSmall("a Parquet archive needs a Ray cluster with at least 2 CPUs: Ray Data's Parquet "
                                "reader takes a whole CPU beside the model actors (on 1 CPU it would wait forever)")
-        files = [str(f) for f in parquet_files(Path(archive))]
         input_keys = parquet_keys(files, cfg.key_column, cfg.image_column)[:cfg.limit or None]
         n_inputs = len(input_keys)
         n_pending = n_inputs - int(index.has(input_keys).sum())
@@ -372,8 +373,10 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
             ds = ds.limit(cfg.limit)
         ds = ds.map_batches(_parquet_to_items, fn_kwargs=dict(image_column=cfg.image_column,
                                                               key_column=cfg.key_column,
-                                                              index=index),
+                                                              index=index, skip=frozenset(skip.to_pylist())),
                             batch_format="numpy", batch_size=256, num_cpus=plan.decode_cpus)
+        if not rest or (cfg.limit and cfg.limit <= n_first):  # the driver's batch is all of it
+            ds = None
     elif kind in ("list", "folder") and not cfg.limit and rest and _on_every_node(ray, nodes, _sees_archive, *_seen(archive)):
         # streamed: read tasks list it (every node sees it), results start at once
         source = archive_datasource(os.path.abspath(archive), kind, cfg.batch_size)  # a link: its folder, not the target's
@@ -564,10 +567,15 @@ def _model_rows(batch: dict, segmenter: Segmenter | None, classifier: Classifier
     return classifier(segmenter(batch) if segmenter is not None else batch)
 
 
-def _parquet_to_items(batch: dict[str, np.ndarray], image_column: str, key_column: str, index: ResumeIndex) -> dict:
+def _parquet_to_items(batch: dict[str, np.ndarray], image_column: str, key_column: str, index: ResumeIndex,
+                      skip: frozenset = frozenset()) -> dict:
+    """Parquet rows as decode-task items (key text, image bytes, the resume hash), less the rows
+    of ``skip`` (keys the driver scores itself)."""
     keys = np.asarray([str(k) for k in batch[key_column]], object)
+    keep = np.array([k not in skip for k in keys], bool) if skip else np.ones(len(keys), bool)
+    keys, data = keys[keep], batch[image_column][keep]
     sha = index.expected_sha(pa.array(keys, pa.string())).to_numpy(zero_copy_only=False)
-    return {"key": keys, "data": batch[image_column], "expected_sha": sha}
+    return {"key": keys, "data": data, "expected_sha": sha}
 
 
 def score_items_local(items: Iterable[InputItem], cfg: ScoreConfig = ScoreConfig(),
