@@ -39,7 +39,7 @@ def to_unit(images: torch.Tensor, size: int, intensity: str = "raw") -> torch.Te
         raise ValueError(f"intensity {intensity!r}: expected one of {', '.join(INTENSITIES)}")
     if intensity == "equalize" and len(images):
         images = equalize(images)
-    x = images.float().div_(255.0).unsqueeze(1)
+    x = images.to(torch.float32, copy=True).div_(255.0).unsqueeze(1)  # a new tensor: normalised in place
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x
@@ -67,6 +67,8 @@ def crop_boxes(images: torch.Tensor, boxes: np.ndarray, size: int, margin: float
     ``size``) per group of rows with the same sample count, about 2.5x faster than roi_align on a
     CPU (tests/test_preprocess.py checks that they agree)."""
     b = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4))
+    if len(b) != len(images):
+        raise ValueError(f"crop_boxes: {len(b)} boxes for {len(images)} images")
     b = torch.where(torch.isnan(b).any(1, keepdim=True), torch.tensor([0.0, 0.0, 1.0, 1.0]), b)
     b = torch.cat([(b[:, :2] - margin).clamp(0, 1), (b[:, 2:] + margin).clamp(0, 1)], 1)
     h, w = images.shape[-2:]

@@ -231,6 +231,9 @@ def test_the_driver_scores_the_first_parquet_batch_too(mixed_archive, ray_2cpu, 
     assert np.nanmax(np.abs(a.select(probs).to_numpy() - b.select(probs).to_numpy())) <= 1e-4
     again = score_archive(src, tmp_path / "both", ScoreConfig(**cfg), progress=False)  # resumed: nothing new
     assert again.scored == 0 and again.rows == len(keys) and len(seen) == 16
+    by_ray = score_archive(src, tmp_path / "ray", ScoreConfig(**cfg, limit=8, first_batch_on_driver=False),
+                           progress=False)  # no driver's batch: a limit within one batch is Ray's to score
+    assert by_ray.scored == 8 and by_ray.missing == [] and len(seen) == 16
     monkeypatch.setattr(score_module, "_model_stages", None)  # Ray's model stages must not be built
     few = score_archive(src, tmp_path / "few", ScoreConfig(**cfg, limit=8), progress=False)
     assert few.inputs == 8 and few.scored == 8 and few.missing == [] and few.rows == 8

@@ -154,17 +154,20 @@ def test_non_utf8_file_names_become_ordinary_rows_with_escaped_keys(tmp_path):
 
 
 def test_parquet_keys_are_the_keys_rows_get(tmp_path):
-    """The keys the driver counts a Parquet archive by are the text its rows' keys become when a
-    batch is scored (``str`` of each value): float ids, nulls and plain text alike."""
+    """The keys the driver counts a Parquet archive by, and those of the first rows it scores
+    itself, are the text its rows' keys become when a batch is scored (``str`` of each value as
+    numpy gives it): float ids, int ids with nulls, float32, nulls and plain text alike; the read
+    tasks skip the driver's keys."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cxrscreen.pipeline.listing import parquet_keys
+    from cxrscreen.pipeline.listing import parquet_head_items, parquet_keys
     from cxrscreen.pipeline.output import output_index
     from cxrscreen.pipeline.score import _parquet_to_items
 
     empty = output_index(tmp_path / "no-out")
-    cols = {"f": pa.array([1.0, 2.5, None]), "s": pa.array(["a", None, "c"]), "t": pa.array(["x", "y", "z"])}
+    cols = {"f": pa.array([1.0, 2.5, None]), "s": pa.array(["a", None, "c"]), "t": pa.array(["x", "y", "z"]),
+            "i": pa.array([1, None, 3], pa.int64()), "f32": pa.array([0.1, 0.2, 0.3], pa.float32())}
     for name, keys in cols.items():
         path = tmp_path / f"{name}.parquet"
         pq.write_table(pa.table({"key": keys, "image": pa.array([b"1", b"2", b"3"])}), path)
@@ -172,4 +175,23 @@ def test_parquet_keys_are_the_keys_rows_get(tmp_path):
         batch = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
         rows = _parquet_to_items(batch, "image", "key", index=empty)
         assert parquet_keys([str(path)], "key", "image").to_pylist() == list(rows["key"]), name
+        head = parquet_head_items([str(path)], "key", "image", 2)
+        assert [it.key for it in head] == list(rows["key"][:2]) and [it.data for it in head] == [b"1", b"2"], name
+        rest = _parquet_to_items(batch, "image", "key", index=empty, skip=frozenset(it.key for it in head))
+        assert list(rest["key"]) == list(rows["key"][2:]) and list(rest["data"]) == [b"3"], name
     assert parquet_keys([str(tmp_path / "f.parquet")], "key", "image").to_pylist() == ["1.0", "2.5", "nan"]
+    with pytest.raises(ValueError, match="need columns"):
+        parquet_head_items([str(tmp_path / "t.parquet")], "nokey", "image", 2)
+
+
+def test_the_driver_reads_no_parquet_head_from_a_huge_row_group(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import cxrscreen.pipeline.listing as listing
+
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"key": ["a", "b"], "image": [os.urandom(1000), os.urandom(1000)]}), path)
+    assert len(listing.parquet_head_items([str(path)], "key", "image", 2)) == 2
+    monkeypatch.setattr(listing, "HEAD_MAX_BYTES", 100)  # the first row group's images are bigger
+    assert listing.parquet_head_items([str(path)], "key", "image", 2) == []

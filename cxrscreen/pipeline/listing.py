@@ -110,38 +110,63 @@ def pending_rows(batch: pa.Table, index: ResumeIndex, skip: pa.Array | None = No
                             index.expected_sha(batch["key"]))
 
 
-def parquet_keys(files: list[str], key_column: str, image_column: str) -> pa.Array:
-    """Keys of Parquet inputs as one Arrow text array (no Python string per key); the key column
-    must exist (row numbers are not stable keys)."""
+def check_parquet_columns(files: list[str], key_column: str, image_column: str) -> None:
+    """Every Parquet input file has the key and image columns (row numbers are not stable keys)."""
     import pyarrow.parquet as pq
 
-    keys = [pa.array([], pa.string())]
     for f in files:
         names = pq.ParquetFile(f).schema_arrow.names
         for col in (key_column, image_column):
             if col not in names:
                 raise ValueError(f"{f}: Parquet archives need columns {key_column!r} and {image_column!r} "
                                  f"(has {names}); set key_column / image_column in the score config")
-        col = pq.read_table(f, columns=[key_column])[key_column]
-        if pa.types.is_string(col.type) and not col.null_count:  # as they are: no Python string per key
-            keys += col.chunks
-        else:  # the text each row's key becomes when its batch is scored (``str`` of the value)
-            keys.append(pa.array([str(k) for k in col.to_numpy(zero_copy_only=False)], pa.string()))
+
+
+def key_texts(col) -> pa.Array:
+    """A Parquet key column as the text each row's key becomes when its batch is scored: ``str``
+    of the value as numpy gives it to the read tasks (int keys with nulls: '1.0', 'nan'); text
+    keys without nulls as they are (no Python string per key)."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_string(col.type) and not col.null_count:
+        return col
+    return pa.array([str(k) for k in col.to_numpy(zero_copy_only=False)], pa.string())
+
+
+def parquet_keys(files: list[str], key_column: str, image_column: str) -> pa.Array:
+    """Keys of Parquet inputs as one Arrow text array (``key_texts``); the key column must exist."""
+    import pyarrow.parquet as pq
+
+    check_parquet_columns(files, key_column, image_column)
+    keys = [pa.array([], pa.string())]
+    for f in files:
+        keys.append(key_texts(pq.read_table(f, columns=[key_column])[key_column]))
     return pa.concat_arrays(keys)
 
 
+HEAD_MAX_BYTES = 256 << 20  # the driver reads a Parquet archive's first rows only from a row group this small
+
+
 def parquet_head_items(files: list[str], key_column: str, image_column: str, n: int) -> list[InputItem]:
-    """The first ``n`` rows of Parquet inputs in file order, as items with their image bytes
-    and the key text ``str`` gives each row (as ``parquet_keys`` and the read tasks do)."""
+    """The first ``n`` rows of Parquet inputs in file order, as items with their image bytes and
+    their ``key_texts``; none when the first row group's images exceed ``HEAD_MAX_BYTES``
+    compressed (pyarrow reads a whole row group: the driver would hold it before Ray starts)."""
     import pyarrow.parquet as pq
 
+    check_parquet_columns(files, key_column, image_column)
     items: list[InputItem] = []
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=max(n, 1), columns=[key_column, image_column]):
-            for key, data in zip(batch[key_column].to_pylist(), batch[image_column].to_pylist()):
+        pf = pq.ParquetFile(f)
+        if pf.metadata.num_row_groups:
+            group = pf.metadata.row_group(0)
+            image = [group.column(i).path_in_schema for i in range(group.num_columns)].index(image_column)
+            if group.column(image).total_compressed_size > HEAD_MAX_BYTES:
+                return []
+        for batch in pf.iter_batches(batch_size=max(n, 1), columns=[key_column, image_column]):
+            keys = key_texts(batch[key_column]).to_pylist()
+            for key, data in zip(keys, batch[image_column].to_pylist()):
                 if len(items) == n:
                     return items
-                items.append(InputItem(str(key), data=data))
+                items.append(InputItem(key, data=data))
     return items
 
 

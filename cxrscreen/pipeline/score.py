@@ -375,7 +375,7 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
                                                               key_column=cfg.key_column,
                                                               index=index, skip=frozenset(skip.to_pylist())),
                             batch_format="numpy", batch_size=256, num_cpus=plan.decode_cpus)
-        if not rest or (cfg.limit and cfg.limit <= n_first):  # the driver's batch is all of it
+        if first and (not rest or (cfg.limit and cfg.limit <= n_first)):  # the driver's batch is all of it
             ds = None
     elif kind in ("list", "folder") and not cfg.limit and rest and _on_every_node(ray, nodes, _sees_archive, *_seen(archive)):
         # streamed: read tasks list it (every node sees it), results start at once
