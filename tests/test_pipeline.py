@@ -167,6 +167,30 @@ def test_lists_and_folder_trees_stream_through_read_tasks_and_resume(mixed_archi
     assert sorted(pl.read_parquet(tmp_path / "tree" / "*.parquet")["key"]) == sorted(it.key for it in list_inputs(archive))
 
 
+def _with_and_without_the_drivers_batch(archive, out: Path, cfg: dict, monkeypatch) -> tuple[list, object]:
+    """Score ``archive`` with the driver scoring the first batch and without; both runs' rows
+    must agree (probabilities within 1e-4). Returns the keys the driver scored (the list grows
+    on later runs of the same test) and the first run's summary."""
+    import cxrscreen.pipeline.score as score_module
+
+    seen = []
+    on_driver = score_module._score_on_driver
+    monkeypatch.setattr(score_module, "_score_on_driver", lambda items, *a: seen.extend(it.key for it in items)
+                        or on_driver(items, *a))
+    both = score_archive(archive, out / "both", ScoreConfig(**cfg), progress=False)
+    n = len(seen)
+    actors = score_archive(archive, out / "actors", ScoreConfig(**cfg, first_batch_on_driver=False), progress=False)
+    assert len(seen) == n and actors.missing == [] and actors.inputs == both.inputs
+    a, b = (pl.read_parquet(out / d / "*.parquet").sort("key") for d in ("both", "actors"))
+    assert a["key"].to_list() == b["key"].to_list() and a["key"].n_unique() == both.inputs
+    for c in ("status", "error_type", "label", "refer", "sha256"):
+        assert a[c].to_list() == b[c].to_list(), c
+    probs = [c for c in a.columns if c.startswith("prob_")]
+    pa_, pb = a.select(probs).to_numpy(), b.select(probs).to_numpy()
+    assert np.array_equal(np.isnan(pa_), np.isnan(pb)) and np.nanmax(np.abs(pa_ - pb)) <= 1e-4  # error rows: NaN
+    return seen, both
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_driver_scores_the_first_batch_as_the_actors_would(mixed_archive, ray_2cpu, whole_image_classifier,
@@ -178,22 +202,9 @@ def test_the_driver_scores_the_first_batch_as_the_actors_would(mixed_archive, ra
 
     archive, _ = mixed_archive
     keys = [it.key for it in list_inputs(archive)]
-    seen = []
-    on_driver = score_module._score_on_driver
-    monkeypatch.setattr(score_module, "_score_on_driver", lambda items, *a: seen.extend(it.key for it in items)
-                        or on_driver(items, *a))
     cfg = dict(classifier=whole_image_classifier, batch_size=8, rows_per_file=10)
-    both = score_archive(archive, tmp_path / "both", ScoreConfig(**cfg), progress=False)
+    seen, both = _with_and_without_the_drivers_batch(archive, tmp_path, cfg, monkeypatch)
     assert seen == keys[:8] and both.inputs == 35 and both.missing == [] and both.first_rows == 8
-    actors = score_archive(archive, tmp_path / "actors", ScoreConfig(**cfg, first_batch_on_driver=False), progress=False)
-    assert len(seen) == 8 and actors.missing == [] and actors.inputs == 35
-    a, b = (pl.read_parquet(tmp_path / d / "*.parquet").sort("key") for d in ("both", "actors"))
-    assert a["key"].to_list() == b["key"].to_list() == sorted(keys) and a["key"].n_unique() == 35
-    for c in ("status", "error_type", "label", "refer", "sha256"):
-        assert a[c].to_list() == b[c].to_list(), c
-    probs = [c for c in a.columns if c.startswith("prob_")]
-    pa_, pb = a.select(probs).to_numpy(), b.select(probs).to_numpy()
-    assert np.array_equal(np.isnan(pa_), np.isnan(pb)) and np.nanmax(np.abs(pa_ - pb)) <= 1e-4  # error rows: NaN
     small = tmp_path / "small"
     small.mkdir()
     for i, it in enumerate(list(list_inputs(archive))[:8]):  # exactly one batch
@@ -214,21 +225,9 @@ def test_the_driver_scores_the_first_parquet_batch_too(mixed_archive, ray_2cpu, 
     archive, _ = mixed_archive
     src = archive.parent / "phantoms.parquet"
     keys = [str(k) for k in pl.read_parquet(src)["key"]]
-    seen = []
-    on_driver = score_module._score_on_driver
-    monkeypatch.setattr(score_module, "_score_on_driver", lambda items, *a: seen.extend(it.key for it in items)
-                        or on_driver(items, *a))
     cfg = dict(classifier=whole_image_classifier, batch_size=8, rows_per_file=10)
-    both = score_archive(src, tmp_path / "both", ScoreConfig(**cfg), progress=False)
+    seen, both = _with_and_without_the_drivers_batch(src, tmp_path, cfg, monkeypatch)
     assert seen == keys[:8] and both.inputs == len(keys) > 8 and both.missing == [] and both.first_rows == 8
-    actors = score_archive(src, tmp_path / "actors", ScoreConfig(**cfg, first_batch_on_driver=False), progress=False)
-    assert len(seen) == 8 and actors.missing == []
-    a, b = (pl.read_parquet(tmp_path / d / "*.parquet").sort("key") for d in ("both", "actors"))
-    assert a["key"].to_list() == b["key"].to_list() == sorted(keys)
-    for c in ("status", "label", "refer", "sha256"):
-        assert a[c].to_list() == b[c].to_list(), c
-    probs = [c for c in a.columns if c.startswith("prob_")]
-    assert np.nanmax(np.abs(a.select(probs).to_numpy() - b.select(probs).to_numpy())) <= 1e-4
     again = score_archive(src, tmp_path / "both", ScoreConfig(**cfg), progress=False)  # resumed: nothing new
     assert again.scored == 0 and again.rows == len(keys) and len(seen) == 16
     by_ray = score_archive(src, tmp_path / "ray", ScoreConfig(**cfg, limit=8, first_batch_on_driver=False),
