@@ -249,3 +249,25 @@ def test_error_kinds_come_from_the_content_and_messages_name_the_field(name):
     assert e.value.kind == kind, e.value
     assert word in e.value.reason, e.value.reason
     assert "abcdef" not in e.value.reason  # values are never quoted
+
+
+def test_columns_ray_turned_into_nan_come_back_as_nulls():
+    """Ray Data hands a text or bytes column that is None in every row of a block (a block of
+    unreadable files has no masks) back as float NaN; ``restore_nulls`` makes it None again, so
+    that the stage's output joins blocks that have text or bytes there."""
+    import pyarrow as pa
+
+    from cxrscreen.io.batch import restore_nulls
+
+    nan = np.full(3, np.nan)
+    batch = {"lung_mask_png": nan.copy(), "cam_png": nan.copy(), "error_message": nan.copy(),
+             "jpeg_bytes": nan.copy(), "lung_fraction": nan.copy()}
+    with pytest.raises(pa.ArrowTypeError):  # what Ray meets when it joins such a block with another
+        pa.unify_schemas([pa.table({"lung_mask_png": batch["lung_mask_png"]}).schema,
+                          pa.schema([("lung_mask_png", pa.binary())])])
+    restore_nulls(batch)
+    for k in ("lung_mask_png", "cam_png", "error_message", "jpeg_bytes"):
+        assert batch[k].dtype == object and all(v is None for v in batch[k]), k
+    assert batch["lung_fraction"].dtype.kind == "f"  # a float column stays float
+    pa.unify_schemas([pa.table({"lung_mask_png": pa.array(list(batch["lung_mask_png"]))}).schema,
+                      pa.schema([("lung_mask_png", pa.binary())])])

@@ -64,15 +64,16 @@ def stage_columns(stages: tuple[str, ...], classes: list[str] = ()) -> list[tupl
             for c in (classes if "{class}" in name else [None])]
 
 
-# every text column whose missing values are None
-STRING_COLUMNS = tuple(n for n, kind, _ in COLUMNS if kind == "string")
+# every text or bytes column whose missing values are None (and the JPEGs left for the device)
+OBJECT_COLUMNS = tuple(n for n, kind, _ in COLUMNS if kind in ("string", "binary")) + ("jpeg_bytes",)
 
 
 def restore_nulls(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data hands a text column that was None in every row of a block back as float NaN;
-    a stage that passed it on so would give its blocks a float column where others have text,
-    and Ray could not join them (issue 17.1). Turn such columns back into None objects."""
-    for k in STRING_COLUMNS:
+    """Ray Data hands a text or bytes column that was None in every row of a block back as float
+    NaN (a block of unreadable files has no lung masks); a stage that passed it on so would give
+    its blocks a float column where others have text or bytes, and Ray could not join them
+    (issue 17.1). Turn such columns back into None objects."""
+    for k in OBJECT_COLUMNS:
         v = batch.get(k)
         if v is not None and v.dtype.kind == "f":
             batch[k] = np.full(len(v), None, object)
