@@ -152,9 +152,9 @@ def parquet_head_items(files: list[str], key_column: str, image_column: str, n: 
     compressed (pyarrow reads a whole row group: the driver would hold it before Ray starts)."""
     import pyarrow.parquet as pq
 
-    check_parquet_columns(files, key_column, image_column)
     items: list[InputItem] = []
-    for f in files:
+    for f in files:  # only the files it reads are checked here (``parquet_keys`` checks them all)
+        check_parquet_columns([f], key_column, image_column)
         pf = pq.ParquetFile(f)
         if pf.metadata.num_row_groups:
             group = pf.metadata.row_group(0)

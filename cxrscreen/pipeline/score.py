@@ -367,16 +367,17 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
         input_keys = parquet_keys(files, cfg.key_column, cfg.image_column)[:cfg.limit or None]
         n_inputs = len(input_keys)
         n_pending = n_inputs - int(index.has(input_keys).sum())
-        ds = ray.data.read_parquet(files, columns=[cfg.key_column, cfg.image_column], num_cpus=plan.decode_cpus)
-        if cfg.limit:  # the first N rows in file order, as input_keys counts them (this dataset only)
-            ds.context.execution_options.preserve_order = True
-            ds = ds.limit(cfg.limit)
-        ds = ds.map_batches(_parquet_to_items, fn_kwargs=dict(image_column=cfg.image_column,
-                                                              key_column=cfg.key_column,
-                                                              index=index, skip=frozenset(skip.to_pylist())),
-                            batch_format="numpy", batch_size=256, num_cpus=plan.decode_cpus)
         if first and (not rest or (cfg.limit and cfg.limit <= n_first)):  # the driver's batch is all of it
             ds = None
+        else:
+            ds = ray.data.read_parquet(files, columns=[cfg.key_column, cfg.image_column], num_cpus=plan.decode_cpus)
+            if cfg.limit:  # the first N rows in file order, as input_keys counts them (this dataset only)
+                ds.context.execution_options.preserve_order = True
+                ds = ds.limit(cfg.limit)
+            ds = ds.map_batches(_parquet_to_items, fn_kwargs=dict(image_column=cfg.image_column,
+                                                                  key_column=cfg.key_column,
+                                                                  index=index, skip=frozenset(skip.to_pylist())),
+                                batch_format="numpy", batch_size=256, num_cpus=plan.decode_cpus)
     elif kind in ("list", "folder") and not cfg.limit and rest and _on_every_node(ray, nodes, _sees_archive, *_seen(archive)):
         # streamed: read tasks list it (every node sees it), results start at once
         source = archive_datasource(os.path.abspath(archive), kind, cfg.batch_size)  # a link: its folder, not the target's
