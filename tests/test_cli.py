@@ -136,3 +136,29 @@ def test_the_cli_and_the_score_module_import_without_torch_or_ray():
             "print(sorted(m for m in ('torch', 'ray', 'torchvision', 'segmentation_models_pytorch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
+def test_the_classifier_actor_never_imports_torchvision_for_decoded_images(phantom_archive, tmp_path):
+    """torchvision (with torch._dynamo: about a second of CPU per process) is imported by a model
+    stage only for JPEGs it decodes itself: the classifier actor, given the segmenter's rows of
+    PNGs, never imports it."""
+    import pickle
+    import subprocess
+    import sys
+
+    from cxrscreen.io.batch import decode_items
+    from cxrscreen.io.sources import list_inputs
+    from cxrscreen.pipeline.config import ScoreConfig
+    from cxrscreen.pipeline.stages import Segmenter
+
+    cfg = ScoreConfig()
+    items = [i for i in list_inputs(phantom_archive / "images") if i.key.endswith(".png")][:8]
+    (tmp_path / "batch.pkl").write_bytes(pickle.dumps(Segmenter(cfg.segmenter_options(), cfg.runtime_options("cpu", 1))(
+        decode_items(items))))
+    code = ("import pickle, sys; from cxrscreen.pipeline.config import ScoreConfig; "
+            "from cxrscreen.pipeline.stages import Classifier; cfg = ScoreConfig(); "
+            f"batch = pickle.loads(open({str(tmp_path / 'batch.pkl')!r}, 'rb').read()); "
+            "out = Classifier(cfg.classifier_options(), cfg.runtime_options('cpu', 1))(batch); "
+            "print(len(out['key']), list(out['status']).count('ok'), 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["8", "8", "False"], out.stdout + out.stderr[-2000:]
