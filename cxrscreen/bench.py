@@ -384,7 +384,10 @@ def run_ceiling(source: str = "phantoms", n: int = 256, cfg: ScoreConfig = Score
 
 
 def ratios(df) -> dict:
-    """c/b, c/d, c/e from the best configuration of each mode (none without the pipeline mode)."""
+    """c/b, c/d, c/e from the best configuration of each mode (none without the pipeline mode),
+    and c/ab: the pipeline against a perfect one that decodes as fast as (a) and runs the model
+    stages as fast as (b) on the same cores, 1 / (1/a + 1/b). (b) does not decode, so c/b cannot
+    exceed a / (a + b) however little Ray and the writes cost; c/ab = 1 would mean they cost nothing."""
     best = {m: df.filter(df["mode"] == m)["images_per_s"].max() for m in df["mode"].unique()}
     out = {}
     for name in ("c_pipeline", "c_pipeline_steady"):
@@ -392,5 +395,6 @@ def ratios(df) -> dict:
             continue
         c, tag = best[name], "" if name == "c_pipeline" else " steady"
         out.update({f"c/b{tag}": c / best["b_model_forward"], f"c/d{tag}": c / best["d_dataloader"],
-                    f"c/e{tag}": c / best["e_per_file"]})
+                    f"c/e{tag}": c / best["e_per_file"],
+                    f"c/ab{tag}": c * (1 / best["a_decode_preprocess"] + 1 / best["b_model_forward"])})
     return out

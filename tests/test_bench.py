@@ -31,6 +31,18 @@ def test_bench_writes_every_mode_and_the_runtime_agreement(tmp_path):
     assert ratios(df) == {}  # no pipeline mode without Ray
 
 
+def test_ratios_compare_the_pipeline_with_each_reference_and_with_decode_plus_forward():
+    rates = {"a_decode_preprocess": 1000.0, "b_model_forward": 100.0, "c_pipeline": 40.0, "c_pipeline_steady": 88.0,
+             "d_dataloader": 80.0, "e_per_file": 20.0}
+    df = pl.DataFrame({"mode": list(rates) + ["b_model_forward"], "images_per_s": list(rates.values()) + [50.0]})
+    r = ratios(df)  # the best row of each mode: b is 100, not 50
+    assert r["c/b steady"] == pytest.approx(0.88) and r["c/d steady"] == pytest.approx(1.1)
+    assert r["c/e"] == pytest.approx(2.0) and r["c/b"] == pytest.approx(0.4)
+    # a perfect pipeline of (a) then (b) on the same cores: 1 / (1/1000 + 1/100) = 90.9 images/s
+    assert r["c/ab steady"] == pytest.approx(88.0 / (1 / (1 / 1000 + 1 / 100)))
+    assert r["c/ab steady"] > r["c/b steady"] and r["c/ab steady"] < 1
+
+
 def test_replay_runtime_returns_the_first_output_for_every_image():
     import torch
 
