@@ -120,7 +120,7 @@ def main() -> None:
     index = output_index(out)
     gc.collect()
     before, t0 = _rss_mb(), time.perf_counter()
-    missing, stale, n = _missing_and_stale(input_key_chunks(archive, "list", chunk=index.num_rows), index)
+    missing, stale, n, _ = _missing_and_stale(input_key_chunks(archive, "list", chunk=index.num_rows), index)
     seconds, grown = time.perf_counter() - t0, _rss_mb() - before
     assert n == a.n and not missing and not len(stale)
     rows.append(dict(way="end of a streamed run: the list read again and compared with OUT's index", n=n,

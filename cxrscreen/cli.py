@@ -204,7 +204,8 @@ def score(archive, out_dir, config_path, settings, classifier, segmenter, allow_
     except (ConfigError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     from cxrscreen.cluster import ClusterUnreachable
-    from cxrscreen.pipeline.output import OutputBusy
+    from cxrscreen.pipeline.output import OutputBusy, OutputMismatch
+    from cxrscreen.io.errors import ArchiveError
     from cxrscreen.pipeline.score import ClusterTooSmall, Interrupted, ModelCheckFailed
 
     if not (as_json or quiet):  # the first seconds go to Ray's start and model loading: say so
@@ -216,12 +217,16 @@ def score(archive, out_dir, config_path, settings, classifier, segmenter, allow_
                    "and loading the models ...", err=True)
     try:
         summary = score_archive(archive, out_dir, cfg, progress=not (as_json or quiet))
-    except ModelCheckFailed as e:
+    except (ModelCheckFailed, ArchiveError, OutputMismatch) as e:
         raise click.UsageError(str(e)) from None
     except (ClusterUnreachable, ClusterTooSmall, OutputBusy) as e:
         raise click.ClickException(str(e)) from None
     except Interrupted as e:
         click.echo(f"\ninterrupted: {e}", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:  # before Ray and the models were up: no row was finished yet
+        click.echo(f"\ninterrupted while starting: nothing new was written to {out_dir}; run the same command again",
+                   err=True)
         sys.exit(130)
     lists = None
     if cfg.worklist and summary.rows:

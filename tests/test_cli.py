@@ -146,6 +146,8 @@ def test_the_classifier_actor_never_imports_torchvision_for_decoded_images(phant
     import subprocess
     import sys
 
+    import torch
+
     from cxrscreen.io.batch import decode_items
     from cxrscreen.io.sources import list_inputs
     from cxrscreen.pipeline.config import ScoreConfig
@@ -153,8 +155,10 @@ def test_the_classifier_actor_never_imports_torchvision_for_decoded_images(phant
 
     cfg = ScoreConfig()
     items = [i for i in list_inputs(phantom_archive / "images") if i.key.endswith(".png")][:8]
+    threads = torch.get_num_threads()  # a model stage sets torch's threads for its process: restored
     (tmp_path / "batch.pkl").write_bytes(pickle.dumps(Segmenter(cfg.segmenter_options(), cfg.runtime_options("cpu", 1))(
         decode_items(items))))
+    torch.set_num_threads(threads)
     code = ("import pickle, sys; from cxrscreen.pipeline.config import ScoreConfig; "
             "from cxrscreen.pipeline.stages import Classifier; cfg = ScoreConfig(); "
             f"batch = pickle.loads(open({str(tmp_path / 'batch.pkl')!r}, 'rb').read()); "
@@ -162,3 +166,47 @@ def test_the_classifier_actor_never_imports_torchvision_for_decoded_images(phant
             "print(len(out['key']), list(out['status']).count('ok'), 'torchvision' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.split() == ["8", "8", "False"], out.stdout + out.stderr[-2000:]
+
+
+def test_an_archive_that_cannot_be_scored_is_a_usage_error_before_ray_starts(tmp_path, monkeypatch):
+    """Parquet without its columns, with a key missing or repeated, or a CSV list without a path
+    column: exit 2 and one line, before any model or Ray starts (and in --dry-run)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import cxrscreen.pipeline.score as score
+
+    monkeypatch.setattr(score, "_start", lambda cfg: (_ for _ in ()).throw(AssertionError("Ray started")))
+    pq.write_table(pa.table({"key": ["a", "b", "a"], "image": [b"1", b"2", b"3"]}), tmp_path / "dup.parquet")
+    pq.write_table(pa.table({"key": ["a", None], "image": [b"1", b"2"]}), tmp_path / "null.parquet")
+    pq.write_table(pa.table({"id": ["a"], "image": [b"1"]}), tmp_path / "nokey.parquet")
+    (tmp_path / "nopath.csv").write_text("file,label\na.png,normal\n")
+    for name, why in (("dup.parquet", "occur in more than one row"), ("null.parquet", "rows have no 'key'"),
+                      ("nokey.parquet", "need columns"), ("nopath.csv", "needs a 'path' column")):
+        for extra in ([], ["--dry-run"]):
+            res = CliRunner().invoke(main, ["score", str(tmp_path / name), "-o", str(tmp_path / "out")] + extra)
+            assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, (name, res.output)
+    # an OUT whose rows hold patient identifiers is not mixed with rows without them, nor the reverse
+    from cxrscreen.pipeline.output import output_schema
+
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"key": ["a"], "image": [b"1"]}), good)
+    for phi in (True, False):
+        out = tmp_path / f"out-{phi}"
+        out.mkdir()
+        pq.write_table(output_schema(["covid", "normal"], include_phi=phi).empty_table(), out / "part-1-x.parquet")
+        flip = [] if phi else ["--include-phi"]
+        res = CliRunner().invoke(main, ["score", str(good), "-o", str(out)] + flip)
+        assert res.exit_code == 2 and f"written {'with' if phi else 'without'} --include-phi" in res.output, res.output
+
+
+def test_ctrl_c_while_ray_starts_exits_130_with_one_line(tmp_path, monkeypatch):
+    import cxrscreen.pipeline as pipeline
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt  # what SIGINT raises while Ray and the models start
+
+    monkeypatch.setattr(pipeline, "score_archive", interrupted)
+    (tmp_path / "a.png").write_bytes(b"\x89PNG")
+    res = CliRunner().invoke(main, ["score", str(tmp_path / "a.png"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 130 and "interrupted while starting" in res.output and "Aborted" not in res.output

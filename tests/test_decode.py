@@ -171,6 +171,10 @@ def test_special_and_oversized_files_are_error_rows_without_blocking(tmp_path):
     b = decode_items(items, max_bytes=len(encode_png(PHANTOM)) + 10)
     assert list(b["status"]) == ["error", "ok", "error"]
     assert list(b["error_type"]) == ["unreadable", None, "too_large"]
+    # a Parquet row whose image is null: neither bytes nor a path, an error row of its own
+    b = decode_items([InputItem("null", data=None), InputItem("ok", data=encode_png(PHANTOM))])
+    assert list(b["key"]) == ["null", "ok"] and list(b["status"]) == ["error", "ok"]
+    assert b["error_type"][0] == "missing" and "null" in b["error_message"][0]
 
 
 def test_only_allow_listed_raster_formats_are_opened():
@@ -249,6 +253,20 @@ def test_error_kinds_come_from_the_content_and_messages_name_the_field(name):
     assert e.value.kind == kind, e.value
     assert word in e.value.reason, e.value.reason
     assert "abcdef" not in e.value.reason  # values are never quoted
+
+
+def test_a_value_with_both_kinds_of_quote_is_not_quoted_either():
+    """pydicom's messages quote values with repr: one holding both ' and " is escaped inside its
+    quotes, and the whole value is hidden, not only its first part."""
+    import io
+
+    ds = pydicom.dcmread(io.BytesIO(encode_dicom(PHANTOM, "m2_16bit_window")))
+    ds.PhotometricInterpretation = 'X\'Y"DOE^JOHN'
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    with pytest.raises(ImageError) as e:
+        decode_image(buf.getvalue(), name="x.dcm")
+    assert "PhotometricInterpretation" in e.value.reason and "DOE" not in e.value.reason, e.value.reason
 
 
 def test_columns_ray_turned_into_nan_come_back_as_nulls():

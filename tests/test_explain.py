@@ -42,7 +42,10 @@ def test_target_layers_are_the_last_feature_maps():
 
 @pytest.fixture(scope="module")
 def opacity_model():
-    """cxrnet (3 blocks) trained to tell normal phantoms from ones with one focal consolidation."""
+    """cxrnet (3 blocks) trained to tell normal phantoms from ones with one focal consolidation
+    (in 2 threads whatever an earlier test left: the float sums, and so the training, depend on it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     torch.manual_seed(0)
     labels = ("normal", "bacterial_pneumonia")
     phantoms = [make_phantom(labels[i % 2], SIZE, seed=i) for i in range(240)]
@@ -57,6 +60,7 @@ def opacity_model():
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
     model.eval()
+    torch.set_num_threads(threads)
     return model, phantoms[200:], x[200:], y[200:]
 
 

@@ -148,6 +148,13 @@ def test_lists_and_folder_trees_stream_through_read_tasks_and_resume(mixed_archi
     listing.write_bytes(b"\n".join(paths[1:]) + b"\n")  # one line gone: its row is stale, reported, kept
     fewer = score_archive(listing, out, ScoreConfig(**FAST), progress=False)
     assert fewer.inputs == 35 and fewer.stale == 1 and fewer.rows == 36
+    twice = tmp_path / "twice.txt"  # lines listed again: in the driver's batch, of it later, of the read tasks'
+    twice.write_bytes(b"\n".join(paths[:1] + paths + paths[:2] + paths[20:23] + paths[30:31]) + b"\n")
+    dup = score_archive(twice, tmp_path / "twice-out", ScoreConfig(**FAST), progress=False)
+    assert (dup.inputs, dup.repeated, dup.scored, dup.rows, dup.skipped, dup.missing) == (36, 7, 36, 36, 0, [])
+    assert pl.read_parquet(tmp_path / "twice-out" / "*.parquet")["key"].n_unique() == 36
+    dup = score_archive(twice, tmp_path / "twice-out", ScoreConfig(**FAST), progress=False)
+    assert (dup.inputs, dup.repeated, dup.scored, dup.rows, dup.skipped) == (36, 7, 0, 36, 36)
     tree = score_archive(archive, tmp_path / "tree", ScoreConfig(**FAST, first_batch_on_driver=False), progress=False)
     assert tree.inputs == 35 and tree.ok == 25 and tree.missing == [] and tree.skipped == 0
     assert tree.first_rows <= 8  # results come a batch at a time, not once the folder's 35 are done
@@ -251,6 +258,11 @@ def test_parquet_archive_and_phi_on_request(mixed_archive, ray_2cpu, tmp_path):
     assert folder.missing == []
     dicom = pl.read_parquet(tmp_path / "b" / "*.parquet").filter(pl.col("format") == "dicom")
     assert (dicom["patient_name"] == "PHANTOM^TEST").all() and dicom["patient_id"].str.starts_with("syn").all()
+    from cxrscreen.pipeline.output import OutputMismatch
+
+    for out, phi in (("b", False), ("a", True)):  # a folder holds identifiers in every row or in none
+        with pytest.raises(OutputMismatch, match="include-phi"):
+            score_archive(archive, tmp_path / out, ScoreConfig(**FAST, include_phi=phi), progress=False)
 
 
 @pytest.mark.slow
@@ -806,3 +818,37 @@ def test_scoring_survives_a_killed_model_actor_or_worker_node(tmp_path, mode):
     assert summary["inputs"] == summary["ok"] == summary["rows"] == 160 and summary["missing"] == 0
     df = pl.read_parquet(tmp_path / "out" / "*.parquet")
     assert df.height == 160 and df["key"].n_unique() == 160
+
+
+def test_an_input_listed_twice_keeps_one_row_and_the_summary_its_counts(tmp_path):
+    """``drop_repeats``: of a run's rows with one key, the first in file order stays; the counts
+    of the removed rows come off the summary (``ScoreSummary.add(..., -1)``)."""
+    from cxrscreen.pipeline.output import PartWriter, drop_repeats, output_index
+    from cxrscreen.pipeline.score import ScoreSummary
+
+    def batch(keys, status):
+        n = len(keys)
+        return {"key": np.array(keys, object), "status": np.array(status, object),
+                "error_type": np.array([None if s == "ok" else "empty" for s in status], object),
+                "label": np.array(["covid" if s == "ok" else None for s in status], object),
+                "refer_reason": np.array([[] if s == "ok" else ["unreadable"] for s in status] + [None], object)[:n],
+                "prob_covid": np.full(n, 0.9, np.float32), "prob_normal": np.full(n, 0.1, np.float32)}
+
+    summary = ScoreSummary()
+    old = PartWriter(tmp_path, "old", rows_per_file=2)
+    old.add(batch(["a"], ["ok"]))
+    old.flush()
+    writer = PartWriter(tmp_path, "run", rows_per_file=2)
+    for keys, status in ((["a", "b"], ["ok", "error"]), (["b", "a"], ["error", "ok"]), (["c", "b"], ["ok", "error"])):
+        summary.add(writer.add(batch(keys, status)))
+    writer.flush()
+    index = output_index(tmp_path)
+    assert index.num_rows == 7 and len(index.repeated("run")) == 2 and len(index.repeated("old")) == 0
+    removed = drop_repeats(tmp_path, index.repeated("run"), "run")
+    assert removed == {"ok": 1, "errors": {"empty": 2}, "referred": {"unreadable": 2}, "labels": {"covid": 1}}
+    after = pl.read_parquet(tmp_path / "part-run-*.parquet")
+    assert sorted(after["key"]) == ["a", "b", "c"] and len(pl.read_parquet(tmp_path / "part-old-*.parquet")) == 1
+    assert dict(zip(after["key"], after["status"])) == {"a": "ok", "b": "error", "c": "ok"}  # the first of each
+    summary.add(removed, -1)
+    assert (summary.ok, summary.errors, summary.referred, summary.labels) == (2, {"empty": 1}, {"unreadable": 1},
+                                                                             {"covid": 2})

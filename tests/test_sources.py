@@ -7,6 +7,7 @@ import pytest
 
 from cxrscreen.data.synth import encode_dicom, encode_png, make_phantom
 from cxrscreen.io import list_inputs
+from cxrscreen.io.errors import ArchiveError
 from cxrscreen.io.sources import archive_kind
 
 IMG = make_phantom("normal", 32, 0).image
@@ -156,8 +157,8 @@ def test_non_utf8_file_names_become_ordinary_rows_with_escaped_keys(tmp_path):
 def test_parquet_keys_are_the_keys_rows_get(tmp_path):
     """The keys the driver counts a Parquet archive by, and those of the first rows it scores
     itself, are the text its rows' keys become when a batch is scored (``str`` of each value as
-    numpy gives it): float ids, int ids with nulls, float32, nulls and plain text alike; the read
-    tasks skip the driver's keys."""
+    numpy gives it): float ids, int ids, float32 and plain text alike; the read tasks skip the
+    driver's keys. A key missing (null) or repeated is refused: it would lose or swap rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -166,8 +167,8 @@ def test_parquet_keys_are_the_keys_rows_get(tmp_path):
     from cxrscreen.pipeline.score import _parquet_to_items
 
     empty = output_index(tmp_path / "no-out")
-    cols = {"f": pa.array([1.0, 2.5, None]), "s": pa.array(["a", None, "c"]), "t": pa.array(["x", "y", "z"]),
-            "i": pa.array([1, None, 3], pa.int64()), "f32": pa.array([0.1, 0.2, 0.3], pa.float32())}
+    cols = {"f": pa.array([1.0, 2.5, 4.0]), "t": pa.array(["x", "y", "z"]),
+            "i": pa.array([1, 2, 3], pa.int64()), "f32": pa.array([0.1, 0.2, 0.3], pa.float32())}
     for name, keys in cols.items():
         path = tmp_path / f"{name}.parquet"
         pq.write_table(pa.table({"key": keys, "image": pa.array([b"1", b"2", b"3"])}), path)
@@ -179,9 +180,18 @@ def test_parquet_keys_are_the_keys_rows_get(tmp_path):
         assert [it.key for it in head] == list(rows["key"][:2]) and [it.data for it in head] == [b"1", b"2"], name
         rest = _parquet_to_items(batch, "image", "key", index=empty, skip=frozenset(it.key for it in head))
         assert list(rest["key"]) == list(rows["key"][2:]) and list(rest["data"]) == [b"3"], name
-    assert parquet_keys([str(tmp_path / "f.parquet")], "key", "image").to_pylist() == ["1.0", "2.5", "nan"]
-    with pytest.raises(ValueError, match="need columns"):
+    assert parquet_keys([str(tmp_path / "f.parquet")], "key", "image").to_pylist() == ["1.0", "2.5", "4.0"]
+    with pytest.raises(ArchiveError, match="need columns"):
         parquet_head_items([str(tmp_path / "t.parquet")], "nokey", "image", 2)
+    for name, keys, why in (("null", pa.array(["a", None, "c"]), "1 rows have no 'key'"),
+                            ("nullint", pa.array([1, None, 3]), "1 rows have no 'key'"),
+                            ("dup", pa.array(["a", "b", "a"]), r"1 'key' values occur in more than one row \(e.g. 'a', 2")):
+        pq.write_table(pa.table({"key": keys, "image": pa.array([b"1", b"2", b"3"])}), tmp_path / f"{name}.parquet")
+        with pytest.raises(ArchiveError, match=why):
+            parquet_keys([str(tmp_path / f"{name}.parquet")], "key", "image")
+    # a key repeated across two files of one archive too
+    with pytest.raises(ArchiveError, match="more than one row"):
+        parquet_keys([str(tmp_path / "t.parquet"), str(tmp_path / "t.parquet")], "key", "image")
 
 
 def test_the_driver_reads_no_parquet_head_from_a_huge_row_group(tmp_path, monkeypatch):
@@ -195,3 +205,32 @@ def test_the_driver_reads_no_parquet_head_from_a_huge_row_group(tmp_path, monkey
     assert len(listing.parquet_head_items([str(path)], "key", "image", 2)) == 2
     monkeypatch.setattr(listing, "HEAD_MAX_BYTES", 100)  # the first row group's images are bigger
     assert listing.parquet_head_items([str(path)], "key", "image", 2) == []
+
+
+@pytest.mark.timeout(60)
+def test_special_files_and_link_loops_neither_hang_nor_stop_the_listing(tmp_path):
+    """A FIFO without a suffix is checked for DICOM magic without blocking (it is no image), and a
+    link loop at the top of a tree does not stop what the driver checks of the tree (``_seen``)."""
+    from cxrscreen.io.sources import has_dicom_magic
+    from cxrscreen.pipeline.score import _seen
+
+    (tmp_path / "a.png").write_bytes(encode_png(IMG))
+    os.mkfifo(tmp_path / "scan")  # nobody writes to it: a blocking open would wait forever
+    os.symlink(tmp_path / "l2.png", tmp_path / "l1.png")
+    os.symlink(tmp_path / "l1.png", tmp_path / "l2.png")
+    (tmp_path / "sub").mkdir()
+    assert not has_dicom_magic(tmp_path / "scan")
+    assert [it.key for it in list_inputs(tmp_path)] == ["a.png", "l1.png", "l2.png"]  # the loops: error rows later
+    assert _seen(tmp_path) == (str(tmp_path), [str(tmp_path / "sub")], -1)
+
+
+def test_inputs_have_absolute_paths_whatever_the_archive_path(tmp_path, monkeypatch):
+    """``source_path`` is absolute for every row: the driver's own first batch lists the archive
+    as the read tasks do (they get its absolute path)."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(encode_png(IMG))
+    (tmp_path / "list.txt").write_text("imgs/a.png\n")
+    monkeypatch.chdir(tmp_path)
+    for archive, key in (("imgs", "a.png"), ("list.txt", "imgs/a.png"), ("imgs/a.png", "a.png")):
+        (item,) = list_inputs(archive)
+        assert item.key == key and os.path.isabs(item.path) and Path(item.path).samefile(tmp_path / "imgs" / "a.png")

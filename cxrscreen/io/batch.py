@@ -141,6 +141,8 @@ def decode_batch(batch: dict[str, np.ndarray], work_size: int = WORK_SIZE, max_p
             path = os.fsdecode(path)
         data, sha, err, dec = datas[i], "", None, None
         try:
+            if data is None and path is None:
+                raise ImageError("missing", "no image: the archive's row holds no bytes (null)")
             if data is None:
                 data = read_bytes(path, max_bytes)
             data = bytes(data)

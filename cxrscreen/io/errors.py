@@ -1,4 +1,5 @@
-"""The one error type raised for any input that cannot become an image."""
+"""The error types of inputs: ``ImageError`` for one input that cannot become an image (an error
+row), ``ArchiveError`` for an archive whose structure cannot be scored at all."""
 
 ERROR_KINDS = (
     "missing",  # path does not exist
@@ -26,3 +27,9 @@ class ImageError(Exception):
 
     def __reduce__(self):  # survives pickling across Ray workers
         return (ImageError, (self.kind, self.reason))
+
+
+class ArchiveError(ValueError):
+    """An archive that cannot be scored as given (no such path, a list without its path column,
+    Parquet without its key or image column, keys missing or repeated): raised before any
+    model or Ray starts, one line for the user."""

@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import itertools
 import os
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+from cxrscreen.io.errors import ArchiveError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
 LIST_SUFFIXES = (".txt", ".lst", ".csv")
@@ -56,11 +59,21 @@ def label_from_path(rel: Path, label_map: dict[str, str]) -> str | None:
 
 
 def has_dicom_magic(path: Path) -> bool:
+    """Whether ``path`` is a regular file that begins with a DICOM preamble. Opened without
+    blocking and checked before reading: a FIFO or device without a suffix is no image, and
+    reading it would wait forever."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(132)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        head = os.pread(fd, 132, 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
@@ -69,7 +82,7 @@ def archive_kind(archive: str | os.PathLike) -> str:
     'file' (one image: an image suffix or DICOM magic)."""
     p = Path(archive)
     if not p.exists():
-        raise ValueError(f"{p}: no such file or folder")
+        raise ArchiveError(f"{p}: no such file or folder")
     if p.is_dir():
         seen_parquet = False
         for f in p.rglob("*"):
@@ -84,7 +97,7 @@ def archive_kind(archive: str | os.PathLike) -> str:
         return "list"
     if p.suffix.lower() in IMAGE_SUFFIXES or (p.suffix == "" and has_dicom_magic(p)):
         return "file"
-    raise ValueError(f"{p}: not a folder, an image ({', '.join(IMAGE_SUFFIXES)} or DICOM), a list file "
+    raise ArchiveError(f"{p}: not a folder, an image ({', '.join(IMAGE_SUFFIXES)} or DICOM), a list file "
                      f"({', '.join(LIST_SUFFIXES)}) or Parquet")
 
 
@@ -100,7 +113,7 @@ def list_inputs(archive: str | os.PathLike, labels_from_folders: bool = False,
     """
     label_map = DEFAULT_LABEL_MAP if label_map is None else label_map
     kind = archive_kind(archive)
-    root = Path(archive)
+    root = Path(os.path.abspath(archive))  # inputs' paths are absolute, as read tasks give them
     if kind == "folder":
         yield from folder_items(root, label_map=label_map if labels_from_folders else None)
     elif kind == "file":
@@ -181,7 +194,7 @@ def list_file_items(path: Path, start: int = 0, end: int | None = None) -> Itera
         if path.suffix.lower() == ".csv":
             fields = next(csv.reader([f.readline().decode()]), [])
             if "path" not in fields:
-                raise ValueError(f"{path}: a CSV list needs a 'path' column")
+                raise ArchiveError(f"{path}: a CSV list needs a 'path' column")
             start = max(start, f.tell())
         if start > 0:
             f.seek(start - 1)
@@ -228,7 +241,7 @@ def _parquet_rows(path: Path, image_column: str, key_column: str) -> Iterator[In
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
         if image_column not in names:
-            raise ValueError(f"{f}: no image-bytes column {image_column!r} (columns: {names})")
+            raise ArchiveError(f"{f}: no image-bytes column {image_column!r} (columns: {names})")
         cols = [c for c in (image_column, key_column, "label") if c in names]
         row = 0
         for batch in pf.iter_batches(columns=cols, batch_size=256):

@@ -22,8 +22,9 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cxrscreen.io.errors import ArchiveError
 from cxrscreen.io.sources import (InputItem, folder_items, folder_units, list_file_items, list_file_ranges,
-                                  list_inputs)
+                                  list_inputs, safe_text)
 from cxrscreen.pipeline.output import ResumeIndex
 
 ITEM_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.binary()), ("expected_sha", pa.string())])
@@ -118,7 +119,7 @@ def check_parquet_columns(files: list[str], key_column: str, image_column: str) 
         names = pq.ParquetFile(f).schema_arrow.names
         for col in (key_column, image_column):
             if col not in names:
-                raise ValueError(f"{f}: Parquet archives need columns {key_column!r} and {image_column!r} "
+                raise ArchiveError(f"{f}: Parquet archives need columns {key_column!r} and {image_column!r} "
                                  f"(has {names}); set key_column / image_column in the score config")
 
 
@@ -133,14 +134,27 @@ def key_texts(col) -> pa.Array:
 
 
 def parquet_keys(files: list[str], key_column: str, image_column: str) -> pa.Array:
-    """Keys of Parquet inputs as one Arrow text array (``key_texts``); the key column must exist."""
+    """Keys of Parquet inputs as one Arrow text array (``key_texts``). ``ArchiveError`` unless
+    the key column exists and every row has a key of its own: a key is a row's identity in OUT
+    (resume, replacement), so a missing or repeated one would lose or swap rows."""
     import pyarrow.parquet as pq
 
     check_parquet_columns(files, key_column, image_column)
     keys = [pa.array([], pa.string())]
     for f in files:
-        keys.append(key_texts(pq.read_table(f, columns=[key_column])[key_column]))
-    return pa.concat_arrays(keys)
+        column = pq.read_table(f, columns=[key_column])[key_column]
+        if column.null_count:
+            raise ArchiveError(f"{f}: {column.null_count} rows have no {key_column!r} (null): every row needs a key")
+        keys.append(key_texts(column))
+    keys = pa.concat_arrays(keys)
+    counts = pc.value_counts(keys)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        first = repeated[0].as_py()
+        raise ArchiveError(f"{len(repeated)} {key_column!r} values occur in more than one row (e.g. "
+                           f"{safe_text(str(first['values']))[:80]!r}, {first['counts']} rows): every row needs a key "
+                           "of its own")
+    return keys
 
 
 HEAD_MAX_BYTES = 256 << 20  # the driver reads a Parquet archive's first rows only from a row group this small

@@ -143,6 +143,25 @@ def durable_replace(tmp: Path, path: Path) -> None:
         os.close(fd)
 
 
+class OutputMismatch(ValueError):
+    """OUT holds rows that a run with these settings must not mix with (one line for the user)."""
+
+
+def check_phi_columns(out_dir: str | Path, include_phi: bool) -> None:
+    """``OutputMismatch`` when OUT's part files were written with the other ``include_phi``: a
+    folder holds patient identifiers in every part file or in none (so that dropping
+    ``--include-phi`` never leaves them behind unnoticed, and the part files read as one table)."""
+    first = next(iter(sorted(Path(out_dir).glob("part-*.parquet"))), None) if Path(out_dir).exists() else None
+    if first is None:
+        return
+    has_phi = "patient_name" in pq.read_schema(first).names
+    if has_phi != include_phi:
+        raise OutputMismatch(
+            f"{out_dir} holds rows written {'with' if has_phi else 'without'} --include-phi; score into another "
+            f"folder, or {'add' if has_phi else 'leave out'} --include-phi (a folder holds patient identifiers in "
+            "every row or in none)")
+
+
 class OutputBusy(RuntimeError):
     """Another process is writing the same output folder."""
 
@@ -226,6 +245,11 @@ class ResumeIndex:
         out[found] = self.sha[pos[found]].astype(f"U{SHA_PREFIX}")
         return pa.array(out, pa.string())
 
+    def repeated(self, run: str) -> np.ndarray:
+        """Key hashes of which ``run`` wrote more than one row (an input listed more than once)."""
+        mine = self.hashes[self.run == (self.runs.index(run) if run in self.runs else -1)]  # sorted
+        return np.unique(mine[1:][mine[1:] == mine[:-1]])
+
     def superseded(self, run: str) -> np.ndarray:
         """Key hashes scored by ``run`` that also have rows of earlier runs (their input changed)."""
         mine = self.run == (self.runs.index(run) if run in self.runs else -1)
@@ -274,3 +298,27 @@ def drop_superseded(out_dir: str | Path, hashes: np.ndarray, keep_run: str) -> i
             write_part(t.filter(pa.array(~stale)), f)
             dropped += n
     return dropped
+
+
+def drop_repeats(out_dir: str | Path, hashes: np.ndarray, run: str) -> dict:
+    """Keep one row of each key hash in ``hashes`` among ``run``'s part files (the first in file
+    order) and remove the others: an input listed more than once is one input, with one row.
+    Each affected file is rewritten atomically. Returns the removed rows' ``row_counts``."""
+    seen: set[int] = set()
+    removed = {"ok": 0, "errors": {}, "referred": {}, "labels": {}}
+    for f in sorted(Path(out_dir).glob(f"part-{run}-*.parquet")) if len(hashes) else []:
+        t = pq.read_table(f)
+        h = key_hashes(t["key"])
+        drop = np.zeros(len(h), bool)
+        for i in np.flatnonzero(np.isin(h, hashes)):
+            drop[i] = int(h[i]) in seen
+            seen.add(int(h[i]))
+        if drop.any():
+            gone = t.filter(pa.array(drop))
+            counts = row_counts({c: gone[c].to_pylist() for c in ("status", "error_type", "label", "refer_reason")})
+            removed["ok"] += counts["ok"]
+            for part in ("errors", "referred", "labels"):
+                for k, v in counts[part].items():
+                    removed[part][k] = removed[part].get(k, 0) + v
+            write_part(t.filter(pa.array(~drop)), f)
+    return removed

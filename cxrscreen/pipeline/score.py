@@ -20,13 +20,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cxrscreen.io.sources import InputItem, archive_kind, estimated_lines, folder_items, list_inputs, parquet_files
+from cxrscreen.io.sources import (InputItem, archive_kind, estimated_lines, folder_items, list_file_items, list_inputs,
+                                  parquet_files)
 from cxrscreen.cluster import init_ray
 from cxrscreen.pipeline.config import ScoreConfig
 from cxrscreen.pipeline.listing import (archive_datasource, input_key_chunks, parquet_head_items, parquet_keys,
                                         pending_items, pending_rows, without_keys)
-from cxrscreen.pipeline.output import (OutputLock, PartWriter, ResumeIndex, drop_superseded, key_array, key_hashes,
-                                       new_run_id, output_index, write_rows)
+from cxrscreen.pipeline.output import (OutputLock, PartWriter, ResumeIndex, check_phi_columns, drop_repeats,
+                                       drop_superseded, key_array, key_hashes, new_run_id, output_index, write_rows)
 from cxrscreen.io.batch import decode_batch, decode_items
 
 if TYPE_CHECKING:  # torch and the models load in the model check's thread while Ray starts, not here
@@ -52,13 +53,17 @@ class ScoreSummary:
     rows: int = 0  # rows in OUT after the run
     stale: int = 0  # rows in OUT whose input is no longer in the archive (kept unless prune)
     pruned: int = 0  # such rows removed by prune
+    repeated: int = 0  # entries of the archive that list an input listed before (one row each input)
 
-    def add(self, counts: dict) -> None:
-        """Add one part file's counts (``cxrscreen.pipeline.output.row_counts``)."""
-        self.ok += counts["ok"]
-        self.errors.update(counts["errors"])
-        self.referred.update(counts["referred"])
-        self.labels.update(counts["labels"])
+    def add(self, counts: dict, sign: int = 1) -> None:
+        """Add one part file's counts (``cxrscreen.pipeline.output.row_counts``); ``sign=-1``
+        takes back the counts of rows removed again (``drop_repeats``)."""
+        self.ok += sign * counts["ok"]
+        for mine, theirs in ((self.errors, counts["errors"]), (self.referred, counts["referred"]),
+                             (self.labels, counts["labels"])):
+            mine.update({k: sign * v for k, v in theirs.items()})
+            for k in [k for k, v in mine.items() if v <= 0]:
+                del mine[k]
 
     @property
     def steady_images_per_s(self) -> float:
@@ -80,6 +85,7 @@ class ScoreSummary:
         return {"inputs": self.inputs, "skipped": self.skipped, "ok": self.ok, "errors": dict(self.errors),
                 "referred_by_reason": dict(self.referred), "labels": dict(self.labels),
                 "rows": self.rows, "stale": self.stale, "pruned": self.pruned, "missing": len(self.missing), "arrived": self.arrived,
+                "repeated": self.repeated,
                 "seconds": round(self.seconds, 3), "first_row_s": round(self.first_row_s, 3),
                 "steady_from_s": round(self.steady_from_s, 3),
                 "images_per_s": round(self.images_per_s, 3), "steady_images_per_s": round(self.steady_images_per_s, 3),
@@ -88,7 +94,8 @@ class ScoreSummary:
     def __str__(self) -> str:
         errs = ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"
         refs = ", ".join(f"{k} {v}" for k, v in self.referred.most_common()) or "none"
-        return (f"{self.inputs} inputs: {self.skipped} already done, {self.ok} ok, "
+        return (f"{self.inputs} inputs" + (f" ({self.repeated} more entries list one of them again: one row each)"
+                                           if self.repeated else "") + f": {self.skipped} already done, {self.ok} ok, "
                 f"{sum(self.errors.values())} errors ({errs}); referred by reason: {refs}; "
                 f"{self.images_per_s:.1f} images/s overall, {self.steady_images_per_s:.1f} steady; "
                 f"{self.rows} rows in the output" + (f", {self.stale} of them for inputs no longer in the archive "
@@ -238,6 +245,7 @@ def dry_run(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: ScoreCo
     many already have a row in ``out_dir`` (skipped if their content is unchanged, re-scored
     otherwise), and how many would be scored for the first time (``cfg.limit`` applied)."""
     kind = archive_kind(archive)
+    check_archive(archive, kind, cfg)
     index = output_index(out_dir, clean=False)  # no lock held: a running score's temp files stay
     formats, n, have = Counter(), 0, 0
     for keys in input_key_chunks(archive, kind, cfg.limit, cfg.key_column, cfg.image_column, chunk=index.num_rows):
@@ -294,8 +302,16 @@ def _seen(archive) -> tuple[str, list[str], int]:
     if os.path.isfile(path):
         return path, [], os.path.getsize(path)
     with os.scandir(path) as entries:
-        top = sorted(e.path for e in itertools.islice(entries, 256) if e.is_dir() and not e.name.startswith("."))
+        top = sorted(e.path for e in itertools.islice(entries, 256) if not e.name.startswith(".") and _is_dir(e))
     return path, top[:16], -1
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """``entry.is_dir()``, False where it cannot be told (a link loop: an error row later)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _sees_archive(path: str, folders: list[str], size: int) -> bool:
@@ -335,12 +351,26 @@ def score_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: S
     One run at a time per ``out_dir`` (``OutputBusy`` otherwise). SIGINT / SIGTERM write the
     rows already finished and raise ``Interrupted``; the next run resumes from them."""
     kind = archive_kind(archive)  # a wrong ARCHIVE fails here, before models and Ray
+    keys = check_archive(archive, kind, cfg)
     out_dir = Path(out_dir).resolve()  # write tasks on other nodes do not share this process's directory
+    check_phi_columns(out_dir, cfg.include_phi)
     with OutputLock(out_dir):
-        return _score_locked(archive, kind, out_dir, cfg, progress)
+        return _score_locked(archive, kind, out_dir, cfg, progress, keys)
 
 
-def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress: bool) -> ScoreSummary:
+def check_archive(archive, kind: str, cfg: ScoreConfig) -> pa.Array | None:
+    """``ArchiveError`` for an archive whose structure cannot be scored, before models and Ray
+    start: a CSV list without its path column, Parquet without its key or image column, or with
+    keys missing or repeated. Returns a Parquet archive's keys (``parquet_keys``), else None."""
+    if kind == "list":
+        next(list_file_items(Path(archive)), None)  # a CSV list's header
+    if kind != "parquet":
+        return None
+    return parquet_keys([str(f) for f in parquet_files(Path(archive))], cfg.key_column, cfg.image_column)
+
+
+def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress: bool,
+                  keys: pa.Array | None = None) -> ScoreSummary:
     from tqdm import tqdm
 
     t0, started = time.perf_counter(), time.time()
@@ -364,7 +394,8 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
         if res.get("CPU", 1) < 2:
             raise ClusterTooSmall("a Parquet archive needs a Ray cluster with at least 2 CPUs: Ray Data's Parquet "
                                "reader takes a whole CPU beside the model actors (on 1 CPU it would wait forever)")
-        input_keys = parquet_keys(files, cfg.key_column, cfg.image_column)[:cfg.limit or None]
+        input_keys = (keys if keys is not None else parquet_keys(files, cfg.key_column, cfg.image_column))[
+            :cfg.limit or None]
         n_inputs = len(input_keys)
         n_pending = n_inputs - int(index.has(input_keys).sum())
         if first and (not rest or (cfg.limit and cfg.limit <= n_first)):  # the driver's batch is all of it
@@ -469,6 +500,10 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     index = output_index(out_dir)
     if drop_superseded(out_dir, index.superseded(run), run):  # also when stopped: what is written is kept
         index = output_index(out_dir)
+    repeats = index.repeated(run)  # an input listed twice (a list file's repeated line) keeps one row
+    if len(repeats):
+        summary.add(drop_repeats(out_dir, repeats, run), -1)
+        index = output_index(out_dir)
     if failed:  # the driver's first batch could not be written (what Ray scored is kept)
         raise failed[0]
     if stopped:
@@ -476,7 +511,8 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
                           f"{out_dir}; run the same command again to score the rest")
     # a streamed list is read again in chunks as large as OUT (each chunk costs one pass over OUT)
     key_chunks = [input_keys] if input_keys is not None else input_key_chunks(archive, kind, chunk=index.num_rows)
-    summary.missing, stale, summary.inputs = _missing_and_stale(key_chunks, index)
+    summary.missing, stale, listed, summary.inputs = _missing_and_stale(key_chunks, index)
+    summary.repeated = listed - summary.inputs
     if input_keys is None and summary.missing:  # listed in parts while the run went on
         late = _arrived_during(archive, kind, summary.missing, started)
         summary.missing, summary.arrived = [k for k in summary.missing if k not in late], len(late)
@@ -539,20 +575,21 @@ def _arrived_during(archive, kind: str, keys: list[str], since: float) -> set[st
     return late
 
 
-def _missing_and_stale(key_chunks: Iterable, index: ResumeIndex) -> tuple[list[str], np.ndarray, int]:
+def _missing_and_stale(key_chunks: Iterable, index: ResumeIndex) -> tuple[list[str], np.ndarray, int, int]:
     """Input keys without a row in OUT, the key hashes of OUT's rows whose input is no longer
-    in the archive, and the number of inputs, from the input keys in chunks (compared as hashes:
-    no Python set of a million keys; each chunk costs a pass over OUT, so chunks should not be
-    much smaller)."""
+    in the archive, and the number of entries and of distinct inputs, from the input keys in
+    chunks (compared as hashes: no Python set of a million keys, 8 bytes per key; each chunk
+    costs a pass over OUT, so chunks should not be much smaller)."""
     listed = np.zeros(index.num_rows, bool)
-    missing, n = set(), 0
+    missing, n, every = set(), 0, [np.zeros(0, "<u8")]
     for keys in key_chunks:
         keys, hashes = key_array(keys), key_hashes(keys)
         n += len(keys)
+        every.append(hashes)
         found, _ = index.find(hashes)
         missing.update(pc.filter(keys, pa.array(~found)).to_pylist())
         listed |= np.isin(index.hashes, hashes)
-    return sorted(missing), np.unique(index.hashes[~listed]), n
+    return sorted(missing), np.unique(index.hashes[~listed]), n, len(np.unique(np.concatenate(every)))
 
 
 def _score_on_driver(items: list[InputItem], index: ResumeIndex, stages: tuple, cfg: ScoreConfig) -> dict | None:
