@@ -177,6 +177,8 @@ def score(archive, out_dir, config_path, settings, classifier, segmenter, allow_
     from cxrscreen.config import ConfigError, load_config, parse_settings
     from cxrscreen.io.sources import archive_kind
     from cxrscreen.pipeline import score_archive
+    from cxrscreen.pipeline.output import check_phi_columns
+    from cxrscreen.pipeline.score import check_archive
 
     try:
         flags = dict(classifier=classifier, segmenter=segmenter, allow_untrained=allow_untrained, site=site,
@@ -191,7 +193,9 @@ def score(archive, out_dir, config_path, settings, classifier, segmenter, allow_
         if both:
             raise ConfigError(f"{', '.join(both)} given both as an option and with --set: give it once")
         cfg = load_config(ScoreConfig, config_path, settings=given, **flags)
-        archive_kind(archive)
+        if not dry_run:  # refused in one line before anything starts (a dry run checks the same itself)
+            check_archive(archive, archive_kind(archive), cfg)
+            check_phi_columns(out_dir, cfg.include_phi)
         if dry_run:
             from cxrscreen.pipeline.score import dry_run as plan
 

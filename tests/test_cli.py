@@ -171,6 +171,8 @@ def test_the_classifier_actor_never_imports_torchvision_for_decoded_images(phant
 def test_an_archive_that_cannot_be_scored_is_a_usage_error_before_ray_starts(tmp_path, monkeypatch):
     """Parquet without its columns, with a key missing or repeated, or a CSV list without a path
     column: exit 2 and one line, before any model or Ray starts (and in --dry-run)."""
+    import json
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -181,11 +183,19 @@ def test_an_archive_that_cannot_be_scored_is_a_usage_error_before_ray_starts(tmp
     pq.write_table(pa.table({"key": ["a", None], "image": [b"1", b"2"]}), tmp_path / "null.parquet")
     pq.write_table(pa.table({"id": ["a"], "image": [b"1"]}), tmp_path / "nokey.parquet")
     (tmp_path / "nopath.csv").write_text("file,label\na.png,normal\n")
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 not really")
     for name, why in (("dup.parquet", "occur in more than one row"), ("null.parquet", "rows have no 'key'"),
-                      ("nokey.parquet", "need columns"), ("nopath.csv", "needs a 'path' column")):
+                      ("nokey.parquet", "need columns"), ("nopath.csv", "needs a 'path' column"),
+                      ("corrupt.parquet", "cannot be read as a parquet archive")):
         for extra in ([], ["--dry-run"]):
             res = CliRunner().invoke(main, ["score", str(tmp_path / name), "-o", str(tmp_path / "out")] + extra)
             assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, (name, res.output)
+    # a spreadsheet's CSV (with a byte-order mark) and a list naming a path twice: one input each
+    (tmp_path / "a.png").write_bytes(b"\x89PNG")
+    (tmp_path / "bom.csv").write_bytes("\ufeffpath,label\na.png,normal\na.png,normal\n".encode())
+    res = CliRunner().invoke(main, ["score", str(tmp_path / "bom.csv"), "-o", str(tmp_path / "out"), "--dry-run",
+                                    "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["inputs"] == 1, res.output
     # an OUT whose rows hold patient identifiers is not mixed with rows without them, nor the reverse
     from cxrscreen.pipeline.output import output_schema
 

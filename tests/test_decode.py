@@ -175,6 +175,10 @@ def test_special_and_oversized_files_are_error_rows_without_blocking(tmp_path):
     b = decode_items([InputItem("null", data=None), InputItem("ok", data=encode_png(PHANTOM))])
     assert list(b["key"]) == ["null", "ok"] and list(b["status"]) == ["error", "ok"]
     assert b["error_type"][0] == "missing" and "null" in b["error_message"][0]
+    from cxrscreen.io.batch import decode_batch  # a block of only null images, as Ray hands it over: NaN
+
+    b = decode_batch({"key": np.array(["n1", "n2"], object), "data": np.full(2, np.nan, np.float32)})
+    assert list(b["error_type"]) == ["missing", "missing"] and list(b["sha256"]) == ["", ""]
 
 
 def test_only_allow_listed_raster_formats_are_opened():
@@ -267,6 +271,19 @@ def test_a_value_with_both_kinds_of_quote_is_not_quoted_either():
     with pytest.raises(ImageError) as e:
         decode_image(buf.getvalue(), name="x.dcm")
     assert "PhotometricInterpretation" in e.value.reason and "DOE" not in e.value.reason, e.value.reason
+
+
+@pytest.mark.parametrize("message, scrubbed", [
+    ("pixel data doesn't match the expected length - 123 vs 456", "pixel data doesn't match the expected length - 123 vs 456"),
+    ("The dataset's transfer syntax 'DOE^JOHN' doesn't match", "The dataset's transfer syntax <value> doesn't match"),
+    ("name 'O'BRIEN^PAT' here", "name <value> here"),
+    ("value 'ABC' and b'DEF' and \"GHI\" end", "value <value> and <value> and <value> end"),
+    ("cut 'DOE^JOHN rest", "cut <value>"),
+])
+def test_scrub_hides_quoted_values_and_keeps_words(message, scrubbed):
+    from cxrscreen.io.decode import _scrub
+
+    assert _scrub(message) == scrubbed
 
 
 def test_columns_ray_turned_into_nan_come_back_as_nulls():

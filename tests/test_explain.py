@@ -46,6 +46,13 @@ def opacity_model():
     (in 2 threads whatever an earlier test left: the float sums, and so the training, depend on it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    try:
+        return _train_opacity_model()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_opacity_model():
     torch.manual_seed(0)
     labels = ("normal", "bacterial_pneumonia")
     phantoms = [make_phantom(labels[i % 2], SIZE, seed=i) for i in range(240)]
@@ -60,7 +67,6 @@ def opacity_model():
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
     model.eval()
-    torch.set_num_threads(threads)
     return model, phantoms[200:], x[200:], y[200:]
 
 

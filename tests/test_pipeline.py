@@ -643,14 +643,15 @@ def test_part_files_are_synced_before_they_count(tmp_path, monkeypatch):
 
 def test_workers_write_part_files_and_hand_back_only_counts(mixed_archive, tmp_path):
     """Issue 18.4: the write stage turns a batch of output rows into one part file and returns one
-    row of counts; a retried write replaces its own file; the resume index, the hashes it skips
+    row of counts; a retried write's rows are repeats the run removes; the resume index, the hashes it skips
     by and the keys a new run supersedes are Arrow arrays."""
     import json
 
     import pyarrow as pa
 
     from cxrscreen.io.batch import unchanged
-    from cxrscreen.pipeline.output import SHA_PREFIX, drop_superseded, key_hashes, output_index, row_counts, write_rows
+    from cxrscreen.pipeline.output import (SHA_PREFIX, drop_repeats, drop_superseded, key_hashes, output_index,
+                                           row_counts, write_rows)
 
     archive, _ = mixed_archive
     cfg = ScoreConfig(**FAST)
@@ -661,10 +662,11 @@ def test_workers_write_part_files_and_hand_back_only_counts(mixed_archive, tmp_p
     counts = json.loads(got["counts"][0])
     assert counts == row_counts(batch) and counts["ok"] + sum(counts["errors"].values()) == n
     assert counts["ok"] == sum(s == "ok" for s in batch["status"]) > 0
-    write_rows(batch, str(tmp_path), run="20260101T000000-aaaaaa")  # Ray retried the task
+    write_rows(batch, str(tmp_path), run="20260101T000000-aaaaaa")  # Ray retried the task: a file of its own
+    assert len(list(tmp_path.glob("part-*.parquet"))) == 2
+    assert drop_repeats(tmp_path, output_index(tmp_path).repeated()) == n  # the run's clean-up: one row per key
     files = list(tmp_path.glob("part-*.parquet"))
-    assert len(files) == 1 and pl.read_parquet(files[0]).height == n
-    assert pl.read_parquet(files[0])["key"].to_list() == [str(k) for k in batch["key"]]
+    assert len(files) == 1 and pl.read_parquet(files[0])["key"].to_list() == [str(k) for k in batch["key"]]
     # a later run re-scores the first two keys (their content changed)
     write_rows({k: v[:2] for k, v in batch.items()}, str(tmp_path), run="20260102T000000-bbbbbb")
     (tmp_path / ".part-20260102T000000-bbbbbb-x.parquet.tmp").write_bytes(b"half")  # a killed write
@@ -820,10 +822,11 @@ def test_scoring_survives_a_killed_model_actor_or_worker_node(tmp_path, mode):
     assert df.height == 160 and df["key"].n_unique() == 160
 
 
-def test_an_input_listed_twice_keeps_one_row_and_the_summary_its_counts(tmp_path):
-    """``drop_repeats``: of a run's rows with one key, the first in file order stays; the counts
-    of the removed rows come off the summary (``ScoreSummary.add(..., -1)``)."""
-    from cxrscreen.pipeline.output import PartWriter, drop_repeats, output_index
+def test_a_key_with_several_rows_keeps_one_and_the_summary_counts_what_stays(tmp_path):
+    """``drop_repeats``: of the rows of one key (an input listed twice, a retried write, a run
+    killed before its clean-up) the newest run's first row in file order stays; the summary
+    counts the run's rows as they stand in OUT (``run_counts``)."""
+    from cxrscreen.pipeline.output import PartWriter, drop_repeats, output_index, run_counts
     from cxrscreen.pipeline.score import ScoreSummary
 
     def batch(keys, status):
@@ -834,21 +837,22 @@ def test_an_input_listed_twice_keeps_one_row_and_the_summary_its_counts(tmp_path
                 "refer_reason": np.array([[] if s == "ok" else ["unreadable"] for s in status] + [None], object)[:n],
                 "prob_covid": np.full(n, 0.9, np.float32), "prob_normal": np.full(n, 0.1, np.float32)}
 
-    summary = ScoreSummary()
-    old = PartWriter(tmp_path, "old", rows_per_file=2)
-    old.add(batch(["a"], ["ok"]))
+    old = PartWriter(tmp_path, "20260101T000000-aaaaaa", rows_per_file=2)  # killed with a key twice
+    old.add(batch(["a", "d", "d"], ["ok", "ok", "error"]))
     old.flush()
-    writer = PartWriter(tmp_path, "run", rows_per_file=2)
+    run = "20260102T000000-bbbbbb"
+    writer, summary = PartWriter(tmp_path, run, rows_per_file=2), ScoreSummary()
     for keys, status in ((["a", "b"], ["ok", "error"]), (["b", "a"], ["error", "ok"]), (["c", "b"], ["ok", "error"])):
         summary.add(writer.add(batch(keys, status)))
     writer.flush()
+    assert summary.ok == 3 and summary.errors == {"empty": 3}
     index = output_index(tmp_path)
-    assert index.num_rows == 7 and len(index.repeated("run")) == 2 and len(index.repeated("old")) == 0
-    removed = drop_repeats(tmp_path, index.repeated("run"), "run")
-    assert removed == {"ok": 1, "errors": {"empty": 2}, "referred": {"unreadable": 2}, "labels": {"covid": 1}}
-    after = pl.read_parquet(tmp_path / "part-run-*.parquet")
-    assert sorted(after["key"]) == ["a", "b", "c"] and len(pl.read_parquet(tmp_path / "part-old-*.parquet")) == 1
-    assert dict(zip(after["key"], after["status"])) == {"a": "ok", "b": "error", "c": "ok"}  # the first of each
-    summary.add(removed, -1)
+    assert index.num_rows == 9 and len(index.repeated()) == 3  # a (both runs), b, d
+    assert drop_repeats(tmp_path, index.repeated()) == 5 and not len(output_index(tmp_path).repeated())
+    after = pl.read_parquet(tmp_path / "part-*.parquet", include_file_paths="file")
+    assert sorted(after["key"]) == ["a", "b", "c", "d"]
+    rows = {k: (run in f, st) for k, f, st in after.select("key", "file", "status").iter_rows()}
+    assert rows == {"a": (True, "ok"), "b": (True, "error"), "c": (True, "ok"), "d": (False, "ok")}
+    summary.recount(run_counts(tmp_path, run))
     assert (summary.ok, summary.errors, summary.referred, summary.labels) == (2, {"empty": 1}, {"unreadable": 1},
                                                                              {"covid": 2})

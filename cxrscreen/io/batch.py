@@ -139,7 +139,9 @@ def decode_batch(batch: dict[str, np.ndarray], work_size: int = WORK_SIZE, max_p
         key, path = str(batch["key"][i]), paths[i]
         if isinstance(path, bytes):
             path = os.fsdecode(path)
+        path = path if isinstance(path, str) else None  # Ray hands an all-null column back as NaN
         data, sha, err, dec = datas[i], "", None, None
+        data = data if isinstance(data, (bytes, bytearray, memoryview)) else None
         try:
             if data is None and path is None:
                 raise ImageError("missing", "no image: the archive's row holds no bytes (null)")

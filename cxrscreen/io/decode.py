@@ -40,10 +40,12 @@ _VR_GRAMMAR = {"UI": r"[0-9.]{1,64}", "CS": r"[A-Z0-9 _]{1,16}", "IS": r"[+-]?[0
 
 
 def _scrub(message: str) -> str:
-    """An error message without any quoted value (pydicom quotes tag values in its messages):
-    a quoted string ends at its first unescaped closing quote (Python's repr escapes the other
-    kind inside: 'X\\'Y"Z'); an unclosed quote hides the rest of the message."""
-    return re.sub(r"""b?(['"])(?:\\.|(?!\1)[^\\])*(?:\1|$)""", "<value>", message, flags=re.S)[:300]
+    """An error message without any quoted value (pydicom quotes tag values in its messages).
+    A quote opens a value unless a letter, digit or backslash precedes it (so "doesn't" stays),
+    and closes it unless one follows (so 'O'BRIEN' is hidden whole); escaped quotes inside, as
+    Python's repr writes them ('X\\'Y"Z'), do not close it; an unclosed value hides the rest."""
+    return re.sub(r"""(?<![\w\\])b?(['"])(?:\\.|(?!\1(?!\w))[^\\])*(?:\1(?!\w)|$)""", "<value>", message,
+                  flags=re.S)[:300]
 
 
 def _pydicom():

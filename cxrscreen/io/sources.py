@@ -63,6 +63,8 @@ def has_dicom_magic(path: Path) -> bool:
     blocking and checked before reading: a FIFO or device without a suffix is no image, and
     reading it would wait forever."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a device is not even opened
+            return False
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return False
@@ -192,7 +194,7 @@ def list_file_items(path: Path, start: int = 0, end: int | None = None) -> Itera
     with open(path, "rb") as f:
         fields = None
         if path.suffix.lower() == ".csv":
-            fields = next(csv.reader([f.readline().decode()]), [])
+            fields = next(csv.reader([f.readline().decode("utf-8-sig")]), [])  # a spreadsheet's BOM too
             if "path" not in fields:
                 raise ArchiveError(f"{path}: a CSV list needs a 'path' column")
             start = max(start, f.tell())
@@ -231,7 +233,8 @@ def estimated_lines(path: Path) -> int:
 
 
 def parquet_files(path: Path) -> list[Path]:
-    return sorted(f for f in path.rglob("*") if f.suffix.lower() in PARQUET_SUFFIXES) if path.is_dir() else [path]
+    return sorted(f for f in path.rglob("*") if f.suffix.lower() in PARQUET_SUFFIXES and f.is_file()) \
+        if path.is_dir() else [path]
 
 
 def _parquet_rows(path: Path, image_column: str, key_column: str) -> Iterator[InputItem]:

@@ -90,14 +90,12 @@ def rows_table(batch: dict[str, np.ndarray], include_phi: bool = False) -> pa.Ta
 def write_rows(batch: dict[str, np.ndarray], out_dir: str, run: str, include_phi: bool = False) -> dict:
     """The last stage of ``score`` when the workers write (``writers``): convert a batch of output
     rows to Arrow and write it as one part file; hand back only its counts (one row: ``rows``,
-    ``counts`` as JSON), so the driver coordinates and counts but never touches a row. The file is
-    named by the run and the rows' keys: a write that Ray retries replaces its own file."""
-    import hashlib
-
-    keys = [str(k) for k in batch["key"]]
-    digest = hashlib.sha1("\0".join(keys).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    write_part(rows_table(batch, include_phi), Path(out_dir) / f"part-{run}-{digest}.parquet")
-    return {"rows": np.array([len(keys)]), "counts": np.array([json.dumps(row_counts(batch))], object)}
+    ``counts`` as JSON), so the driver coordinates and counts but never touches a row. Each file
+    has a name of its own (two batches may hold the same keys: a list naming its paths twice); the
+    rows of a write that Ray retried are found again as repeats and removed at the end of the run
+    (``drop_repeats``), whose summary counts the rows in OUT (``run_counts``)."""
+    write_part(rows_table(batch, include_phi), Path(out_dir) / f"part-{run}-{uuid.uuid4().hex[:16]}.parquet")
+    return {"rows": np.array([len(batch["key"])]), "counts": np.array([json.dumps(row_counts(batch))], object)}
 
 
 class PartWriter:
@@ -245,10 +243,10 @@ class ResumeIndex:
         out[found] = self.sha[pos[found]].astype(f"U{SHA_PREFIX}")
         return pa.array(out, pa.string())
 
-    def repeated(self, run: str) -> np.ndarray:
-        """Key hashes of which ``run`` wrote more than one row (an input listed more than once)."""
-        mine = self.hashes[self.run == (self.runs.index(run) if run in self.runs else -1)]  # sorted
-        return np.unique(mine[1:][mine[1:] == mine[:-1]])
+    def repeated(self) -> np.ndarray:
+        """Key hashes with more than one row (an input listed twice, a retried write, a run
+        killed before it removed the rows its new ones replaced)."""
+        return np.unique(self.hashes[1:][self.hashes[1:] == self.hashes[:-1]])  # sorted
 
     def superseded(self, run: str) -> np.ndarray:
         """Key hashes scored by ``run`` that also have rows of earlier runs (their input changed)."""
@@ -264,7 +262,7 @@ def output_index(out_dir: str | Path, clean: bool = True) -> ResumeIndex:
     hashes, shas, codes, runs = [], [], [], {}
     for f in sorted(out.glob("part-*.parquet")) if out.exists() else []:
         t = pq.read_table(f, columns=["key", "sha256"])
-        code = runs.setdefault(f.name[len("part-"):].rsplit("-", 1)[0], len(runs))
+        code = runs.setdefault(_run_of(f), len(runs))
         hashes.append(key_hashes(t["key"]))
         sha = pc.utf8_slice_codeunits(pc.fill_null(t["sha256"], ""), 0, SHA_PREFIX)
         shas.append(np.asarray(sha.to_pylist(), f"S{SHA_PREFIX}"))
@@ -300,25 +298,34 @@ def drop_superseded(out_dir: str | Path, hashes: np.ndarray, keep_run: str) -> i
     return dropped
 
 
-def drop_repeats(out_dir: str | Path, hashes: np.ndarray, run: str) -> dict:
-    """Keep one row of each key hash in ``hashes`` among ``run``'s part files (the first in file
-    order) and remove the others: an input listed more than once is one input, with one row.
-    Each affected file is rewritten atomically. Returns the removed rows' ``row_counts``."""
+def _run_of(part: Path) -> str:
+    return part.name[len("part-"):].rsplit("-", 1)[0]
+
+
+def drop_repeats(out_dir: str | Path, hashes: np.ndarray) -> int:
+    """Keep one row of each key hash in ``hashes`` and remove the others: the newest run's row,
+    the first in its files' order. Each affected file is rewritten atomically (removed when no
+    row is left). Returns rows removed."""
+    files = sorted(Path(out_dir).glob("part-*.parquet")) if len(hashes) else []
     seen: set[int] = set()
-    removed = {"ok": 0, "errors": {}, "referred": {}, "labels": {}}
-    for f in sorted(Path(out_dir).glob(f"part-{run}-*.parquet")) if len(hashes) else []:
-        t = pq.read_table(f)
-        h = key_hashes(t["key"])
+    dropped = 0
+    for f in sorted(files, key=_run_of, reverse=True):  # newest run first, each run's files in name order
+        h = key_hashes(pq.read_table(f, columns=["key"])["key"])
         drop = np.zeros(len(h), bool)
         for i in np.flatnonzero(np.isin(h, hashes)):
             drop[i] = int(h[i]) in seen
             seen.add(int(h[i]))
-        if drop.any():
-            gone = t.filter(pa.array(drop))
-            counts = row_counts({c: gone[c].to_pylist() for c in ("status", "error_type", "label", "refer_reason")})
-            removed["ok"] += counts["ok"]
-            for part in ("errors", "referred", "labels"):
-                for k, v in counts[part].items():
-                    removed[part][k] = removed[part].get(k, 0) + v
-            write_part(t.filter(pa.array(~drop)), f)
-    return removed
+        if drop.all():
+            f.unlink()
+        elif drop.any():
+            write_part(pq.read_table(f).filter(pa.array(~drop)), f)
+        dropped += int(drop.sum())
+    return dropped
+
+
+def run_counts(out_dir: str | Path, run: str) -> dict:
+    """``row_counts`` of the rows ``run`` left in OUT (its part files, after any were removed)."""
+    cols = ("status", "error_type", "label", "refer_reason")
+    parts = [pq.read_table(f, columns=list(cols)) for f in sorted(Path(out_dir).glob(f"part-{run}-*.parquet"))]
+    t = pa.concat_tables(parts) if parts else None
+    return row_counts({c: t[c].to_pylist() if t is not None else [] for c in cols})

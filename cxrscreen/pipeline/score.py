@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cxrscreen.io.errors import ArchiveError
 from cxrscreen.io.sources import (InputItem, archive_kind, estimated_lines, folder_items, list_file_items, list_inputs,
                                   parquet_files)
 from cxrscreen.cluster import init_ray
@@ -27,7 +28,8 @@ from cxrscreen.pipeline.config import ScoreConfig
 from cxrscreen.pipeline.listing import (archive_datasource, input_key_chunks, parquet_head_items, parquet_keys,
                                         pending_items, pending_rows, without_keys)
 from cxrscreen.pipeline.output import (OutputLock, PartWriter, ResumeIndex, check_phi_columns, drop_repeats,
-                                       drop_superseded, key_array, key_hashes, new_run_id, output_index, write_rows)
+                                       drop_superseded, key_array, key_hashes, new_run_id, output_index, run_counts,
+                                       write_rows)
 from cxrscreen.io.batch import decode_batch, decode_items
 
 if TYPE_CHECKING:  # torch and the models load in the model check's thread while Ray starts, not here
@@ -55,15 +57,17 @@ class ScoreSummary:
     pruned: int = 0  # such rows removed by prune
     repeated: int = 0  # entries of the archive that list an input listed before (one row each input)
 
-    def add(self, counts: dict, sign: int = 1) -> None:
-        """Add one part file's counts (``cxrscreen.pipeline.output.row_counts``); ``sign=-1``
-        takes back the counts of rows removed again (``drop_repeats``)."""
-        self.ok += sign * counts["ok"]
-        for mine, theirs in ((self.errors, counts["errors"]), (self.referred, counts["referred"]),
-                             (self.labels, counts["labels"])):
-            mine.update({k: sign * v for k, v in theirs.items()})
-            for k in [k for k, v in mine.items() if v <= 0]:
-                del mine[k]
+    def add(self, counts: dict) -> None:
+        """Add one part file's counts (``cxrscreen.pipeline.output.row_counts``)."""
+        self.ok += counts["ok"]
+        self.errors.update(counts["errors"])
+        self.referred.update(counts["referred"])
+        self.labels.update(counts["labels"])
+
+    def recount(self, counts: dict) -> None:
+        """The run's counts as its rows stand in OUT at the end (``output.run_counts``)."""
+        self.ok, self.errors, self.referred, self.labels = 0, Counter(), Counter(), Counter()
+        self.add(counts)
 
     @property
     def steady_images_per_s(self) -> float:
@@ -243,16 +247,25 @@ def _decode_cpus(cpus: float, reserved: float) -> float:
 def dry_run(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: ScoreConfig = ScoreConfig()) -> dict:
     """What ``score`` would do, without reading an image or starting Ray: inputs by format, how
     many already have a row in ``out_dir`` (skipped if their content is unchanged, re-scored
-    otherwise), and how many would be scored for the first time (``cfg.limit`` applied)."""
+    otherwise), and how many would be scored for the first time (``cfg.limit`` applied). Counts
+    inputs as ``score`` does: a path listed twice is one input; refuses what ``score`` refuses."""
     kind = archive_kind(archive)
-    check_archive(archive, kind, cfg)
+    keys = check_archive(archive, kind, cfg)
+    check_phi_columns(out_dir, cfg.include_phi)
     index = output_index(out_dir, clean=False)  # no lock held: a running score's temp files stay
-    formats, n, have = Counter(), 0, 0
-    for keys in input_key_chunks(archive, kind, cfg.limit, cfg.key_column, cfg.image_column, chunk=index.num_rows):
-        n += len(keys)
+    formats, n, have, seen = Counter(), 0, 0, np.zeros(0, "<u8")
+    chunks = [keys[:cfg.limit or None]] if keys is not None else \
+        input_key_chunks(archive, kind, cfg.limit, cfg.key_column, cfg.image_column, chunk=index.num_rows)
+    for chunk in chunks:
+        hashes = key_hashes(chunk)
+        _, first = np.unique(hashes, return_index=True)
+        new = first[~np.isin(hashes[first], seen)]  # each input once, however often it is listed
+        seen = np.union1d(seen, hashes[new])
+        chunk = pc.take(key_array(chunk), pa.array(new))
+        n += len(chunk)
         formats.update(("parquet" if kind == "parquet" else Path(k).suffix.lower().lstrip(".") or "dicom")
-                       for k in keys.to_pylist())
-        have += int(index.has(keys).sum())
+                       for k in chunk.to_pylist())
+        have += int(index.has(chunk).sum())
     return {"archive": str(archive), "kind": kind, "inputs": n, "by_format": dict(formats.most_common()),
             "with_rows_in_out": have, "new": n - have, "rows_in_out": index.num_rows}
 
@@ -362,11 +375,14 @@ def check_archive(archive, kind: str, cfg: ScoreConfig) -> pa.Array | None:
     """``ArchiveError`` for an archive whose structure cannot be scored, before models and Ray
     start: a CSV list without its path column, Parquet without its key or image column, or with
     keys missing or repeated. Returns a Parquet archive's keys (``parquet_keys``), else None."""
-    if kind == "list":
-        next(list_file_items(Path(archive)), None)  # a CSV list's header
-    if kind != "parquet":
-        return None
-    return parquet_keys([str(f) for f in parquet_files(Path(archive))], cfg.key_column, cfg.image_column)
+    try:
+        if kind == "list":
+            next(list_file_items(Path(archive)), None)  # a CSV list's header
+        if kind != "parquet":
+            return None
+        return parquet_keys([str(f) for f in parquet_files(Path(archive))], cfg.key_column, cfg.image_column)
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+        raise ArchiveError(f"{archive}: cannot be read as a {kind} archive: {type(e).__name__}: {e}"[:500]) from None
 
 
 def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress: bool,
@@ -500,10 +516,9 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     index = output_index(out_dir)
     if drop_superseded(out_dir, index.superseded(run), run):  # also when stopped: what is written is kept
         index = output_index(out_dir)
-    repeats = index.repeated(run)  # an input listed twice (a list file's repeated line) keeps one row
-    if len(repeats):
-        summary.add(drop_repeats(out_dir, repeats, run), -1)
+    if drop_repeats(out_dir, index.repeated()):  # one row per key: an input listed twice, a retried write
         index = output_index(out_dir)
+    summary.recount(run_counts(out_dir, run))
     if failed:  # the driver's first batch could not be written (what Ray scored is kept)
         raise failed[0]
     if stopped:
