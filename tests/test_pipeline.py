@@ -826,7 +826,7 @@ def test_a_key_with_several_rows_keeps_one_and_the_summary_counts_what_stays(tmp
     """``drop_repeats``: of the rows of one key (an input listed twice, a retried write, a run
     killed before its clean-up) the newest run's first row in file order stays; the summary
     counts the run's rows as they stand in OUT (``run_counts``)."""
-    from cxrscreen.pipeline.output import PartWriter, drop_repeats, output_index, run_counts
+    from cxrscreen.pipeline.output import PartWriter, drop_repeats, output_index, row_counts, run_counts
     from cxrscreen.pipeline.score import ScoreSummary
 
     def batch(keys, status):
@@ -854,5 +854,7 @@ def test_a_key_with_several_rows_keeps_one_and_the_summary_counts_what_stays(tmp
     rows = {k: (run in f, st) for k, f, st in after.select("key", "file", "status").iter_rows()}
     assert rows == {"a": (True, "ok"), "b": (True, "error"), "c": (True, "ok"), "d": (False, "ok")}
     summary.recount(run_counts(tmp_path, run))
+    left = pl.read_parquet(tmp_path / "part-20260101T000000-aaaaaa-*.parquet")  # as row_counts counts a batch
+    assert run_counts(tmp_path, "20260101T000000-aaaaaa") == row_counts({c: left[c].to_list() for c in left.columns})
     assert (summary.ok, summary.errors, summary.referred, summary.labels) == (2, {"empty": 1}, {"unreadable": 1},
                                                                              {"covid": 2})
