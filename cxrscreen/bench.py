@@ -342,8 +342,9 @@ def run_ceiling(source: str = "phantoms", n: int = 256, cfg: ScoreConfig = Score
     """The pipeline's ceiling: the real ``score`` pipeline on Ray (same stages, same output) with
     zero-cost models (``runtime="replay"``: each model's output for the first image, replayed),
     per input kind and number of cores. Rows: ``mode="ceiling"``, ``input``, ``cores``,
-    ``images_per_s`` (overall and steady), ``images_per_s_per_core`` (steady / cores) and the
-    stages' milliseconds per image (``ms_decode``, ``ms_segment``, ``ms_classify``)."""
+    ``images_per_s`` (overall and steady), ``images_per_s_per_core`` (steady / cores), the
+    stages' milliseconds per image (``ms_decode``, ``ms_segment``, ``ms_classify``) and the
+    seconds to the first result and to the model actors' first (``first_row_s``, ``steady_from_s``)."""
     import polars as pl
     import ray
 
@@ -371,7 +372,8 @@ def run_ceiling(source: str = "phantoms", n: int = 256, cfg: ScoreConfig = Score
                              # None when every row came in the first result (Parquet blocks): no steady state
                              images_per_s_per_core=s.steady_images_per_s / c if s.steady_images_per_s else None,
                              ms_decode=t["t_decode_ms"].mean(), ms_segment=t["t_segment_ms"].mean(),
-                             ms_classify=t["t_classify_ms"].mean(), ok=s.ok, classifier=cfg.classifier,
+                             ms_classify=t["t_classify_ms"].mean(), first_row_s=s.first_row_s,
+                             steady_from_s=s.steady_from_s, ok=s.ok, classifier=cfg.classifier,
                              segmenter=cfg.segmenter, batch_size=cfg.batch_size, **info))
             echo(f"ceiling {kind:<8} {c} core(s): {s.steady_images_per_s:8.1f} img/s steady "
                  f"({s.steady_images_per_s / c:.1f} per core; 0 = all rows in one burst), {s.images_per_s:.1f} overall")

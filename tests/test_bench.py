@@ -71,6 +71,7 @@ def test_ceiling_runs_the_pipeline_on_every_input_kind(tmp_path):
     folders = df.filter(pl.col("input") != "parquet")  # Parquet rows may all arrive in one block: no steady rate
     assert (folders["images_per_s_per_core"] > 0).all()
     assert (df["ms_decode"] > 0).all() and (df["ms_segment"] > 0).all() and (df["ms_classify"] > 0).all()
+    assert (df["first_row_s"] > 0).all() and (df["steady_from_s"] >= 0).all()
 
 
 def test_gpu_sampler_parses_nvidia_smi_and_is_empty_without_a_gpu(tmp_path, monkeypatch):

@@ -162,9 +162,13 @@ def test_parquet_keys_are_the_keys_rows_get(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cxrscreen.pipeline.listing import parquet_head_items, parquet_keys
+    from cxrscreen.pipeline.listing import _read_part, parquet_head_items, parquet_keys, pending_rows
     from cxrscreen.pipeline.output import output_index
-    from cxrscreen.pipeline.score import _parquet_to_items
+
+    def read(path, skip=()):  # what the read tasks of a Parquet archive give the decode tasks
+        tables = [pending_rows(t, empty, pa.array(list(skip), pa.string()))
+                  for t in _read_part(path, "parquet", (str(path), 0, "key", "image"), 16)]
+        return pa.concat_tables(tables).to_pydict()
 
     empty = output_index(tmp_path / "no-out")
     cols = {"f": pa.array([1.0, 2.5, 4.0]), "t": pa.array(["x", "y", "z"]),
@@ -172,14 +176,13 @@ def test_parquet_keys_are_the_keys_rows_get(tmp_path):
     for name, keys in cols.items():
         path = tmp_path / f"{name}.parquet"
         pq.write_table(pa.table({"key": keys, "image": pa.array([b"1", b"2", b"3"])}), path)
-        table = pq.read_table(path)  # a numpy batch, as Ray Data hands it to _parquet_to_items
-        batch = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
-        rows = _parquet_to_items(batch, "image", "key", index=empty)
-        assert parquet_keys([str(path)], "key", "image").to_pylist() == list(rows["key"]), name
+        rows = read(path)
+        assert parquet_keys([str(path)], "key", "image").to_pylist() == rows["key"], name
+        assert rows["key"] == [str(k) for k in pq.read_table(path)["key"].to_numpy()], name  # str of each value
         head = parquet_head_items([str(path)], "key", "image", 2)
-        assert [it.key for it in head] == list(rows["key"][:2]) and [it.data for it in head] == [b"1", b"2"], name
-        rest = _parquet_to_items(batch, "image", "key", index=empty, skip=frozenset(it.key for it in head))
-        assert list(rest["key"]) == list(rows["key"][2:]) and list(rest["data"]) == [b"3"], name
+        assert [it.key for it in head] == rows["key"][:2] and [it.data for it in head] == [b"1", b"2"], name
+        rest = read(path, skip=[it.key for it in head])
+        assert rest["key"] == rows["key"][2:] and rest["data"] == [b"3"] and rest["expected_sha"] == [None], name
     assert parquet_keys([str(tmp_path / "f.parquet")], "key", "image").to_pylist() == ["1.0", "2.5", "4.0"]
     with pytest.raises(ArchiveError, match="need columns"):
         parquet_head_items([str(tmp_path / "t.parquet")], "nokey", "image", 2)

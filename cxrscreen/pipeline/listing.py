@@ -52,13 +52,18 @@ def pending_items(archive, index: ResumeIndex, limit: int = 0) -> pa.Table:
     return pa.concat_tables(parts) if parts else ITEM_SCHEMA.empty_table()
 
 
-def archive_datasource(path: str | os.PathLike, kind: str, min_rows: int = 64):
-    """A Ray Data datasource whose read tasks list a list file or a folder tree, so that results
-    start before the archive is listed and the driver never holds it; ``.parts`` holds one read
-    task's share each. A list file is cut into byte ranges of about ``min_rows`` lines (at most
-    200: ``list_file_ranges``; only its size and head are read here), a folder tree into folders
-    and shards of big folders (``folder_units``; only folder entries near the top are read here),
-    each listed in blocks of 4,096 inputs (``min_rows`` if more). Ray is imported here, by a run that uses it."""
+def archive_datasource(path: str | os.PathLike, kind: str, min_rows: int = 64, key_column: str = "key",
+                       image_column: str = "image"):
+    """A Ray Data datasource whose read tasks list a list file or a folder tree, or read a
+    Parquet archive, so that results start before the archive is listed and the driver never
+    holds it; ``.parts`` holds one read task's share each. A list file is cut into byte ranges of
+    about ``min_rows`` lines (at most 200: ``list_file_ranges``; only its size and head are read
+    here), a folder tree into folders and shards of big folders (``folder_units``; only folder
+    entries near the top are read here), each listed in blocks of 4,096 inputs (``min_rows`` if
+    more); a Parquet archive into its files' row groups, read in blocks of 256 rows of key text
+    (``key_texts``, as ``parquet_keys`` counts them) and image bytes. Ray's own Parquet reader
+    gave its first block 12 s later here (it plans and samples the files first:
+    benchmarks/README.md, "Ceiling"). Ray is imported here, by a run that uses it."""
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
@@ -68,8 +73,15 @@ def archive_datasource(path: str | os.PathLike, kind: str, min_rows: int = 64):
         parts = list_file_ranges(path, min_rows)
     elif kind == "folder":
         parts = folder_units(path, min_files=min_rows)
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        from cxrscreen.io.sources import parquet_files
+
+        parts = [(str(f), g, key_column, image_column) for f in parquet_files(path)
+                 for g in range(pq.ParquetFile(f).metadata.num_row_groups)]
     else:
-        raise ValueError(f"{kind}: only list files and folder trees are listed by read tasks")
+        raise ValueError(f"{kind}: only list files, folder trees and Parquet are read by these tasks")
 
     class ArchiveListing(Datasource):
         def __init__(self):
@@ -88,6 +100,16 @@ def archive_datasource(path: str | os.PathLike, kind: str, min_rows: int = 64):
 
 
 def _read_part(path: Path, kind: str, part: tuple, block_rows: int) -> Iterator[pa.Table]:
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        file, group, key_column, image_column = part
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=256, row_groups=[group],
+                                                        columns=[key_column, image_column]):
+            yield pa.table({"key": key_texts(batch.column(key_column)),
+                            "data": batch.column(image_column).cast(pa.binary()),
+                            "expected_sha": pa.nulls(batch.num_rows, pa.string())})
+        return
     if kind == "list":
         items = list_file_items(path, *part)
     else:

@@ -417,14 +417,15 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
         if first and (not rest or (cfg.limit and cfg.limit <= n_first)):  # the driver's batch is all of it
             ds = None
         else:
-            ds = ray.data.read_parquet(files, columns=[cfg.key_column, cfg.image_column], num_cpus=plan.decode_cpus)
-            if cfg.limit:  # the first N rows in file order, as input_keys counts them (this dataset only)
+            source = archive_datasource(os.path.abspath(archive), kind, cfg.batch_size, cfg.key_column,
+                                        cfg.image_column)
+            ds = ray.data.read_datasource(source, override_num_blocks=max(len(source.parts), 1),
+                                          num_cpus=plan.decode_cpus) if source.parts else None
+            if cfg.limit and ds is not None:  # the first N rows in file order, as input_keys counts them (this dataset only)
                 ds.context.execution_options.preserve_order = True
                 ds = ds.limit(cfg.limit)
-            ds = ds.map_batches(_parquet_to_items, fn_kwargs=dict(image_column=cfg.image_column,
-                                                                  key_column=cfg.key_column,
-                                                                  index=index, skip=frozenset(skip.to_pylist())),
-                                batch_format="numpy", batch_size=256, num_cpus=plan.decode_cpus)
+            ds = ds.map_batches(pending_rows, fn_kwargs=dict(index=index, skip=skip), batch_format="pyarrow",
+                                batch_size=None, num_cpus=plan.decode_cpus) if ds is not None else None
     elif kind in ("list", "folder") and not cfg.limit and rest and _on_every_node(ray, nodes, _sees_archive, *_seen(archive)):
         # streamed: read tasks list it (every node sees it), results start at once
         source = archive_datasource(os.path.abspath(archive), kind, cfg.batch_size)  # a link: its folder, not the target's
@@ -618,17 +619,6 @@ def _score_on_driver(items: list[InputItem], index: ResumeIndex, stages: tuple, 
 def _model_rows(batch: dict, segmenter: Segmenter | None, classifier: Classifier) -> dict:
     """A decoded batch through the model stages, as the actors run them."""
     return classifier(segmenter(batch) if segmenter is not None else batch)
-
-
-def _parquet_to_items(batch: dict[str, np.ndarray], image_column: str, key_column: str, index: ResumeIndex,
-                      skip: frozenset = frozenset()) -> dict:
-    """Parquet rows as decode-task items (key text, image bytes, the resume hash), less the rows
-    of ``skip`` (keys the driver scores itself)."""
-    keys = np.asarray([str(k) for k in batch[key_column]], object)
-    keep = np.array([k not in skip for k in keys], bool) if skip else np.ones(len(keys), bool)
-    keys, data = keys[keep], batch[image_column][keep]
-    sha = index.expected_sha(pa.array(keys, pa.string())).to_numpy(zero_copy_only=False)
-    return {"key": keys, "data": data, "expected_sha": sha}
 
 
 def score_items_local(items: Iterable[InputItem], cfg: ScoreConfig = ScoreConfig(),
