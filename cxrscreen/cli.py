@@ -177,8 +177,6 @@ def score(archive, out_dir, config_path, settings, classifier, segmenter, allow_
     from cxrscreen.config import ConfigError, load_config, parse_settings
     from cxrscreen.io.sources import archive_kind
     from cxrscreen.pipeline import score_archive
-    from cxrscreen.pipeline.output import check_phi_columns
-    from cxrscreen.pipeline.score import check_archive
 
     try:
         flags = dict(classifier=classifier, segmenter=segmenter, allow_untrained=allow_untrained, site=site,
@@ -193,9 +191,7 @@ def score(archive, out_dir, config_path, settings, classifier, segmenter, allow_
         if both:
             raise ConfigError(f"{', '.join(both)} given both as an option and with --set: give it once")
         cfg = load_config(ScoreConfig, config_path, settings=given, **flags)
-        if not dry_run:  # refused in one line before anything starts (a dry run checks the same itself)
-            check_archive(archive, archive_kind(archive), cfg)
-            check_phi_columns(out_dir, cfg.include_phi)
+        archive_kind(archive)
         if dry_run:
             from cxrscreen.pipeline.score import dry_run as plan
 
@@ -212,15 +208,17 @@ def score(archive, out_dir, config_path, settings, classifier, segmenter, allow_
     from cxrscreen.io.errors import ArchiveError
     from cxrscreen.pipeline.score import ClusterTooSmall, Interrupted, ModelCheckFailed
 
-    if not (as_json or quiet):  # the first seconds go to Ray's start and model loading: say so
+    def say_what_starts() -> None:  # the first seconds go to Ray's start and model loading: say so
         import os
 
         ray_at = cfg.address or os.environ.get("RAY_ADDRESS")
         click.echo(f"scoring {archive} -> {out_dir}: classifier {cfg.classifier}, segmenter {cfg.segmenter or 'none'}, "
                    f"device {cfg.device}; starting Ray ({'cluster at ' + ray_at if ray_at else 'embedded, local'}) "
                    "and loading the models ...", err=True)
-    try:
-        summary = score_archive(archive, out_dir, cfg, progress=not (as_json or quiet))
+
+    try:  # an archive or OUT it refuses is refused in one line, before that line
+        summary = score_archive(archive, out_dir, cfg, progress=not (as_json or quiet),
+                                on_start=None if as_json or quiet else say_what_starts)
     except (ModelCheckFailed, ArchiveError, OutputMismatch) as e:
         raise click.UsageError(str(e)) from None
     except (ClusterUnreachable, ClusterTooSmall, OutputBusy) as e:

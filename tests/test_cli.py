@@ -190,6 +190,7 @@ def test_an_archive_that_cannot_be_scored_is_a_usage_error_before_ray_starts(tmp
         for extra in ([], ["--dry-run"]):
             res = CliRunner().invoke(main, ["score", str(tmp_path / name), "-o", str(tmp_path / "out")] + extra)
             assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, (name, res.output)
+            assert "starting Ray" not in res.output  # refused in one line, before the line that says what starts
     # a spreadsheet's CSV (with a byte-order mark) and a list naming a path twice: one input each
     (tmp_path / "a.png").write_bytes(b"\x89PNG")
     (tmp_path / "bom.csv").write_bytes("\ufeffpath,label\na.png,normal\na.png,normal\n".encode())

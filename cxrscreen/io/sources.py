@@ -59,18 +59,16 @@ def label_from_path(rel: Path, label_map: dict[str, str]) -> str | None:
 
 
 def has_dicom_magic(path: Path) -> bool:
-    """Whether ``path`` is a regular file that begins with a DICOM preamble. Opened without
-    blocking and checked before reading: a FIFO or device without a suffix is no image, and
-    reading it would wait forever."""
+    """Whether ``path`` is a regular file that begins with a DICOM preamble: a FIFO or device
+    without a suffix is no image and is never opened (reading it could wait forever); opened
+    without blocking, in case one took the file's place since."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a device is not even opened
+        if not stat.S_ISREG(os.stat(path).st_mode):
             return False
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return False
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
         head = os.pread(fd, 132, 0)
     except OSError:
         return False

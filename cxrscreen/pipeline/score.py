@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -358,15 +358,19 @@ def _interruptible():
 
 
 def score_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, cfg: ScoreConfig = ScoreConfig(),
-                  progress: bool = True) -> ScoreSummary:
+                  progress: bool = True, on_start: Callable[[], None] | None = None) -> ScoreSummary:
     """Score every input of ``archive`` into ``out_dir`` (one row per input, resumable).
 
     One run at a time per ``out_dir`` (``OutputBusy`` otherwise). SIGINT / SIGTERM write the
-    rows already finished and raise ``Interrupted``; the next run resumes from them."""
+    rows already finished and raise ``Interrupted``; the next run resumes from them.
+    ``on_start`` is called once the archive and OUT passed their checks, before models and Ray
+    start (the CLI says there what it starts)."""
     kind = archive_kind(archive)  # a wrong ARCHIVE fails here, before models and Ray
     keys = check_archive(archive, kind, cfg)
     out_dir = Path(out_dir).resolve()  # write tasks on other nodes do not share this process's directory
     check_phi_columns(out_dir, cfg.include_phi)
+    if on_start is not None:
+        on_start()
     with OutputLock(out_dir):
         return _score_locked(archive, kind, out_dir, cfg, progress, keys)
 
@@ -414,18 +418,17 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
             :cfg.limit or None]
         n_inputs = len(input_keys)
         n_pending = n_inputs - int(index.has(input_keys).sum())
-        if first and (not rest or (cfg.limit and cfg.limit <= n_first)):  # the driver's batch is all of it
-            ds = None
+        source = archive_datasource(os.path.abspath(archive), kind, cfg.batch_size, cfg.key_column, cfg.image_column)
+        if not source.parts or (first and (not rest or (cfg.limit and cfg.limit <= n_first))):
+            ds = None  # no rows, or the driver's batch is all of it
         else:
-            source = archive_datasource(os.path.abspath(archive), kind, cfg.batch_size, cfg.key_column,
-                                        cfg.image_column)
-            ds = ray.data.read_datasource(source, override_num_blocks=max(len(source.parts), 1),
-                                          num_cpus=plan.decode_cpus) if source.parts else None
-            if cfg.limit and ds is not None:  # the first N rows in file order, as input_keys counts them (this dataset only)
+            ds = ray.data.read_datasource(source, override_num_blocks=len(source.parts), num_cpus=plan.decode_cpus)
+            if cfg.limit:  # the first N rows in file order, as input_keys counts them (this dataset only)
                 ds.context.execution_options.preserve_order = True
                 ds = ds.limit(cfg.limit)
-            ds = ds.map_batches(pending_rows, fn_kwargs=dict(index=index, skip=skip), batch_format="pyarrow",
-                                batch_size=None, num_cpus=plan.decode_cpus) if ds is not None else None
+            if index.num_rows or len(skip):  # as for a streamed list: the read tasks' rows have no resume hash
+                ds = ds.map_batches(pending_rows, fn_kwargs=dict(index=index, skip=skip), batch_format="pyarrow",
+                                    batch_size=None, num_cpus=plan.decode_cpus)
     elif kind in ("list", "folder") and not cfg.limit and rest and _on_every_node(ray, nodes, _sees_archive, *_seen(archive)):
         # streamed: read tasks list it (every node sees it), results start at once
         source = archive_datasource(os.path.abspath(archive), kind, cfg.batch_size)  # a link: its folder, not the target's
