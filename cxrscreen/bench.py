@@ -306,42 +306,48 @@ def run_bench(source: str = "phantoms", n: int = 256, cfg: ScoreConfig = ScoreCo
     return df
 
 
-CEILING_INPUTS = ("parquet", "png", "jpeg", "dicom")
+CEILING_INPUTS = ("parquet", "parquet_png", "png", "jpeg", "dicom")
 
 
-def ceiling_inputs(source: str, n: int, work: Path, shared: Path | None = None) -> dict[str, Path]:
+def ceiling_inputs(source: str, n: int, work: Path, shared: Path | None = None,
+                   inputs: tuple[str, ...] = CEILING_INPUTS) -> dict[str, Path]:
     """Archives of ``n`` inputs by kind for the ceiling benchmark: PNG / JPEG / DICOM folders
-    (phantoms: generated at 256 px; cxr: its 224 px PNGs; fullres: its JPEGs) and pre-decoded
-    Parquet (the PNG or JPEG folder ingested with ``--resize 256``, as ``cxrscreen ingest``)."""
+    (phantoms: generated at 256 px; cxr: its 224 px PNGs; fullres: its JPEGs), and the PNG or
+    JPEG folder ingested at 256 px (``cxrscreen ingest --resize 256``) as pre-decoded Parquet
+    (``parquet``: ``--pixels pgm``, raw pixels) and as PNG in Parquet (``parquet_png``)."""
     from cxrscreen.data.ingest import ingest
     from cxrscreen.data.synth import write_archive
 
-    out: dict[str, Path] = {}
+    folders: dict[str, Path] = {}
     if source == "phantoms":
         for kind in ("png", "jpeg", "dicom"):
             folder = work / f"ceiling-{kind}-{n}"
             if not folder.exists():
                 write_archive(folder, n, seed=1, size=256, formats=(kind,))
-            out[kind] = folder / "images"
+            folders[kind] = folder / "images"
     else:
-        out["png" if source == "cxr" else "jpeg"] = prepare_inputs(source, n, work, shared)
-    first = out.get("png") or out["jpeg"]
-    parquet = work / f"ceiling-parquet-{source}-{n}"
-    if not parquet.exists():
-        import polars as pl
+        folders["png" if source == "cxr" else "jpeg"] = prepare_inputs(source, n, work, shared)
+    out = {kind: path for kind, path in folders.items() if kind in inputs}
+    first = folders.get("png") or folders["jpeg"]
+    for kind, pixels in (("parquet", "pgm"), ("parquet_png", "png")):
+        parquet = work / f"ceiling-{kind}-{source}-{n}"
+        if kind in inputs and not parquet.exists():
+            import polars as pl
 
-        files = sorted(p for p in first.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        ingest(pl.DataFrame({"file": [str(f) for f in files], "path": [str(f.relative_to(first)) for f in files],
-                             "label": ["unknown"] * len(files)}), parquet, resize=256, progress=False)
-    return {"parquet": parquet, **out}
+            files = sorted(p for p in first.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+            ingest(pl.DataFrame({"file": [str(f) for f in files], "path": [str(f.relative_to(first)) for f in files],
+                                 "label": ["unknown"] * len(files)}), parquet, resize=256, progress=False, pixels=pixels)
+        if kind in inputs:
+            out[kind] = parquet
+    return {kind: out[kind] for kind in CEILING_INPUTS if kind in out}
 
 
 def run_ceiling(source: str = "phantoms", n: int = 256, cfg: ScoreConfig = ScoreConfig(),
                 cores: tuple[int, ...] = (1, 2), out: Path | None = None, shared: Path | None = None,
-                work_dir: Path | None = None, echo=print):
+                work_dir: Path | None = None, echo=print, inputs: tuple[str, ...] = CEILING_INPUTS):
     """The pipeline's ceiling: the real ``score`` pipeline on Ray (same stages, same output) with
     zero-cost models (``runtime="replay"``: each model's output for the first image, replayed),
-    per input kind and number of cores. Rows: ``mode="ceiling"``, ``input``, ``cores``,
+    per input kind (``CEILING_INPUTS``; those of ``inputs`` the source has) and number of cores. Rows: ``mode="ceiling"``, ``input``, ``cores``,
     ``images_per_s`` (overall and steady), ``images_per_s_per_core`` (steady / cores), the
     stages' milliseconds per image (``ms_decode``, ``ms_segment``, ``ms_classify``) and the
     seconds to the first result and to the model actors' first (``first_row_s``, ``steady_from_s``)."""
@@ -352,13 +358,10 @@ def run_ceiling(source: str = "phantoms", n: int = 256, cfg: ScoreConfig = Score
     from cxrscreen.pipeline.score import score_archive
 
     work = Path(work_dir or tempfile.mkdtemp(prefix="cxrbench-ceiling-"))
-    archives = ceiling_inputs(source, n, work, shared)
+    archives = ceiling_inputs(source, n, work, shared, inputs)
     info, rows = machine_info(), []
     for kind, archive in archives.items():
         for c in cores:
-            if kind == "parquet" and c < 2:
-                echo("ceiling parquet 1 core: skipped (Ray Data's Parquet reader needs a whole CPU beside the actors)")
-                continue
             ray.shutdown()
             init_ray(cfg.address, c)
             dest = Path(tempfile.mkdtemp(prefix="cxrbench-out-"))

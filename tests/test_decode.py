@@ -52,6 +52,27 @@ def test_png_8_and_16_bit_and_jpeg():
     assert np.abs(decode_image(encode_jpeg(PHANTOM)).pixels - PHANTOM).mean() < 0.02
 
 
+def test_pgm_8_and_16_bit_and_cut_pgm():
+    from PIL import Image
+
+    u8 = np.rint(PHANTOM * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(u8).save(buf, format="PPM")
+    data = buf.getvalue()
+    d = decode_image(data)
+    assert d.format == "pgm" and d.meta["bits"] == 8 and (np.rint(d.pixels * 255) == u8).all()
+    with pytest.raises(ImageError) as e:
+        decode_image(data[:-10])
+    assert e.value.kind == "truncated"
+    buf = io.BytesIO()
+    Image.fromarray((PHANTOM * 4095).astype(np.uint16)).save(buf, format="PPM")  # a 16-bit PGM
+    d16 = decode_image(buf.getvalue())
+    assert d16.pixels.shape == PHANTOM.shape and np.corrcoef(d16.pixels.ravel(), PHANTOM.ravel())[0, 1] > 0.999
+    with pytest.raises(ImageError) as e:
+        decode_image(b"P5 is a text file, not an image")
+    assert e.value.kind == "decode_failed"
+
+
 def test_colour_png_becomes_gray():
     from PIL import Image
 

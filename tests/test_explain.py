@@ -66,6 +66,15 @@ def _train_opacity_model():
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+    # batch-norm statistics as the mean over the training images, not a running average of the
+    # last steps (that average left the eval-mode model at chance on some CPUs: float sums differ)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        for idx in torch.arange(200).split(20):
+            model(x[idx])
     model.eval()
     return model, phantoms[200:], x[200:], y[200:]
 

@@ -33,6 +33,21 @@ def test_resize_and_error_rows(phantom_archive, tmp_path):
     assert bad["key"].to_list() == ["gone.png"] and bad["error"][0].startswith("missing")
 
 
+def test_pgm_pixels_decode_to_the_same_image_as_png(phantom_archive, tmp_path):
+    """``--pixels pgm`` stores the very pixels the PNG holds (lossless both), as binary PGM."""
+    import pytest
+
+    df = read_manifest(phantom_archive / "manifest.csv").head(6)
+    png = read_shards(ingest(df, tmp_path / "png", resize=96, progress=False)[0])
+    pgm = read_shards(ingest(df, tmp_path / "pgm", resize=96, progress=False, pixels="pgm")[0])
+    for a, b in zip(png["image"], pgm["image"]):
+        assert b.startswith(b"P5\n96 96\n255\n") and len(b) == len(b"P5\n96 96\n255\n") + 96 * 96
+        da, db = decode_image(a), decode_image(b)
+        assert db.format == "pgm" and (da.pixels == db.pixels).all()
+    with pytest.raises(ValueError, match="resize"):
+        ingest(df, tmp_path / "x", pixels="pgm", progress=False)
+
+
 def test_shared_cxr_subset(tmp_path):
     df = read_manifest(shared_path("cxr", "manifest.csv"))
     sub = df.filter(pl.col("split") == "val").head(50)

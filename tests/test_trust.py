@@ -205,6 +205,20 @@ def test_equalize_flattens_the_histogram():
     assert abs(eq.float().mean().item() - 127.5) < 10
 
 
+def test_equalize_maps_the_same_with_opencv_and_with_tensor_ops():
+    """On a CPU OpenCV counts and maps; on a GPU tensor ops do: the same grey-level maps."""
+    from cxrscreen.preprocess import _equalize_tensors
+
+    rng = np.random.default_rng(1)
+    img = torch.from_numpy(rng.integers(0, 256, (6, 40, 48), dtype=np.uint8))
+    img[1] //= 3
+    img[2], img[3], img[4] = 7, 0, 255  # flat images: one grey level
+    img[5] = img[5] // 2 + 100
+    for x in (img, img.transpose(1, 2)):  # and a non-contiguous batch
+        assert torch.equal(equalize(x), _equalize_tensors(x))
+    assert (equalize(img)[2:5] == 0).all()  # the darkest level present maps to 0
+
+
 def test_site_calibration_refits_and_names_the_profile(manifest, tmp_path):
     ck = _checkpoint(tmp_path / "ck", manifest)
     evaluate_model(ck, split="val")

@@ -127,11 +127,12 @@ def is_dicom(data: bytes) -> bool:
 
 
 RASTER_MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg", b"II*\x00": "tiff", b"MM\x00*": "tiff",
-                b"BM": "bmp"}
+                b"BM": "bmp", **{b"P5" + space: "pgm" for space in (b"\n", b" ", b"\t", b"\r")}}
+_PGM_HEADER = re.compile(rb"P5\s+(\d+)\s+(\d+)\s+(\d+)\s")  # binary greyscale Netpbm (no comments)
 
 
 def sniff_format(data: bytes) -> str | None:
-    """'dicom', 'png', 'jpeg', 'tiff' or 'bmp' from the bytes themselves (never the file name).
+    """'dicom', 'png', 'jpeg', 'tiff', 'bmp' or 'pgm' from the bytes themselves (never the file name).
     DICOM first: its 128-byte preamble may itself hold a TIFF header (dual-format files)."""
     if is_dicom(data):
         return "dicom"
@@ -147,7 +148,7 @@ def decode_image(data: bytes, options: DecodeOptions = DecodeOptions(), name: st
     if fmt == "dicom" or (fmt is None and name.lower().endswith((".dcm", ".dicom")) and _looks_like_raw_dicom(data)):
         return _decode_dicom(data, options)
     if fmt is None:
-        raise ImageError("not_image", "not a PNG, JPEG, TIFF, BMP or DICOM file (no known signature in its first bytes)")
+        raise ImageError("not_image", "not a PNG, JPEG, TIFF, BMP, PGM or DICOM file (no known signature in its first bytes)")
     return _decode_raster(data, fmt, options)
 
 
@@ -157,7 +158,11 @@ def _looks_like_raw_dicom(data: bytes) -> bool:
 
 
 def _ends_early(data: bytes, fmt: str) -> bool:
-    """True when a PNG lacks its IEND chunk or a JPEG its end-of-image marker: the file was cut."""
+    """True when a PNG lacks its IEND chunk, a JPEG its end-of-image marker or a PGM some of the
+    pixels its header declares: the file was cut."""
+    if fmt == "pgm":
+        m = _PGM_HEADER.match(data)
+        return bool(m) and len(data) - m.end() < int(m[1]) * int(m[2]) * (1 if int(m[3]) < 256 else 2)
     tail = data.rstrip(b"\0")
     if fmt == "png":
         return not tail.endswith(b"IEND\xaeB`\x82")
@@ -183,11 +188,12 @@ def deferrable_jpeg(data: bytes, options: DecodeOptions = DecodeOptions()) -> tu
     return (w, h) if ok and w * h <= options.max_pixels else None
 
 
-RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # what Pillow may open: no EPS, PDF, SVG, ...
+RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "PPM")  # what Pillow may open: no EPS, PDF, SVG, ...
 
 
 def _decode_raster(data: bytes, sniffed: str, options: DecodeOptions) -> Decoded:
-    """PNG / JPEG / TIFF / BMP (``sniffed`` by ``sniff_format``). ``truncated`` only when the file
+    """PNG / JPEG / TIFF / BMP / PGM (``sniffed`` by ``sniff_format``; PGM, binary Netpbm
+    greyscale, is what ``cxrscreen ingest --pixels pgm`` stores: raw pixels behind a short header). ``truncated`` only when the file
     ends early (no PNG IEND, no JPEG end marker); a complete file that fails to decode is
     corrupt (``decode_failed``)."""
     cut = _ends_early(data, sniffed)
@@ -202,7 +208,7 @@ def _decode_raster(data: bytes, sniffed: str, options: DecodeOptions) -> Decoded
     w, h = img.size
     if w * h > options.max_pixels:
         raise ImageError("too_large", f"{w}x{h} = {w * h} pixels > limit {options.max_pixels}")
-    fmt = (img.format or "unknown").lower()
+    fmt = "pgm" if sniffed == "pgm" else (img.format or "unknown").lower()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

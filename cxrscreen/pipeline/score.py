@@ -411,9 +411,6 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     skip = pa.array([it.key for it in first], pa.string())
     tree_size: list[int] = []  # a streamed tree's inputs, once a thread has counted them
     if kind == "parquet":
-        if res.get("CPU", 1) < 2:
-            raise ClusterTooSmall("a Parquet archive needs a Ray cluster with at least 2 CPUs: Ray Data's Parquet "
-                               "reader takes a whole CPU beside the model actors (on 1 CPU it would wait forever)")
         input_keys = (keys if keys is not None else parquet_keys(files, cfg.key_column, cfg.image_column))[
             :cfg.limit or None]
         n_inputs = len(input_keys)
