@@ -299,6 +299,15 @@ def _workers_see(ray, out_dir: Path, nodes: list[str]) -> bool:
         token.unlink()
 
 
+def _read(ray, source, nodes: int):
+    """The archive's read tasks (``listing.archive_datasource``), one per node at a time, with no
+    CPU of their own: a read task that Ray Data pauses (its output not yet taken) still holds the
+    CPU it asked for, and on a small node that CPU was the one the decode tasks were waiting for;
+    the first 1,000 pre-decoded Parquet rows took 50 s (benchmarks/README.md, "Ceiling")."""
+    return ray.data.read_datasource(source, override_num_blocks=len(source.parts), num_cpus=0,
+                                    concurrency=max(nodes, 1))
+
+
 def _cpu_nodes(ray) -> list[str]:
     return [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
 
@@ -419,7 +428,7 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
         if not source.parts or (first and (not rest or (cfg.limit and cfg.limit <= n_first))):
             ds = None  # no rows, or the driver's batch is all of it
         else:
-            ds = ray.data.read_datasource(source, override_num_blocks=len(source.parts), num_cpus=plan.decode_cpus)
+            ds = _read(ray, source, len(nodes))
             if cfg.limit:  # the first N rows in file order, as input_keys counts them (this dataset only)
                 ds.context.execution_options.preserve_order = True
                 ds = ds.limit(cfg.limit)
@@ -438,7 +447,7 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
         if n_pending is None and progress:
             threading.Thread(target=lambda: tree_size.append(sum(1 for _ in folder_items(Path(archive)))),
                              daemon=True).start()
-        ds = ray.data.read_datasource(source, override_num_blocks=len(source.parts), num_cpus=plan.decode_cpus)
+        ds = _read(ray, source, len(nodes))
         if index.num_rows or len(skip):
             ds = ds.map_batches(pending_rows, fn_kwargs=dict(index=index, skip=skip),
                                 batch_format="pyarrow", batch_size=None, num_cpus=plan.decode_cpus)
