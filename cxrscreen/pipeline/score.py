@@ -299,6 +299,9 @@ def _workers_see(ray, out_dir: Path, nodes: list[str]) -> bool:
         token.unlink()
 
 
+FIRST_BATCH = 16  # inputs the driver scores itself while the actors start
+
+
 def _read(ray, source, nodes: int):
     """The archive's read tasks (``listing.archive_datasource``), one per node at a time, with no
     CPU of their own: a read task that Ray Data pauses (its output not yet taken) still holds the
@@ -410,8 +413,9 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     nodes = _cpu_nodes(ray)
     files = [str(f) for f in parquet_files(Path(archive))] if kind == "parquet" else []
     # the first batch is scored in the driver while Ray starts the actors (on CPUs: on GPUs the
-    # actors' runtime differs); if it is the whole archive, Ray runs nothing
-    n_first = min(cfg.batch_size, cfg.limit or cfg.batch_size)
+    # actors' runtime differs); if it is the whole archive, Ray runs nothing. At most
+    # FIRST_BATCH inputs: a full batch of 64 would delay the first result by a second or two.
+    n_first = min(cfg.batch_size, FIRST_BATCH, cfg.limit or cfg.batch_size)
     first = [] if stages is None or plan.device != "cpu" else \
         parquet_head_items(files, cfg.key_column, cfg.image_column, n_first + 1) if kind == "parquet" else \
         list(itertools.islice(list_inputs(archive), n_first + 1))
