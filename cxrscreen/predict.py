@@ -36,12 +36,16 @@ class Outputs:
     appearance: np.ndarray | None = None
 
 
+CPU_FORWARD_BATCH = 16  # images per forward on a CPU: 64 at once ran 22% slower (benchmarks/README.md)
+
+
 class ModelRunner:
     """A checkpoint loaded once on a runtime (``cxrscreen.runtime.make_runtime``).
 
     ``segment(images)``: lung probability maps; ``classify(images, boxes)``: ``Outputs``.
     Images are uint8 work images (B, H, W), numpy or torch; ``boxes`` are normalised lung
-    boxes, used when the checkpoint was trained on lung crops (or ``lung_crop``).
+    boxes, used when the checkpoint was trained on lung crops (or ``lung_crop``). On a CPU a
+    batch runs through the model ``CPU_FORWARD_BATCH`` images at a time (``forward``).
     """
 
     def __init__(self, spec: str, task: str, device: str = "auto", precision: str = "auto",
@@ -71,6 +75,13 @@ class ModelRunner:
     def device(self) -> torch.device:
         return self.runtime.device
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The runtime's output for model input ``x``: on a CPU ``CPU_FORWARD_BATCH`` images at a
+        time (its caches hold their activations), elsewhere the whole batch in one call."""
+        if self.device.type != "cpu" or len(x) <= CPU_FORWARD_BATCH:
+            return self.runtime(x)
+        return torch.cat([self.runtime(part) for part in x.split(CPU_FORWARD_BATCH)])
+
     def to_device(self, images) -> torch.Tensor:
         """Host array -> tensor on the runtime's device (pinned memory, non-blocking on CUDA)."""
         if isinstance(images, torch.Tensor):
@@ -98,7 +109,7 @@ class ModelRunner:
 
     def segment_probs(self, images) -> torch.Tensor:
         """Lung probability maps (B, size, size) of a segmenter, on the runtime's device."""
-        return torch.sigmoid(self.runtime(self.model_input(images))[:, 0]).float()
+        return torch.sigmoid(self.forward(self.model_input(images))[:, 0]).float()
 
     def segment(self, images) -> np.ndarray:
         """``segment_probs`` as a host array."""
@@ -112,7 +123,7 @@ class ModelRunner:
     def classify_input(self, x: torch.Tensor, appearance: np.ndarray, reference: OODReference | None = None) -> Outputs:
         """``classify`` from model input and the work images' ``appearance_features``;
         ``ood_score`` against ``reference`` (default: the checkpoint's)."""
-        out = self.runtime(x).float().cpu().numpy()
+        out = self.forward(x).float().cpu().numpy()
         n = len(self.info.classes)
         if not self.embedding_size:
             return Outputs(out[:, :n], appearance=appearance)

@@ -25,7 +25,7 @@ def equalize(images: torch.Tensor) -> torch.Tensor:
     sees the same intensity distribution whatever the source's windowing and processing.
     On a CPU OpenCV counts and maps (0.08 vs 0.37 ms per 256 px image), elsewhere tensor ops;
     the same mapping (``_equalize_luts``) either way."""
-    b, n = images.shape[0], images[0].numel()
+    n = images[0].numel()
     if images.device.type == "cpu":
         import cv2
 

@@ -129,3 +129,26 @@ def test_jpeg_cut_inside_the_scan_is_not_deferred(tmp_path):
     batch = decode_items(list(list_inputs(tmp_path)), defer_jpeg=True)
     assert dict(zip(batch["key"], batch["error_type"])) == {"cut.jpg": "truncated", "whole.jpg": None}
     assert [d is not None for d in batch["jpeg_bytes"]] == [False, True]
+
+
+def test_a_cpu_batch_runs_through_the_model_in_chunks_with_the_same_outputs():
+    """On a CPU ``ModelRunner.forward`` feeds the runtime CPU_FORWARD_BATCH images at a time
+    (faster there); the outputs are those of one call over the whole batch."""
+    from cxrscreen.predict import CPU_FORWARD_BATCH, ModelRunner
+
+    class Counting:  # the runtime, counting the images of each call
+        def __init__(self, runtime):
+            self.runtime, self.device, self.sizes = runtime, runtime.device, []
+
+        def __call__(self, x):
+            self.sizes.append(len(x))
+            return self.runtime(x)
+
+    runner = ModelRunner("unet-lungs-fast", "segment", device="cpu", runtime="torch", precision="fp32")
+    whole = runner.runtime
+    runner.runtime = counting = Counting(whole)
+    images = np.random.default_rng(0).integers(0, 256, (CPU_FORWARD_BATCH * 2 + 5, 256, 256), dtype=np.uint8)
+    x = runner.model_input(images)
+    out = runner.forward(x)
+    assert counting.sizes == [CPU_FORWARD_BATCH, CPU_FORWARD_BATCH, 5]
+    assert torch.allclose(out, whole(x), atol=1e-5)
