@@ -330,7 +330,7 @@ def ceiling_inputs(source: str, n: int, work: Path, shared: Path | None = None,
     out = {kind: path for kind, path in folders.items() if kind in inputs}
     first = folders.get("png") or folders["jpeg"]
     for kind, pixels in (("parquet", "pgm"), ("parquet_png", "png")):
-        parquet = work / f"ceiling-{kind}-{source}-{n}"
+        parquet = work / f"ceiling-parquet-{pixels}-{source}-{n}"  # named by content: a reused work_dir stays right
         if kind in inputs and not parquet.exists():
             import polars as pl
 

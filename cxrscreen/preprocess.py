@@ -85,7 +85,7 @@ def crop_boxes(images: torch.Tensor, boxes: np.ndarray, size: int, margin: float
     The arithmetic of ``torchvision.ops.roi_align(aligned=True, sampling_ratio=-1)``: each output
     pixel averages ceil(box / size) x ceil(box / size) bilinear samples spread over the input
     pixels it covers; done as one ``grid_sample`` (and an average pool where a box is larger than
-    ``size``) per group of rows with the same sample count, a few rows at a time (``CROP_CHUNK``),
+    ``size``) per group of rows with the same sample count, on a CPU a few rows at a time (``CROP_CHUNK``),
     about 2.5x faster than roi_align on a CPU (tests/test_preprocess.py checks that they agree)."""
     b = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4))
     if len(b) != len(images):
@@ -106,8 +106,9 @@ def crop_boxes(images: torch.Tensor, boxes: np.ndarray, size: int, margin: float
         ys = r[:, 1:2] - 0.5 + ky[None] * ((r[:, 3] - r[:, 1]) / size)[:, None]
         xs = r[:, 0:1] - 0.5 + kx[None] * ((r[:, 2] - r[:, 0]) / size)[:, None]
         gy, gx = (2 * ys + 1) / h - 1, (2 * xs + 1) / w - 1  # grid_sample's coordinates (align_corners=False)
-        for start in range(0, len(group), CROP_CHUNK):  # a few rows at a time: grids that stay in the cache
-            j = slice(start, start + CROP_CHUNK)
+        chunk = CROP_CHUNK if images.device.type == "cpu" else len(group)  # CPU: grids that stay in the cache
+        for start in range(0, len(group), chunk):
+            j = slice(start, start + chunk)
             grid = torch.empty((len(gy[j]), len(ky), len(kx), 2), dtype=torch.float32)
             grid[..., 0], grid[..., 1] = gx[j, None, :], gy[j, :, None]
             idx = group[j].to(images.device)

@@ -82,7 +82,7 @@ def test_ceiling_on_one_core_reads_pre_decoded_parquet(tmp_path):
     df = run_ceiling("phantoms", 24, ScoreConfig(device="cpu", batch_size=8), cores=(1,), work_dir=tmp_path,
                      echo=lambda *_: None, inputs=("parquet",))
     assert df["input"].to_list() == ["parquet"] and df["cores"].to_list() == [1] and df["ok"].to_list() == [24]
-    shard = next((tmp_path / "ceiling-parquet-phantoms-24").glob("shard-*.parquet"))
+    shard = next((tmp_path / "ceiling-parquet-pgm-phantoms-24").glob("shard-*.parquet"))
     assert pl.read_parquet(shard)["image"][0].startswith(b"P5")  # pre-decoded: PGM pixels
 
 

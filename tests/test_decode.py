@@ -64,10 +64,11 @@ def test_pgm_8_and_16_bit_and_cut_pgm():
     with pytest.raises(ImageError) as e:
         decode_image(data[:-10])
     assert e.value.kind == "truncated"
-    buf = io.BytesIO()
-    Image.fromarray((PHANTOM * 4095).astype(np.uint16)).save(buf, format="PPM")  # a 16-bit PGM
-    d16 = decode_image(buf.getvalue())
-    assert d16.pixels.shape == PHANTOM.shape and np.corrcoef(d16.pixels.ravel(), PHANTOM.ravel())[0, 1] > 0.999
+    twelve = (PHANTOM * 4095).astype(np.uint16)  # a 16-bit PGM whose maxval (white) is 4095
+    d16 = decode_image(b"P5\n%d %d\n4095\n" % twelve.shape[::-1] + twelve.astype(">u2").tobytes())
+    assert d16.meta["bits"] == 16 and np.abs(d16.pixels - twelve / 4095).max() < 1e-4
+    flat = decode_image(b"P5\n4 4\n4095\n" + b"\x0f\xff" * 16)  # every pixel at maxval: white
+    assert np.allclose(flat.pixels, 1.0)
     with pytest.raises(ImageError) as e:
         decode_image(b"P5 is a text file, not an image")
     assert e.value.kind == "decode_failed"

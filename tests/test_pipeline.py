@@ -223,6 +223,22 @@ def test_the_driver_scores_the_first_batch_as_the_actors_would(mixed_archive, ra
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_the_drivers_batch_stays_small_when_batches_are_big(mixed_archive, ray_2cpu, whole_image_classifier,
+                                                            tmp_path, monkeypatch):
+    """With batches bigger than ``FIRST_BATCH`` the driver scores only that many inputs (the
+    first result stays early); Ray scores the rest, every input once."""
+    import cxrscreen.pipeline.score as score_module
+
+    archive, _ = mixed_archive
+    keys = [it.key for it in list_inputs(archive)]
+    monkeypatch.setattr(score_module, "FIRST_BATCH", 4)
+    cfg = dict(classifier=whole_image_classifier, batch_size=8, rows_per_file=10)
+    seen, both = _with_and_without_the_drivers_batch(archive, tmp_path, cfg, monkeypatch)
+    assert seen == keys[:4] and both.inputs == 35 and both.missing == [] and both.first_rows == 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_the_driver_scores_the_first_parquet_batch_too(mixed_archive, ray_2cpu, whole_image_classifier, tmp_path,
                                                        monkeypatch):
     """A Parquet archive's first rows (file order) are scored by the driver, the read tasks skip

@@ -225,6 +225,9 @@ def _decode_raster(data: bytes, sniffed: str, options: DecodeOptions) -> Decoded
         top = arr.max(initial=0)
         bits = next(b for b in (8, 10, 12, 14, 16) if top < 2**b)
         pixels = arr / float(2**bits - 1)
+    elif mode == "I" and sniffed == "pgm":  # a 16-bit PGM: Pillow scales its maxval to 65535
+        pixels = np.asarray(img, dtype=np.float32) / 65535.0
+        bits = 16
     elif mode == "I":  # 32-bit integers: no fixed range, use the data's
         pixels = _minmax(np.asarray(img, dtype=np.float64).astype(np.float32))
         bits = 32
