@@ -330,15 +330,15 @@ def ceiling_inputs(source: str, n: int, work: Path, shared: Path | None = None,
     out = {kind: path for kind, path in folders.items() if kind in inputs}
     first = folders.get("png") or folders["jpeg"]
     for kind, pixels in (("parquet", "pgm"), ("parquet_png", "png")):
-        parquet = work / f"ceiling-parquet-{pixels}-{source}-{n}"  # named by content: a reused work_dir stays right
-        if kind in inputs and not parquet.exists():
+        if kind not in inputs:
+            continue
+        out[kind] = parquet = work / f"ceiling-parquet-{pixels}-{source}-{n}"  # named by content: a reused work_dir stays right
+        if not parquet.exists():
             import polars as pl
 
             files = sorted(p for p in first.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
             ingest(pl.DataFrame({"file": [str(f) for f in files], "path": [str(f.relative_to(first)) for f in files],
                                  "label": ["unknown"] * len(files)}), parquet, resize=256, progress=False, pixels=pixels)
-        if kind in inputs:
-            out[kind] = parquet
     return {kind: out[kind] for kind in CEILING_INPUTS if kind in out}
 
 

@@ -80,9 +80,11 @@ def ingest(src, out_dir, shard_size, resize, pixels):
     from cxrscreen.data.ingest import ingest as run_ingest
     from cxrscreen.data.manifest import load_manifest
 
-    if pixels != "png" and resize is None:
-        raise click.UsageError("--pixels is how --resize re-encodes: give --resize too")
-    shards = run_ingest(load_manifest(src), out_dir, shard_size=shard_size, resize=resize, pixels=pixels)
+    manifest = load_manifest(src)
+    try:  # ingest refuses --pixels without --resize before it writes anything
+        shards = run_ingest(manifest, out_dir, shard_size=shard_size, resize=resize, pixels=pixels)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     click.echo(f"wrote {len(shards)} shards to {out_dir}")
 
 

@@ -27,6 +27,8 @@ def test_synth_split_audit_ingest(tmp_path):
     res = runner.invoke(main, ["ingest", str(out / "manifest.csv"), "-o", str(tmp_path / "shards"), "--shard-size", "5"])
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "shards").glob("shard-*.parquet"))) == 3
+    res = runner.invoke(main, ["ingest", str(out / "manifest.csv"), "-o", str(tmp_path / "pgm"), "--pixels", "pgm"])
+    assert res.exit_code == 2 and "resize" in res.output and not (tmp_path / "pgm").exists()
 
 
 def test_verbose_flag_turns_rays_own_log_lines_on(tmp_path, monkeypatch):

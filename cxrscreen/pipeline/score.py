@@ -303,8 +303,8 @@ FIRST_BATCH = 16  # inputs the driver scores itself while the actors start
 
 
 def _read(ray, source, nodes: int):
-    """The archive's read tasks (``listing.archive_datasource``), one per node at a time, with no
-    CPU of their own: a read task that Ray Data pauses (its output not yet taken) still holds the
+    """The archive's read tasks (``listing.archive_datasource``), as many at a time as the cluster
+    has CPU nodes, with no CPU of their own: a read task that Ray Data pauses (its output not yet taken) still holds the
     CPU it asked for, and on a small node that CPU was the one the decode tasks were waiting for;
     the first 1,000 pre-decoded Parquet rows took 50 s (benchmarks/README.md, "Ceiling")."""
     return ray.data.read_datasource(source, override_num_blocks=len(source.parts), num_cpus=0,
