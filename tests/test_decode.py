@@ -8,6 +8,8 @@ import pytest
 from cxrscreen.data.synth import (DICOM_VARIANTS, encode_dicom, encode_jpeg, encode_png, make_phantom,
                                   write_bad_inputs)
 from cxrscreen.io import DecodeOptions, ImageError, decode_image, read_bytes
+from cxrscreen.io.batch import decode_items
+from cxrscreen.io.sources import InputItem
 from tests.conftest import shared_path
 
 PHANTOM = make_phantom("covid", 96, seed=7).image
@@ -61,6 +63,9 @@ def test_pgm_8_and_16_bit_and_cut_pgm():
     data = buf.getvalue()
     d = decode_image(data)
     assert d.format == "pgm" and d.meta["bits"] == 8 and (np.rint(d.pixels * 255) == u8).all()
+    assert d.data.dtype == np.uint8 and (d.data == u8).all()  # 8 bits kept as read: no float round trip
+    scored = decode_items([InputItem("a", data=data)], work_size=u8.shape[0])
+    assert (scored["image"][0] == u8).all() and scored["status"][0] == "ok"
     with pytest.raises(ImageError) as e:
         decode_image(data[:-10])
     assert e.value.kind == "truncated"

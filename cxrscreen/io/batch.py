@@ -180,10 +180,10 @@ def decode_batch(batch: dict[str, np.ndarray], work_size: int = WORK_SIZE, max_p
         for src, dst in meta_cols.items():
             rows[dst].append(meta.get(src))
         jpeg.append(data if size is not None else None)
-        image = (resize_uint8(dec.pixels, work_size) if dec is not None and dec.pixels is not None
-                 else np.zeros((work_size, work_size), np.uint8))
+        decoded = dec is not None and dec.data is not None
+        image = resize_uint8(dec.data, work_size) if decoded else np.zeros((work_size, work_size), np.uint8)
         images.append(image)
-        rows["polarity"].append(polarity(image) if dec is not None and dec.pixels is not None else np.nan)
+        rows["polarity"].append(polarity(image) if decoded else np.nan)
         rows["t_decode_ms"].append((time.perf_counter() - t0) * 1000)
     out = {k: col(v) for k, v in rows.items()}
     for k, dt in (("width", np.int64), ("height", np.int64), ("pixel_spacing_mm", np.float64),

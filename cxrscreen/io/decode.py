@@ -70,15 +70,21 @@ class DecodeOptions:
 
 @dataclass
 class Decoded:
-    """A decoded image: ``pixels`` float32 HxW in [0, 1] (0 = black), plus metadata. ``pixels``
-    is None for a JPEG left to a model actor to decode on its device (``deferrable_jpeg``)."""
+    """A decoded image: ``data`` as read, float32 HxW in [0, 1] (0 = black) or, from an 8-bit
+    source, uint8 (the scoring path then skips a float round trip), plus
+    metadata. ``data`` is None for a JPEG left to a model actor to decode on its device
+    (``deferrable_jpeg``)."""
 
-    pixels: np.ndarray | None
+    data: np.ndarray | None
     format: str
     meta: dict = field(default_factory=dict)
 
-    def to_uint8(self) -> np.ndarray:
-        return np.rint(self.pixels * 255.0).astype(np.uint8)
+    @property
+    def pixels(self) -> np.ndarray | None:
+        """float32 HxW in [0, 1]."""
+        if self.data is None or self.data.dtype == np.float32:
+            return self.data
+        return self.data.astype(np.float32) / 255.0
 
 
 MAX_BYTES = 512 * 2**20  # default cap on the bytes read per input file
@@ -235,8 +241,8 @@ def _decode_raster(data: bytes, sniffed: str, options: DecodeOptions) -> Decoded
         pixels = _minmax(np.asarray(img, dtype=np.float32))
         bits = 32
     else:
-        pixels = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-        bits = 8
+        meta = {"width": w, "height": h, "bits": 8, "source_mode": mode}
+        return Decoded(np.ascontiguousarray(img if mode == "L" else img.convert("L"), dtype=np.uint8), fmt, meta)
     meta = {"width": w, "height": h, "bits": bits, "source_mode": mode}
     return Decoded(np.ascontiguousarray(pixels, dtype=np.float32), fmt, meta)
 
