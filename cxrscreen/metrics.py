@@ -133,7 +133,7 @@ def accuracy_at_coverage(y: np.ndarray, pred: np.ndarray, referred: np.ndarray) 
 
 def mask_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
     """Dice, IoU and pixel accuracy of boolean masks (B, H, W): ``raw`` and ``cleaned`` (two
-    largest components kept, holes filled: what ``score`` stores)."""
+    largest regions kept, filled: what ``score`` stores)."""
     from cxrscreen.masks import dice_scores, lung_regions
 
     out = {}

@@ -54,6 +54,33 @@ def test_png_8_and_16_bit_and_jpeg():
     assert np.abs(decode_image(encode_jpeg(PHANTOM)).pixels - PHANTOM).mean() < 0.02
 
 
+def test_plain_8_bit_png_and_pgm_skip_pillow_with_the_same_pixels():
+    from PIL import Image
+
+    from cxrscreen.io.decode import _plain_8bit
+
+    u8 = np.rint(PHANTOM * 255).astype(np.uint8)
+    for fmt, sniffed in (("PNG", "png"), ("PPM", "pgm")):
+        buf = io.BytesIO()
+        Image.fromarray(u8).save(buf, format=fmt)
+        assert _plain_8bit(buf.getvalue(), sniffed, 10**8) is not None  # the fast path ...
+        d = decode_image(buf.getvalue())
+        assert d.format == sniffed and d.data.dtype == np.uint8 and (d.data == u8).all()  # ... Pillow's pixels
+        assert d.data.flags.writeable and d.meta == {"width": 96, "height": 96, "bits": 8, "source_mode": "L"}
+        with pytest.raises(ImageError) as e:  # the pixel limit holds on the fast path too
+            decode_image(buf.getvalue(), DecodeOptions(max_pixels=95 * 96))
+        assert e.value.kind == "too_large"
+    rotated = io.BytesIO()  # an EXIF orientation (rotate 90) in a PNG: Pillow's path, which applies it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(u8[:, :80]).save(rotated, format="PNG", exif=exif.tobytes())
+    assert _plain_8bit(rotated.getvalue(), "png", 10**8) is None
+    assert decode_image(rotated.getvalue()).data.shape == (80, 96)
+    rgb = io.BytesIO()
+    Image.fromarray(np.stack([u8] * 3, -1)).save(rgb, format="PNG")
+    assert _plain_8bit(rgb.getvalue(), "png", 10**8) is None and (decode_image(rgb.getvalue()).data == u8).all()
+
+
 def test_pgm_8_and_16_bit_and_cut_pgm():
     from PIL import Image
 

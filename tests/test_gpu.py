@@ -119,7 +119,7 @@ def test_lung_crop_on_the_gpu_matches_cpu():
 @pytest.mark.parametrize("threads", [1, 4])  # 4: masks cleaned by OpenCV on the host, as GPU actors do
 def test_fused_actor_on_the_gpu_matches_two_stages(items, threads):
     """SegmentClassify (images copied to the device once, both models there) gives the rows of
-    Segmenter then Classifier on the same device (one thread: masks cleaned by tensor ops)."""
+    Segmenter then Classifier on the same device (masks cleaned by OpenCV on the host)."""
     from cxrscreen.pipeline.stages import Classifier, SegmentClassify, Segmenter
 
     cfg = ScoreConfig(device="cuda", runtime="torch", precision="fp32", batch_size=16)

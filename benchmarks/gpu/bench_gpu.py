@@ -10,12 +10,12 @@ section so that a run stopped by its time limit still returns what it measured:
   images in host memory (host-device transfers, preprocessing, lung boxes, mask PNGs, OOD
   score, referral included), with the GPU utilisation sampled by nvidia-smi; also from JPEG
   bytes in memory decoded by the segmenter actor (nvJPEG on CUDA); and the fused
-  ``SegmentClassify`` actor with 1, 2, 4 and 8 threads (1: masks cleaned by tensor ops on the
-  device; more: by OpenCV on the host in that many threads).
+  ``SegmentClassify`` actor with 1, 2, 4 and 8 threads (masks cleaned by OpenCV on the host in
+  that many threads; until stop 18 one thread meant tensor ops on the device, now removed).
 - ``parts``: where a stage's time goes: raw batched ``decode_jpeg`` on the device and on the
   CPU, host-device copy of a uint8 batch, and the segmenter stage's mask post-processing:
   per image with ``lung_regions`` + PIL (as before) and batched (``lung_regions_batch`` + ``mask_pngs``:
-  tensor ops on the device, OpenCV on the host in 1, 2, 4, 8 threads).
+  OpenCV on the host in 1, 2, 4, 8 threads, from masks on the device or on the host).
 - ``profile``: a ``torch.profiler`` table (``profile.txt``) of the batched mask post-processing
   and one segmenter forward.
 - ``cpu``: the CPU-side ceiling: decode + resize of PNG and JPEG files on every core.
@@ -198,15 +198,14 @@ def stage_section(run: Run, cfg: ScoreConfig, images: np.ndarray, jpeg_files: li
         run.add("stage", "Segmenter+Classifier pre-decoded", batch_size=bs, precision=precision, cuda_graphs=c.cuda_graphs,
                 images_per_s=n / (t_seg + t_cls), segment_stage_share=t_seg / (t_seg + t_cls), images=n, **gpu)
     bs = batch_sizes[-1]
-    for threads in (1, 2, 4, 8):  # the fused actor (the GPU default); masks cleaned on the device with 1 thread
+    for threads in (1, 2, 4, 8):  # the fused actor (the GPU default); masks cleaned by OpenCV in that many threads
         if run.left() < 20:
             break
         fused = SegmentClassify(c.segmenter_options(), c.classifier_options(), c.runtime_options(threads=threads))
         t, n, gpu = _time_actor(fused, lambda: _stage_batches(images, bs), run.device)
         run.add("stage", "SegmentClassify (fused) pre-decoded", batch_size=bs, precision=precision, threads=threads,
                 cuda_graphs=c.cuda_graphs, images_per_s=n / t, images=n,
-                note="masks: tensor ops on the device" if threads == 1 and run.device != "cpu"
-                else f"masks: OpenCV on the host, {threads} threads", **gpu)
+                note=f"masks: OpenCV on the host, {threads} threads", **gpu)
     data = [f.read_bytes() for f in jpeg_files]
     items = [InputItem(f"j{i}", data=data[i % len(data)]) for i in range(max(len(images), bs))]
     if jpeg_files and run.left() > 20:
@@ -258,8 +257,7 @@ def parts_section(run: Run, cfg: ScoreConfig, images: np.ndarray, jpeg_files: li
         t = median_seconds(lambda: mask_pngs(resize_masks(lung_regions_batch(p > 0.5, workers).masks, 256).cpu().numpy(),
                                              workers=workers), run.device, max(2, reps // 4), warm=1)
         run.add("parts", f"mask post-processing from {where}, {workers} threads", batch_size=bs, images_per_s=bs / t,
-                threads=workers, note="lung_regions_batch + 1-bit mask_pngs" +
-                (": tensor ops on the device" if where != "cpu" and workers == 1 else ": OpenCV on the host"))
+                threads=workers, note="lung_regions_batch + 1-bit mask_pngs: OpenCV on the host")
     run.save()
 
 

@@ -8,14 +8,13 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from cxrscreen.io.decode import decode_image, read_bytes
+from cxrscreen.io.decode import as_uint8, decode_image, read_bytes
 from cxrscreen.io.errors import ImageError
 
 SHARD_SCHEMA = pa.schema([
@@ -37,10 +36,10 @@ def _load(file: str, resize: int | None, encoding: str = "png") -> tuple[bytes |
         data = read_bytes(file)
         if resize is None:
             return data, None
-        pixels = decode_image(data, name=file).pixels
+        decoded = decode_image(data, name=file)
     except ImageError as e:
         return None, f"{e.kind}: {e.reason}"
-    img = Image.fromarray(np.rint(pixels * 255).astype(np.uint8)).resize((resize, resize), Image.Resampling.BILINEAR)
+    img = Image.fromarray(as_uint8(decoded.data)).resize((resize, resize), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     img.save(buf, format="PPM" if encoding == "pgm" else "PNG")  # Pillow writes an L image as binary PGM
     return buf.getvalue(), None

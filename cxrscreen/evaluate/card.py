@@ -80,7 +80,7 @@ def _segmenter_section(sdir: Path) -> list[str]:
             if v:
                 lines.append(f"| {label} | {variant} | {v['n']} | {v['dice']:.4f} | {v['iou']:.4f} | "
                              f"{v['pixel_accuracy']:.4f} |")
-    lines += ["", "`cleaned` = two largest components kept and holes filled (what `score` stores).", ""]
+    lines += ["", "`cleaned` = the two largest regions kept, filled (what `score` stores).", ""]
     return lines
 
 

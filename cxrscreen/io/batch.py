@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from cxrscreen.io.decode import MAX_BYTES, Decoded, DecodeOptions, decode_image, deferrable_jpeg, read_bytes
+from cxrscreen.io.decode import MAX_BYTES, Decoded, DecodeOptions, as_uint8, decode_image, deferrable_jpeg, read_bytes
 from cxrscreen.io.errors import ImageError
 from cxrscreen.io.sources import safe_text
 
@@ -83,7 +83,7 @@ def restore_nulls(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def resize_uint8(pixels: np.ndarray, size: int = WORK_SIZE) -> np.ndarray:
     """[0, 1] float (or uint8) image -> ``size`` x ``size`` uint8 (area filter when shrinking)."""
-    img = pixels if pixels.dtype == np.uint8 else np.rint(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+    img = as_uint8(pixels)
     if img.shape == (size, size):
         return img
     return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0))

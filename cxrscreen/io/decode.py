@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import re
+import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,11 @@ class Decoded:
         if self.data is None or self.data.dtype == np.float32:
             return self.data
         return self.data.astype(np.float32) / 255.0
+
+
+def as_uint8(pixels: np.ndarray) -> np.ndarray:
+    """[0, 1] float -> uint8 (rounded, clipped); uint8 as it is."""
+    return pixels if pixels.dtype == np.uint8 else np.rint(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
 
 
 MAX_BYTES = 512 * 2**20  # default cap on the bytes read per input file
@@ -194,7 +200,26 @@ def deferrable_jpeg(data: bytes, options: DecodeOptions = DecodeOptions()) -> tu
     return (w, h) if ok and w * h <= options.max_pixels else None
 
 
-RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "PPM")  # what Pillow may open: no EPS, PDF, SVG, ...
+RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "PPM")
+
+
+def _plain_8bit(data: bytes, sniffed: str, max_pixels: int) -> np.ndarray | None:
+    """The pixels of a complete 8-bit greyscale PGM (maxval 255: its bytes as they are) or PNG
+    (colour type 0, no EXIF: OpenCV's decoder, 0.61 vs 0.78 ms for Pillow at 224 px, the same
+    pixels) within ``max_pixels``, without Pillow; None for anything else, which Pillow decodes
+    (or explains)."""
+    if sniffed == "pgm" and (m := _PGM_HEADER.match(data)) and m[3] == b"255":
+        w, h = int(m[1]), int(m[2])
+        return np.frombuffer(data, np.uint8, w * h, m.end()).reshape(h, w).copy() if w * h <= max_pixels else None
+    if sniffed != "png" or data[12:16] != b"IHDR" or data[24:26] != b"\x08\x00" or b"eXIf" in data:
+        return None
+    w, h = struct.unpack(">II", data[16:24])
+    if w * h > max_pixels:
+        return None
+    import cv2
+
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    return pixels if pixels is not None and pixels.shape == (h, w) and pixels.dtype == np.uint8 else None  # what Pillow may open: no EPS, PDF, SVG, ...
 
 
 def _decode_raster(data: bytes, sniffed: str, options: DecodeOptions) -> Decoded:
@@ -203,6 +228,9 @@ def _decode_raster(data: bytes, sniffed: str, options: DecodeOptions) -> Decoded
     ends early (no PNG IEND, no JPEG end marker); a complete file that fails to decode is
     corrupt (``decode_failed``)."""
     cut = _ends_early(data, sniffed)
+    plain = None if cut else _plain_8bit(data, sniffed, options.max_pixels)
+    if plain is not None:
+        return Decoded(plain, sniffed, {"width": plain.shape[1], "height": plain.shape[0], "bits": 8, "source_mode": "L"})
     try:
         img = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
     except UnidentifiedImageError:
@@ -242,7 +270,7 @@ def _decode_raster(data: bytes, sniffed: str, options: DecodeOptions) -> Decoded
         bits = 32
     else:
         meta = {"width": w, "height": h, "bits": 8, "source_mode": mode}
-        return Decoded(np.ascontiguousarray(img if mode == "L" else img.convert("L"), dtype=np.uint8), fmt, meta)
+        return Decoded(np.array(img if mode == "L" else img.convert("L"), dtype=np.uint8), fmt, meta)  # writable
     meta = {"width": w, "height": h, "bits": bits, "source_mode": mode}
     return Decoded(np.ascontiguousarray(pixels, dtype=np.float32), fmt, meta)
 
