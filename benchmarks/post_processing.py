@@ -23,7 +23,7 @@ from scipy import ndimage
 from cxrscreen.bench import machine_info, prepare_inputs
 from cxrscreen.io.batch import decode_items
 from cxrscreen.io.sources import list_inputs
-from cxrscreen.masks import dice_scores, lung_regions
+from cxrscreen.masks import _outer_regions, dice_scores, lung_regions
 from cxrscreen.predict import ModelRunner
 from cxrscreen.preprocess import crop_boxes
 
@@ -108,17 +108,19 @@ def main() -> None:
     before = [scipy_regions(m) for m in masks]
     labelled = [labelled_regions(m) for m in masks]
     now = [lung_regions(m) for m in masks]
+    now_out = [(r.mask, r.box) for r in now]
     ref_masks, ref_boxes = np.stack([b[0] for b in before]), np.stack([b[1] for b in before])
     for way, fn, out in (
             ("mask clean-up: scipy, two labellings (first)", lambda: [scipy_regions(m) for m in masks], before),
             ("mask clean-up: OpenCV, labels with stats + flood fill (stops 14-17)",
              lambda: [labelled_regions(m) for m in masks], labelled),
             ("mask clean-up: OpenCV, outer contours, labels where they could differ (now)", lambda: [lung_regions(m) for m in masks],
-             [(r.mask, r.box) for r in now])):
+             now_out)):
         got, got_boxes = np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
         dice = dice_scores(ref_masks, got)
         box_px = np.nanmax(np.abs(got_boxes - ref_boxes), 1) * masks.shape[-1]
         rows.append(dict(way=way, n=n, ms_per_image=per_image_ms(fn, n), identical=int((dice == 1).sum()),
+                         on_contours=sum(_outer_regions(m.view(np.uint8)) is not None for m in masks) if out is now_out else None,
                          min_dice=float(dice.min()), mean_dice=float(dice.mean()),
                          max_box_px=float(np.nanmax(box_px)), share_boxes_same=float(np.mean(box_px == 0)), **info))
     boxes = np.stack([r.box for r in now])
@@ -147,7 +149,8 @@ def main() -> None:
             print(f"  max |dp| {r['max_dp']:.2e}; over 1e-4 on {r['share_dp_over_1e4']:.2%} of images")
         if "identical" in r:
             print(f"  against scipy's: identical {r['identical']}/{n}, min Dice {r['min_dice']:.5f}, mean "
-                  f"{r['mean_dice']:.6f}; boxes the same {r['share_boxes_same']:.2%}, at most {r['max_box_px']:.0f} px apart")
+                  f"{r['mean_dice']:.6f}; boxes the same {r['share_boxes_same']:.2%}, at most {r['max_box_px']:.0f} px apart"
+                  + (f"; {r['on_contours']} on the contours" if r["on_contours"] is not None else ""))
     print(f"crops differ by at most {int(diff.max())} grey level in {float((diff > 0).float().mean()):.2%} of pixels")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     pl.DataFrame(rows, infer_schema_length=None).write_parquet(a.out)

@@ -105,12 +105,12 @@ def test_help_shows_the_defaults_score_runs_with():
     res = CliRunner().invoke(main, ["score", "--help"], terminal_width=200)
     assert res.exit_code == 0
     lines = {line.split()[0]: line for line in res.output.splitlines() if line.strip().startswith("--")}
-    assert "[default: 256]" in lines["--batch-size"] and "[default: cxrnet-4class]" in lines["--classifier"]
+    assert "[default: 64]" in lines["--batch-size"] and "[default: cxrnet-4class]" in lines["--classifier"]
     assert "[default: unet-lungs-fast]" in lines["--segmenter"] and "[default: auto]" in lines["--device"]
     assert "[default: true]" in lines["--worklist"] and "[default: false]" in lines["--include-phi"]
     assert "[default:" not in lines["--refer-below"] and "none]" not in res.output
     again = CliRunner().invoke(main, ["score", "--help"], terminal_width=200).output
-    assert again.count("[default: 256]") == 1  # the second --help in one process says it once too
+    assert again.count("[default: 64]") == 1  # the second --help in one process says it once too
     bench = CliRunner().invoke(main, ["bench", "--help"], terminal_width=200).output
     assert "[default: 1]" in bench and "[default: 1, 2]" in bench  # --actors, --cores
 

@@ -20,7 +20,7 @@ def test_train_configs_load_and_name_registry_models(path):
 
 
 def test_score_config_and_unknown_keys(tmp_path):
-    assert load_config(ScoreConfig, CONFIGS / "score.yaml").batch_size == 256
+    assert load_config(ScoreConfig, CONFIGS / "score.yaml").batch_size == 64
     bad = tmp_path / "bad.yaml"
     bad.write_text("batch_sise: 3\n")
     with pytest.raises(ValueError, match="batch_sise"):

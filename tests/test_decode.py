@@ -79,6 +79,24 @@ def test_plain_8_bit_png_and_pgm_skip_pillow_with_the_same_pixels():
     rgb = io.BytesIO()
     Image.fromarray(np.stack([u8] * 3, -1)).save(rgb, format="PNG")
     assert _plain_8bit(rgb.getvalue(), "png", 10**8) is None and (decode_image(rgb.getvalue()).data == u8).all()
+    from PIL.PngImagePlugin import PngInfo
+
+    texted = io.BytesIO()  # text chunks may carry an orientation (XMP): Pillow's path
+    info = PngInfo()
+    info.add_text("Comment", "x")
+    Image.fromarray(u8).save(texted, format="PNG", pnginfo=info)
+    assert _plain_8bit(texted.getvalue(), "png", 10**8) is None and (decode_image(texted.getvalue()).data == u8).all()
+    plain = io.BytesIO()
+    Image.fromarray(u8).save(plain, format="PNG")
+    p = plain.getvalue()
+    gama = b"gAMA" + (45455).to_bytes(4, "big")
+    bad_crc = p[:33] + len(gama[4:]).to_bytes(4, "big") + gama + b"\0\0\0\0" + p[33:]  # an ancillary chunk, wrong CRC
+    assert _plain_8bit(bad_crc, "png", 10**8) is None
+    with pytest.raises(ImageError) as e:  # Pillow refuses it, as before the fast path
+        decode_image(bad_crc)
+    assert e.value.kind == "decode_failed"
+    with pytest.raises(ImageError):  # a PGM of no pixels is not an image
+        decode_image(b"P5\n0 4\n255\n")
 
 
 def test_pgm_8_and_16_bit_and_cut_pgm():

@@ -104,6 +104,21 @@ def test_lung_regions_match_scipy(seed, density, size, sigma):
     np.testing.assert_allclose(r.box, ref[1], rtol=1e-6)
 
 
+def test_a_tie_keeps_the_components_the_labelling_keeps():
+    """Equal sizes: the components that start later in raster order (OpenCV's labelling keeps
+    the last of a stable sort by area), on the contour path too."""
+    from cxrscreen.masks import _labelled_regions, _outer_regions
+
+    m = np.zeros((20, 30), bool)
+    m[2:8, 2:8] = m[2:8, 20:26] = m[12:18, 10:16] = True  # three equal squares
+    m[10, 28] = True  # a speck
+    want = np.zeros_like(m)
+    want[2:8, 20:26] = want[12:18, 10:16] = True
+    u8 = m.view(np.uint8)
+    assert _outer_regions(u8) is not None and np.array_equal(_labelled_regions(u8)[0].view(bool), want)
+    assert np.array_equal(lung_regions(m).mask, want)
+
+
 def test_real_lung_masks_mostly_take_the_contours():
     from cxrscreen.masks import _outer_regions
 

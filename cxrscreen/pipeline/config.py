@@ -68,7 +68,7 @@ class ScoreConfig:
     runtime: str = RuntimeOptions.runtime  # auto | torch | onnxruntime | tensorrt (auto: fastest available, see README)
     cuda_graphs: bool = RuntimeOptions.cuda_graphs  # torch runtime on CUDA: capture one CUDA graph per batch size
     compile: bool = RuntimeOptions.compile  # torch runtime: torch.compile the models
-    batch_size: int = 256  # every block costs Ray a few ms per stage: 64 measured 21-26% slower on pre-decoded Parquet
+    batch_size: int = 64  # every block costs Ray a few ms per stage: 16 measured 25-35% slower; 256 see score.yaml
     fused: bool | None = None  # segmenter + classifier in one actor pool (cls_actors actors); None: on a GPU only
     seg_actors: int = 1  # two pools (fused: false) only
     cls_actors: int = 1

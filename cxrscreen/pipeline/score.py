@@ -414,7 +414,7 @@ def _score_locked(archive, kind: str, out_dir: Path, cfg: ScoreConfig, progress:
     files = [str(f) for f in parquet_files(Path(archive))] if kind == "parquet" else []
     # the first batch is scored in the driver while Ray starts the actors (on CPUs: on GPUs the
     # actors' runtime differs); if it is the whole archive, Ray runs nothing. At most
-    # FIRST_BATCH inputs: a full batch of 64 would delay the first result by a second or two.
+    # FIRST_BATCH inputs: a full batch (64 by default) would delay the first result by a second or two.
     n_first = min(cfg.batch_size, FIRST_BATCH, cfg.limit or cfg.batch_size)
     first = [] if stages is None or plan.device != "cpu" else \
         parquet_head_items(files, cfg.key_column, cfg.image_column, n_first + 1) if kind == "parquet" else \
