@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import polars as pl
 import torch
@@ -23,7 +22,7 @@ from scipy import ndimage
 from cxrscreen.bench import machine_info, prepare_inputs
 from cxrscreen.io.batch import decode_items
 from cxrscreen.io.sources import list_inputs
-from cxrscreen.masks import _outer_regions, dice_scores, lung_regions
+from cxrscreen.masks import _labelled_regions, _outer_regions, dice_scores, lung_regions
 from cxrscreen.predict import ModelRunner
 from cxrscreen.preprocess import crop_boxes
 
@@ -50,19 +49,15 @@ def scipy_regions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def labelled_regions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The clean-up of stops 14-17: OpenCV labels with statistics (4-connected), the two largest
-    components, holes filled by one flood fill of the background from a frame; mask and box."""
+    """The clean-up of stops 14-17, now ``lung_regions``' fallback (``masks._labelled_regions``:
+    OpenCV labels with statistics, one flood fill) for every mask; mask and overall box."""
     h, w = mask.shape
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
-    if n <= 1:
-        return np.zeros_like(mask, bool), np.full(4, np.nan, np.float32)
-    keep = np.argsort(stats[1:, cv2.CC_STAT_AREA], kind="stable")[-2:] + 1
-    framed = np.zeros((h + 2, w + 2), np.uint8)
-    framed[1:-1, 1:-1] = np.isin(labels, keep)
-    cv2.floodFill(framed, None, (0, 0), 2, flags=4)
-    x0, y0 = stats[keep, 0].min(), stats[keep, 1].min()
-    x1, y1 = (stats[keep, 0] + stats[keep, 2]).max(), (stats[keep, 1] + stats[keep, 3]).max()
-    return framed[1:-1, 1:-1] != 2, np.array([x0 / w, y0 / h, x1 / w, y1 / h], np.float32)
+    cleaned, rects = _labelled_regions(np.ascontiguousarray(mask, bool).view(np.uint8))
+    if not len(rects):
+        return cleaned.view(bool), np.full(4, np.nan, np.float32)
+    r = np.array(rects)
+    return cleaned.view(bool), np.array([r[:, 0].min() / w, r[:, 1].min() / h, (r[:, 0] + r[:, 2]).max() / w,
+                                         (r[:, 1] + r[:, 3]).max() / h], np.float32)
 
 
 def roi_align_crop(images: torch.Tensor, boxes: np.ndarray, size: int, margin: float = 0.05) -> torch.Tensor:
