@@ -8,7 +8,7 @@ import pytest
 
 from cxrscreen.data.synth import write_archive
 from cxrscreen.evaluate.run import evaluate_model
-from cxrscreen.evaluate.source_shift import leave_one_source_out
+from cxrscreen.evaluate.source_shift import FOLD_OUTPUTS, audit_outputs, leave_one_source_out, read_fold_outputs
 from cxrscreen.models.checkpoint import read_info
 from cxrscreen.io import list_inputs
 from cxrscreen.io.batch import decode_items
@@ -93,6 +93,17 @@ def test_leave_one_source_out(two_site_manifest, tmp_path, ray_2cpu):
     assert row["train_images"] == len(manifest.filter((pl.col("source") == "site_b") & (pl.col("split") == "train")))
     assert 0 <= row["held_out_accuracy"] <= 1 and row["in_source_test_n"] > 0
     assert pl.read_parquet(tmp_path / "loso.parquet").equals(df)
+    # the fold's per-image outputs, written beside its model, re-audit to the same rows without the model
+    table, classes, arrays = read_fold_outputs(tmp_path / "without-site_a" / FOLD_OUTPUTS)
+    assert table.columns == ["part", "target", "source"] and "file" not in table.columns
+    assert (table["part"] == "held_out").sum() == len(site_a) and set(table.filter(pl.col("part") == "train")["source"]) == {"site_b"}
+    assert {k: v.shape[0] for k, v in arrays.items()} == {k: len(table) for k in arrays} and arrays["logits"].shape[1] == len(classes)
+    learned = sorted(set(table.filter(pl.col("part") == "train")["target"]))
+    again = audit_outputs(table, classes, arrays, learned, ood_refer_rates=(0.05, 0.3))
+    assert len(again) == len(df)
+    for got, want in zip(again, df.to_dicts()):
+        for key, value in got.items():
+            assert value == pytest.approx(want[key], abs=1e-9, nan_ok=True), key
     # the same fold audited as an ensemble of earlier loso folds' models (here the one fold, twice)
     ens = leave_one_source_out(_cfg(path, tmp_path / "ens", epochs=4), tmp_path / "ens", sources=["site_a"],
                                progress=lambda *_: None, ood_refer_rates=(0.05,), members=[tmp_path, tmp_path])

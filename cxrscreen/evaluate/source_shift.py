@@ -16,15 +16,47 @@ import polars as pl
 from cxrscreen.referral import OOD_REFER_RATE, TARGET_SENSITIVITY, screening_confidence
 from cxrscreen.train.config import TrainConfig
 
+FOLD_OUTPUTS = "audit-outputs.parquet"  # per fold folder: write_fold_outputs
+
 
 def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFrame, learned: list[str],
                positive: str = "covid", target_sensitivity: float = TARGET_SENSITIVITY,
-               ood_refer_rates: tuple[float, ...] = (OOD_REFER_RATE,)) -> list[dict]:
-    """What a fold model does on the source it never saw, with the referral ``score`` would apply:
-    one row per OOD referral rate (the model's outputs are computed once).
+               ood_refer_rates: tuple[float, ...] = (OOD_REFER_RATE,),
+               outputs_path: str | Path | None = None) -> list[dict]:
+    """What a fold model does on the source it never saw, with the referral ``score`` would apply
+    (``audit_outputs``): one row per OOD referral rate, from one pass of the model over the fold's
+    train / val / test splits and the held-out images. With ``outputs_path`` those outputs are
+    also written there (``write_fold_outputs``), so that other referral policies can be measured
+    on them without running the model again."""
+    from cxrscreen.predict import ModelRunner, classify_files
 
-    Calibrated as ``evaluate`` calibrates (temperature and COVID referral threshold on the fold's
-    val, OOD reference on its train split, OOD threshold at the ``1 - rate`` quantile of val).
+    runner = ModelRunner(str(model_dir), "classify")
+    if not runner.embedding_size:
+        raise ValueError(f"{runner.info.name}: no penultimate embedding (its last linear layer is not its last "
+                         "operation): the audit needs one")
+    frames, arrays = [], {"logits": [], "embedding": [], "appearance": []}
+    for name, part in [(n, fold_df.filter(pl.col("split") == n)) for n in ("train", "val", "test")] + \
+            [("held_out", held_out)]:
+        out, ok = classify_files(runner, part["file"].to_list())
+        part = part.filter(pl.Series(ok))
+        frames.append(pl.DataFrame({"part": [name] * len(part), "target": part["target"], "source": part["source"]},
+                                   schema={"part": pl.String, "target": pl.String, "source": pl.String}))
+        for key, value in (("logits", out.logits), ("embedding", out.embeddings), ("appearance", out.appearance)):
+            arrays[key].append(np.asarray(value, np.float32))
+    table, arrays = pl.concat(frames), {k: np.concatenate(v) for k, v in arrays.items()}
+    classes = list(runner.info.classes)
+    if outputs_path is not None:
+        write_fold_outputs(table, classes, arrays, outputs_path)
+    return audit_outputs(table, classes, arrays, learned, positive, target_sensitivity, ood_refer_rates)
+
+
+def audit_outputs(table: pl.DataFrame, classes: list[str], arrays: dict[str, np.ndarray], learned: list[str],
+                  positive: str = "covid", target_sensitivity: float = TARGET_SENSITIVITY,
+                  ood_refer_rates: tuple[float, ...] = (OOD_REFER_RATE,)) -> list[dict]:
+    """``fold_audit``'s rows from a fold model's outputs (``table``: ``part``, ``target``; ``arrays``:
+    ``logits``, ``embedding``, ``appearance``, row for row), calibrated as ``evaluate`` calibrates
+    (temperature and COVID referral threshold on the fold's val, OOD reference on its train split,
+    OOD threshold at the ``1 - rate`` quantile of val).
     Reports: held-out accuracy on the classes the fold learned; the share of held-out non-COVID
     images labelled COVID **without** referral and of held-out COVID images labelled COVID or
     referred; the OOD score's AUROC for in-source test vs held-out images (``ood_score`` and its
@@ -32,44 +64,34 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
     k-NN on the embedding and, as the baseline,
     1 - max softmax probability); and the in-source test split's referral rate and accuracy at
     coverage."""
-    from cxrscreen.metrics import (accuracy_at_coverage, binary_auroc, fit_temperature, refer_threshold,
-                                            softmax)
+    from cxrscreen.metrics import accuracy_at_coverage, binary_auroc, fit_temperature, refer_threshold, softmax
     from cxrscreen.models.ood import OODReference, knn_score
-    from cxrscreen.predict import ModelRunner, classify_files
 
-    runner = ModelRunner(str(model_dir), "classify")
-    classes = list(runner.info.classes)
     index = {c: i for i, c in enumerate(classes)}
     parts = {}
-    for name in ("train", "val", "test"):
-        part = fold_df.filter(pl.col("split") == name)
-        out, ok = classify_files(runner, part["file"].to_list())
-        parts[name] = (part.filter(pl.Series(ok)), out)
-    out_h, ok_h = classify_files(runner, held_out["file"].to_list())
-    parts["held_out"] = (held_out.filter(pl.Series(ok_h)), out_h)
+    for name in ("train", "val", "test", "held_out"):
+        rows = (table["part"] == name).to_numpy()
+        parts[name] = (table.filter(pl.Series(rows)), {k: v[rows] for k, v in arrays.items()})
 
     def y_of(part):  # -1: a class the fold never learned
-        return np.array([index[t] if t in learned else -1 for t in part["target"]])
+        return np.array([index[t] if t in learned else -1 for t in part["target"]], dtype=np.int64)
 
     tr, va = parts["train"], parts["val"]
-    if tr[1].embeddings is None:
-        raise ValueError(f"{runner.info.name}: no penultimate embedding (its last linear layer is not its last "
-                         "operation): the audit needs one")
-    ref = OODReference.fit(tr[1].embeddings, y_of(tr[0]), tr[1].appearance)
-    ref.set_scale(va[1].embeddings, va[1].appearance)
-    temp = fit_temperature(va[1].logits, y_of(va[0]))
+    ref = OODReference.fit(tr[1]["embedding"], y_of(tr[0]), tr[1]["appearance"])
+    ref.set_scale(va[1]["embedding"], va[1]["appearance"])
+    temp = fit_temperature(va[1]["logits"], y_of(va[0]))
     pos = index.get(positive, 0)
-    thr = refer_threshold(softmax(va[1].logits, temp), y_of(va[0]), pos, target_sensitivity, classes)
-    val_ood = ref.score(va[1].embeddings, va[1].appearance)
+    thr = refer_threshold(softmax(va[1]["logits"], temp), y_of(va[0]), pos, target_sensitivity, classes)
+    val_ood = ref.score(va[1]["embedding"], va[1]["appearance"])
     scores, common = {}, {"target_sensitivity": target_sensitivity, "ood_fusion": ref.fusion,
                           "refer_threshold": thr}
     for name in ("test", "held_out"):
-        part, out = parts[name]
-        probs = softmax(out.logits, temp)
-        dist = ref.parts(out.embeddings, out.appearance)
-        scores[name] = {"combined": ref.score(out.embeddings, out.appearance), "embedding": dist[:, 0],
+        out = parts[name][1]
+        probs = softmax(out["logits"], temp)
+        dist = ref.parts(out["embedding"], out["appearance"])
+        scores[name] = {"combined": ref.score(out["embedding"], out["appearance"]), "embedding": dist[:, 0],
                         "appearance": dist[:, 1], "max_parts": np.nanmax(dist / ref.scale, 1),
-                        "knn": knn_score(tr[1].embeddings, out.embeddings), "max_softmax": 1 - probs.max(1),
+                        "knn": knn_score(tr[1]["embedding"], out["embedding"]), "max_softmax": 1 - probs.max(1),
                         "probs": probs}
     for method in ("combined", "embedding", "appearance", "max_parts", "knn", "max_softmax"):
         common[f"ood_auroc_{method}"] = binary_auroc(scores["test"][method], scores["held_out"][method])
@@ -101,6 +123,36 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
                             if (y == i).any()})
         rows.append(row)
     return rows
+
+
+def write_fold_outputs(table: pl.DataFrame, classes: list[str], arrays: dict[str, np.ndarray],
+                       path: str | Path) -> Path:
+    """``audit_outputs``' input as one Parquet row per audited image: ``part`` (train / val / test /
+    held_out), ``target``, ``source`` and the arrays as fixed-size float columns; the classes in
+    the file's metadata. No file names: nothing in it could name a patient."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {c: table[c].to_arrow() for c in ("part", "target", "source")}
+    for key, value in arrays.items():
+        columns[key] = pa.FixedSizeListArray.from_arrays(pa.array(value.reshape(-1), pa.float32()), value.shape[1])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(pa.table(columns).replace_schema_metadata({"classes": ",".join(classes)}), tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_fold_outputs(path: str | Path) -> tuple[pl.DataFrame, list[str], dict[str, np.ndarray]]:
+    """``write_fold_outputs``' file: (``part`` / ``target`` / ``source``, the classes, the arrays)."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path)
+    classes = t.schema.metadata[b"classes"].decode().split(",")
+    arrays = {k: t[k].combine_chunks().flatten().to_numpy().reshape(len(t), -1)
+              for k in ("logits", "embedding", "appearance")}
+    return pl.from_arrow(t.select(["part", "target", "source"])), classes, arrays
 
 
 def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[str] | None = None,
@@ -141,7 +193,8 @@ def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[st
                 "intensity": cfg.intensity, "balance": cfg.balance,
                 "train_images": len(fold_df.filter(pl.col("split") == "train")),
                 "held_out_unseen_class_images": int((~held["target"].is_in(fold_classes)).sum())}
-        for audit in fold_audit(model_dir, fold_df, held, fold_classes, ood_refer_rates=tuple(ood_refer_rates)):
+        for audit in fold_audit(model_dir, fold_df, held, fold_classes, ood_refer_rates=tuple(ood_refer_rates),
+                                outputs_path=Path(fold_cfg.out) / FOLD_OUTPUTS):
             row = {**base, **audit}
             row["fold_score"] = fold_score(row)
             rows.append(row)
