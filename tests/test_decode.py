@@ -114,6 +114,13 @@ def test_pgm_8_and_16_bit_and_cut_pgm():
     with pytest.raises(ImageError) as e:
         decode_image(data[:-10])
     assert e.value.kind == "truncated"
+    from cxrscreen.io.decode import _plain_8bit
+
+    commented = b"P5\n# made by a scanner\n%d %d # size\n255\n" % u8.shape[::-1] + u8.tobytes()  # comments: Netpbm allows
+    assert (decode_image(commented).data == u8).all() and _plain_8bit(commented, "pgm", 1 << 30) is not None
+    with pytest.raises(ImageError) as e:
+        decode_image(commented[:-10])
+    assert e.value.kind == "truncated"
     twelve = (PHANTOM * 4095).astype(np.uint16)  # a 16-bit PGM whose maxval (white) is 4095
     d16 = decode_image(b"P5\n%d %d\n4095\n" % twelve.shape[::-1] + twelve.astype(">u2").tobytes())
     assert d16.meta["bits"] == 16 and np.abs(d16.pixels - twelve / 4095).max() < 1e-4

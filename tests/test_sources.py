@@ -19,6 +19,8 @@ def _tree(root):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(encode_png(IMG))
     (root / "COVID" / "IM0001").write_bytes(encode_dicom(IMG, "m2_8bit"))  # extension-less DICOM
+    u8 = (IMG * 255).astype(np.uint8)
+    (root / "Normal" / "g.pgm").write_bytes(b"P5\n%d %d\n255\n" % u8.shape[::-1] + u8.tobytes())  # `ingest --pixels pgm`
     (root / "COVID" / "notes.txt").write_text("not an input")
     (root / "COVID" / "README").write_text("extension-less, not DICOM")
     (root / ".hidden.png").write_bytes(b"x")
@@ -30,7 +32,7 @@ def test_folder_tree_recursive_with_labels(tmp_path):
     got = {it.key: it.label for it in items}
     assert got == {
         "COVID/IM0001": "covid", "COVID/a.png": "covid", "Lung_Opacity/d.png": "lung_opacity",
-        "Normal/b.png": "normal", "Viral Pneumonia/c.png": "viral_pneumonia",
+        "Normal/b.png": "normal", "Normal/g.pgm": "normal", "Viral Pneumonia/c.png": "viral_pneumonia",
         "chest_xray/test/PNEUMONIA/f.png": "pneumonia", "chest_xray/train/NORMAL/e.png": "normal",
     }
     assert [it.key for it in items] == [it.key for it in list_inputs(tmp_path)]  # deterministic order
@@ -101,7 +103,7 @@ def test_folder_units_tile_the_tree_whatever_its_shape(tmp_path):
     (tmp_path / ".hidden" / "x" / "h.png").write_bytes(b"x")
     (tmp_path / "linked").symlink_to(tmp_path / "wide", target_is_directory=True)  # not followed
     whole = [(it.key, it.path, it.label) for it in list_inputs(tmp_path, labels_from_folders=True)]
-    assert len(whole) == 39 and not any(k.startswith((".hidden", "linked")) for k, *_ in whole)
+    assert len(whole) == 40 and not any(k.startswith((".hidden", "linked")) for k, *_ in whole)
     labels = {"covid": "covid", "normal": "normal"}
     for min_units, min_files in ((1, 64), (2, 64), (5, 1), (40, 2), (1000, 1)):
         units = folder_units(tmp_path, min_units=min_units, min_files=min_files)
@@ -115,7 +117,7 @@ def test_folder_units_tile_the_tree_whatever_its_shape(tmp_path):
     assert folder_units(tmp_path, min_units=1) == [(str(tmp_path), True, 0, 1)]  # nothing opened
     source = archive_datasource(tmp_path, "folder", min_rows=2)
     blocks = [t for part in source.parts for t in _read_part(tmp_path, "folder", part, 4)]
-    assert all(t.num_rows <= 4 for t in blocks) and sum(t.num_rows for t in blocks) == 39
+    assert all(t.num_rows <= 4 for t in blocks) and sum(t.num_rows for t in blocks) == 40
     assert sorted(k for t in blocks for k in t["key"].to_pylist()) == sorted(k for k, *_ in whole)
     flat = tmp_path / "wide" / "00"
     for i in range(200):

@@ -141,7 +141,8 @@ def is_dicom(data: bytes) -> bool:
 
 RASTER_MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg", b"II*\x00": "tiff", b"MM\x00*": "tiff",
                 b"BM": "bmp", **{b"P5" + space: "pgm" for space in (b"\n", b" ", b"\t", b"\r")}}
-_PGM_HEADER = re.compile(rb"P5\s+(\d+)\s+(\d+)\s+(\d+)\s")  # binary greyscale Netpbm (no comments)
+_PGM_SEP = rb"(?:\s|#[^\r\n]*[\r\n])+"  # whitespace and '#' comments, as Netpbm headers allow
+_PGM_HEADER = re.compile(rb"P5" + _PGM_SEP + rb"(\d+)" + _PGM_SEP + rb"(\d+)" + _PGM_SEP + rb"(\d+)\s")  # binary greyscale
 
 
 def sniff_format(data: bytes) -> str | None:

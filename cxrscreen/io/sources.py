@@ -13,7 +13,7 @@ from typing import Iterator
 
 from cxrscreen.io.errors import ArchiveError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ".pgm")
 LIST_SUFFIXES = (".txt", ".lst", ".csv")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
