@@ -481,11 +481,15 @@ def report(model_dirs, out_dir, data, split, segmenter, seg_data, loso, samples)
 @click.option("--reuse", is_flag=True, help="Audit folds already trained in OUT again instead of training them.")
 @click.option("--ood-refer-rate", "ood_refer_rates", type=float, multiple=True, default=(OOD_REFER_RATE,),
               help="Share of each fold's val the OOD threshold refers (repeat for several: one row each).")
+@click.option("--target-sensitivity", "target_sensitivities", type=float, multiple=True,
+              default=(TARGET_SENSITIVITY,),
+              help="COVID sensitivity the low-confidence threshold is set for on each fold's val (repeatable).")
 @click.option("--ensemble-of", "members", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="An earlier loso OUT (repeatable): audit, per fold, the ensemble of their fold models "
                    "(cxrscreen ensemble) instead of training.")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
-def loso(config_path, model, data, epochs, crop_segmenter, sources, reuse, ood_refer_rates, members, out_dir):
+def loso(config_path, model, data, epochs, crop_segmenter, sources, reuse, ood_refer_rates, target_sensitivities,
+         members, out_dir):
     """Leave-one-source-out: train without each source, test on it (writes loso.parquet)."""
     from cxrscreen.config import load_config
     from cxrscreen.evaluate.source_shift import leave_one_source_out
@@ -496,9 +500,12 @@ def loso(config_path, model, data, epochs, crop_segmenter, sources, reuse, ood_r
         raise click.UsageError("--reuse and --ensemble-of: give one (an ensemble's folds are combined, never trained)")
     if not all(0 < r < 1 for r in rates):
         raise click.UsageError("--ood-refer-rate: each rate must be between 0 and 1")
+    if not all(0 < t <= 1 for t in target_sensitivities):
+        raise click.UsageError("--target-sensitivity: each target must be in (0, 1]")
     cfg = load_config(TrainConfig, config_path, model=model, data=data, epochs=epochs, lung_crop=crop_segmenter)
     df = leave_one_source_out(cfg, out_dir, list(sources) or None, progress=click.echo, reuse=reuse,
-                              ood_refer_rates=rates, members=list(members) or None)
+                              ood_refer_rates=rates, members=list(members) or None,
+                              target_sensitivities=tuple(target_sensitivities))
     click.echo(str(df))
 
 

@@ -72,7 +72,7 @@ def test_sources_can_be_kept_or_left_out(two_site_manifest):
     assert len(only_a) + len(not_a) == 200
 
 
-def test_leave_one_source_out(two_site_manifest, tmp_path, ray_2cpu):
+def test_leave_one_source_out(two_site_manifest, tmp_path, ray_2cpu, monkeypatch):
     # every viral pneumonia image comes from site_a: the fold without site_a never sees that class
     manifest = pl.read_csv(two_site_manifest)
     manifest = manifest.with_columns(pl.when(pl.col("label") == "viral_pneumonia").then(pl.lit("site_a"))
@@ -104,6 +104,19 @@ def test_leave_one_source_out(two_site_manifest, tmp_path, ray_2cpu):
     for got, want in zip(again, df.to_dicts()):
         for key, value in got.items():
             assert value == pytest.approx(want[key], abs=1e-9, nan_ok=True), key
+    # --reuse audits other thresholds from those outputs, without running the model
+    import cxrscreen.predict as predict
+
+    def no_model(*_, **__):
+        raise AssertionError("the model ran again")
+
+    monkeypatch.setattr(predict, "classify_files", no_model)
+    grid = leave_one_source_out(_cfg(path, tmp_path, epochs=4), tmp_path, sources=["site_a"], progress=lambda *_: None,
+                                reuse=True, ood_refer_rates=(0.05, 0.3), target_sensitivities=(0.5, 0.95))
+    assert grid.select("target_sensitivity", "ood_refer_rate").rows() == [(0.5, 0.05), (0.5, 0.3), (0.95, 0.05), (0.95, 0.3)]
+    assert grid.filter(pl.col("target_sensitivity") == 0.95).drop("target_sensitivity").equals(df.drop("target_sensitivity"))
+    assert (grid["refer_threshold"][:2] <= grid["refer_threshold"][2:]).all()  # a lower target refers less
+    monkeypatch.undo()
     # the same fold audited as an ensemble of earlier loso folds' models (here the one fold, twice)
     ens = leave_one_source_out(_cfg(path, tmp_path / "ens", epochs=4), tmp_path / "ens", sources=["site_a"],
                                progress=lambda *_: None, ood_refer_rates=(0.05,), members=[tmp_path, tmp_path])

@@ -20,11 +20,11 @@ FOLD_OUTPUTS = "audit-outputs.parquet"  # per fold folder: write_fold_outputs
 
 
 def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFrame, learned: list[str],
-               positive: str = "covid", target_sensitivity: float = TARGET_SENSITIVITY,
+               positive: str = "covid", target_sensitivities: tuple[float, ...] = (TARGET_SENSITIVITY,),
                ood_refer_rates: tuple[float, ...] = (OOD_REFER_RATE,),
                outputs_path: str | Path | None = None) -> list[dict]:
     """What a fold model does on the source it never saw, with the referral ``score`` would apply
-    (``audit_outputs``): one row per OOD referral rate, from one pass of the model over the fold's
+    (``audit_outputs``): one row per COVID sensitivity target and OOD referral rate, from one pass of the model over the fold's
     train / val / test splits and the held-out images. With ``outputs_path`` those outputs are
     also written there (``write_fold_outputs``), so that other referral policies can be measured
     on them without running the model again."""
@@ -47,16 +47,17 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
     classes = list(runner.info.classes)
     if outputs_path is not None:
         write_fold_outputs(table, classes, arrays, outputs_path)
-    return audit_outputs(table, classes, arrays, learned, positive, target_sensitivity, ood_refer_rates)
+    return audit_outputs(table, classes, arrays, learned, positive, target_sensitivities, ood_refer_rates)
 
 
 def audit_outputs(table: pl.DataFrame, classes: list[str], arrays: dict[str, np.ndarray], learned: list[str],
-                  positive: str = "covid", target_sensitivity: float = TARGET_SENSITIVITY,
+                  positive: str = "covid", target_sensitivities: tuple[float, ...] = (TARGET_SENSITIVITY,),
                   ood_refer_rates: tuple[float, ...] = (OOD_REFER_RATE,)) -> list[dict]:
     """``fold_audit``'s rows from a fold model's outputs (``table``: ``part``, ``target``; ``arrays``:
     ``logits``, ``embedding``, ``appearance``, row for row), calibrated as ``evaluate`` calibrates
-    (temperature and COVID referral threshold on the fold's val, OOD reference on its train split,
-    OOD threshold at the ``1 - rate`` quantile of val).
+    (temperature and COVID referral threshold on the fold's val, for each COVID sensitivity target,
+    OOD reference on its train split, OOD threshold at the ``1 - rate`` quantile of val): one row
+    per (target, rate).
     Reports: held-out accuracy on the classes the fold learned; the share of held-out non-COVID
     images labelled COVID **without** referral and of held-out COVID images labelled COVID or
     referred; the OOD score's AUROC for in-source test vs held-out images (``ood_score`` and its
@@ -81,10 +82,8 @@ def audit_outputs(table: pl.DataFrame, classes: list[str], arrays: dict[str, np.
     ref.set_scale(va[1]["embedding"], va[1]["appearance"])
     temp = fit_temperature(va[1]["logits"], y_of(va[0]))
     pos = index.get(positive, 0)
-    thr = refer_threshold(softmax(va[1]["logits"], temp), y_of(va[0]), pos, target_sensitivity, classes)
     val_ood = ref.score(va[1]["embedding"], va[1]["appearance"])
-    scores, common = {}, {"target_sensitivity": target_sensitivity, "ood_fusion": ref.fusion,
-                          "refer_threshold": thr}
+    scores, common = {}, {"ood_fusion": ref.fusion}
     for name in ("test", "held_out"):
         out = parts[name][1]
         probs = softmax(out["logits"], temp)
@@ -96,9 +95,11 @@ def audit_outputs(table: pl.DataFrame, classes: list[str], arrays: dict[str, np.
     for method in ("combined", "embedding", "appearance", "max_parts", "knn", "max_softmax"):
         common[f"ood_auroc_{method}"] = binary_auroc(scores["test"][method], scores["held_out"][method])
     rows = []
-    for rate in ood_refer_rates:
+    for sensitivity, rate in [(t, r) for t in target_sensitivities for r in ood_refer_rates]:
+        thr = refer_threshold(softmax(va[1]["logits"], temp), y_of(va[0]), pos, sensitivity, classes)
         ood_thr = float(np.quantile(val_ood, 1 - rate))
-        row: dict = {"ood_refer_rate": rate, "ood_threshold": ood_thr, **common}
+        row: dict = {"target_sensitivity": sensitivity, "refer_threshold": thr, "ood_refer_rate": rate,
+                     "ood_threshold": ood_thr, **common}
         for name in ("test", "held_out"):
             part, probs = parts[name][0], scores[name]["probs"]
             referred = (screening_confidence(probs, classes) < thr) | (scores[name]["combined"] > ood_thr)
@@ -158,11 +159,13 @@ def read_fold_outputs(path: str | Path) -> tuple[pl.DataFrame, list[str], dict[s
 def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[str] | None = None,
                          progress=print, reuse: bool = False,
                          ood_refer_rates: tuple[float, ...] = (OOD_REFER_RATE,),
-                         members: list[str | Path] | None = None) -> pl.DataFrame:
+                         members: list[str | Path] | None = None,
+                         target_sensitivities: tuple[float, ...] = (TARGET_SENSITIVITY,)) -> pl.DataFrame:
     """For each source: train ``cfg`` without it (patient-level train/val of the others), then
     audit the fold model on every image of the held-out source (``fold_audit``; classes the
     fold never saw are left out of accuracy and counted; with ``reuse``, a fold already trained
-    in ``out_dir`` is audited again without training; with ``members``, earlier loso folders,
+    in ``out_dir`` is audited again without training, from its stored outputs (``FOLD_OUTPUTS``)
+    when they are newer than its weights, so other thresholds take seconds; with ``members``, earlier loso folders,
     the fold model is the ensemble of their fold models for that source, ``cfg`` giving the
     splits). Written to ``out_dir/loso.parquet``; ``worst_fold_score`` in the log is the number
     recipes are selected by."""
@@ -193,19 +196,28 @@ def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[st
                 "intensity": cfg.intensity, "balance": cfg.balance,
                 "train_images": len(fold_df.filter(pl.col("split") == "train")),
                 "held_out_unseen_class_images": int((~held["target"].is_in(fold_classes)).sum())}
-        for audit in fold_audit(model_dir, fold_df, held, fold_classes, ood_refer_rates=tuple(ood_refer_rates),
-                                outputs_path=Path(fold_cfg.out) / FOLD_OUTPUTS):
+        stored = Path(fold_cfg.out) / FOLD_OUTPUTS
+        if reuse and done.exists() and stored.exists() and \
+                stored.stat().st_mtime > (Path(fold_cfg.out) / "model.safetensors").stat().st_mtime:
+            table, classes, arrays = read_fold_outputs(stored)
+            audits = audit_outputs(table, classes, arrays, fold_classes, target_sensitivities=tuple(target_sensitivities),
+                                   ood_refer_rates=tuple(ood_refer_rates))
+        else:
+            audits = fold_audit(model_dir, fold_df, held, fold_classes, target_sensitivities=tuple(target_sensitivities),
+                                ood_refer_rates=tuple(ood_refer_rates), outputs_path=stored)
+        for audit in audits:
             row = {**base, **audit}
             row["fold_score"] = fold_score(row)
             rows.append(row)
-            progress(f"  {source} (OOD rate {row['ood_refer_rate']}): held-out accuracy {row['held_out_accuracy']}, "
+            progress(f"  {source} (COVID sensitivity {row['target_sensitivity']}, OOD rate {row['ood_refer_rate']}): held-out accuracy {row['held_out_accuracy']}, "
                      f"non-COVID called COVID unreferred {row['held_out_noncovid_covid_unreferred']}, COVID caught "
                      f"{row['held_out_covid_caught']}, OOD AUROC {row['ood_auroc_combined']:.3f}")
     df = pl.DataFrame(rows, infer_schema_length=None)
     out.mkdir(parents=True, exist_ok=True)
     df.write_parquet(out / "loso.parquet")
-    for (rate,), part in df.group_by(["ood_refer_rate"], maintain_order=True):
-        progress(f"OOD rate {rate}: worst fold score {part['fold_score'].min():.3f}")
+    for (sensitivity, rate), part in df.group_by(["target_sensitivity", "ood_refer_rate"], maintain_order=True):
+        progress(f"COVID sensitivity {sensitivity}, OOD rate {rate}: worst fold score {part['fold_score'].min():.3f}, "
+                 f"in-source test referred {part['in_source_test_referred'].mean():.3f} (mean over folds)")
     return df
 
 
