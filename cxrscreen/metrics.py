@@ -131,6 +131,21 @@ def accuracy_at_coverage(y: np.ndarray, pred: np.ndarray, referred: np.ndarray) 
             "n": int(len(kept))}
 
 
+THREE_CLASSES = ("covid", "normal", "viral_pneumonia")  # the papers' 3-class read-out of a 4-class model
+
+
+def accuracy_at_coverage_3class(y: np.ndarray, probs: np.ndarray, referred: np.ndarray, classes: list[str]) -> dict | None:
+    """``accuracy_at_coverage`` of the 3-class read-out: images of covid / normal / viral pneumonia
+    only, each predicted as the largest of those three probabilities (None without those classes
+    or without another)."""
+    if not set(THREE_CLASSES) <= set(classes) or len(classes) <= 3:
+        return None
+    idx = [classes.index(c) for c in THREE_CLASSES]
+    keep = np.isin(y, idx)
+    pred = np.array(idx)[np.asarray(probs)[:, idx].argmax(1)]
+    return accuracy_at_coverage(np.asarray(y)[keep], pred[keep], np.asarray(referred, bool)[keep])
+
+
 def mask_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
     """Dice, IoU and pixel accuracy of boolean masks (B, H, W): ``raw`` and ``cleaned`` (two
     largest regions kept, filled: what ``score`` stores)."""

@@ -59,3 +59,18 @@ def test_reliability_bins_count_every_image_and_text_stays_readable():
     assert acc[9] == 0.5 and acc[5] == 1.0 and np.isnan(acc[0])
     assert reliability(y, probs).startswith(b"\x89PNG")
     assert text_colour(90, 100) == "white" and text_colour(10, 100) == "black" and text_colour(0, 0) == "black"
+
+
+def test_accuracy_at_coverage_3class_reads_covid_normal_viral_only():
+    from cxrscreen.metrics import accuracy_at_coverage_3class
+
+    classes = ["bacterial_pneumonia", "covid", "normal", "viral_pneumonia"]
+    probs = np.array([[0.1, 0.6, 0.2, 0.1],   # covid, right
+                      [0.7, 0.1, 0.05, 0.15],  # viral: bacterial is highest, but of the three viral is: right
+                      [0.1, 0.5, 0.4, 0.0],   # normal called covid: wrong
+                      [0.1, 0.1, 0.8, 0.0],   # normal, right but referred
+                      [0.9, 0.0, 0.1, 0.0]])  # bacterial: not in the read-out
+    y = np.array([1, 3, 2, 2, 0])
+    got = accuracy_at_coverage_3class(y, probs, np.array([False, False, False, True, False]), classes)
+    assert got == {"coverage": 0.75, "accuracy": 2 / 3, "n": 4}
+    assert accuracy_at_coverage_3class(y[:3], probs[:3, 1:], np.zeros(3, bool), classes[1:]) is None  # 3 classes only

@@ -104,6 +104,14 @@ def test_leave_one_source_out(two_site_manifest, tmp_path, ray_2cpu, monkeypatch
     for got, want in zip(again, df.to_dicts()):
         for key, value in got.items():
             assert value == pytest.approx(want[key], abs=1e-9, nan_ok=True), key
+    # another OOD score under the same referral (benchmarks/ood_variants.py): the audit scores with it
+    from cxrscreen.metrics import binary_auroc
+
+    first_pixel = audit_outputs(table, classes, arrays, learned, ood_score=lambda train, val: lambda a: a["appearance"][:, 0])[0]
+    part = table["part"].to_numpy()
+    assert first_pixel["ood_fusion"] == "custom" and first_pixel["ood_auroc_combined"] == pytest.approx(
+        binary_auroc(arrays["appearance"][part == "test", 0], arrays["appearance"][part == "held_out", 0]))
+    assert first_pixel["ood_auroc_appearance"] == again[0]["ood_auroc_appearance"]  # the shipped parts still reported
     # --reuse audits other thresholds from those outputs, without running the model
     import cxrscreen.predict as predict
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from cxrscreen.metrics import (accuracy_at_coverage, classification_metrics, fit_temperature, mask_metrics,
-                               refer_threshold, softmax)
+from cxrscreen.metrics import (accuracy_at_coverage, accuracy_at_coverage_3class, classification_metrics,
+                               fit_temperature, mask_metrics, refer_threshold, softmax)
 from cxrscreen.referral import OOD_REFER_RATE, TARGET_SENSITIVITY, screening_confidence
 from cxrscreen.models.checkpoint import update_info
 from cxrscreen.train.config import checkpoint_config
@@ -113,12 +113,8 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, split: str = 
     caught = (probs.argmax(1) == pos) | referred
     result["sensitivity_with_referral"] = float(caught[y == pos].mean()) if (y == pos).any() else None
     result["derived"] = derived_tasks(y, probs, classes)
-    three = result["derived"].get("3class")
-    if three is not None:
-        keep3 = np.isin(y, [classes.index(c) for c in ("covid", "normal", "viral_pneumonia")])
-        idx = [classes.index(c) for c in ("covid", "normal", "viral_pneumonia")]
-        pred3 = np.array(idx)[probs[:, idx].argmax(1)]
-        result["at_coverage_3class"] = accuracy_at_coverage(y[keep3], pred3[keep3], referred[keep3])
+    if result["derived"].get("3class") is not None:
+        result["at_coverage_3class"] = accuracy_at_coverage_3class(y, probs, referred, classes)
     sources = test["source"].to_numpy()[ok] if "source" in test.columns else np.full(len(y), None)
     for s in sorted({str(x) for x in sources if x is not None}):
         m = sources == s

@@ -52,7 +52,7 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
 
 def audit_outputs(table: pl.DataFrame, classes: list[str], arrays: dict[str, np.ndarray], learned: list[str],
                   positive: str = "covid", target_sensitivities: tuple[float, ...] = (TARGET_SENSITIVITY,),
-                  ood_refer_rates: tuple[float, ...] = (OOD_REFER_RATE,)) -> list[dict]:
+                  ood_refer_rates: tuple[float, ...] = (OOD_REFER_RATE,), ood_score=None) -> list[dict]:
     """``fold_audit``'s rows from a fold model's outputs (``table``: ``part``, ``target``; ``arrays``:
     ``logits``, ``embedding``, ``appearance``, row for row), calibrated as ``evaluate`` calibrates
     (temperature and COVID referral threshold on the fold's val, for each COVID sensitivity target,
@@ -64,31 +64,38 @@ def audit_outputs(table: pl.DataFrame, classes: list[str], arrays: dict[str, np.
     embedding and appearance parts, their maximum (the fusion used before the geometric mean),
     k-NN on the embedding and, as the baseline,
     1 - max softmax probability); and the in-source test split's referral rate and accuracy at
-    coverage."""
-    from cxrscreen.metrics import accuracy_at_coverage, binary_auroc, fit_temperature, refer_threshold, softmax
+    coverage. ``ood_score``, to measure another OOD score with the same referral: a function
+    ``(train, val) -> scorer``, each a dict of the arrays plus ``y`` (class index, -1 for classes
+    the fold never learned) and ``source``, ``scorer(arrays) -> (N,) scores``; default the shipped
+    ``OODReference`` (fitted on train, scaled on val)."""
+    from cxrscreen.metrics import (accuracy_at_coverage, accuracy_at_coverage_3class, binary_auroc, fit_temperature,
+                                   refer_threshold, softmax)
     from cxrscreen.models.ood import OODReference, knn_score
 
     index = {c: i for i, c in enumerate(classes)}
     parts = {}
     for name in ("train", "val", "test", "held_out"):
         rows = (table["part"] == name).to_numpy()
-        parts[name] = (table.filter(pl.Series(rows)), {k: v[rows] for k, v in arrays.items()})
+        part = table.filter(pl.Series(rows))
+        y = np.array([index[t] if t in learned else -1 for t in part["target"]], dtype=np.int64)  # -1: not learned
+        parts[name] = (part, {**{k: v[rows] for k, v in arrays.items()}, "y": y, "source": part["source"].to_numpy()})
 
-    def y_of(part):  # -1: a class the fold never learned
-        return np.array([index[t] if t in learned else -1 for t in part["target"]], dtype=np.int64)
+    def y_of(part):
+        return parts[part][1]["y"]
 
     tr, va = parts["train"], parts["val"]
-    ref = OODReference.fit(tr[1]["embedding"], y_of(tr[0]), tr[1]["appearance"])
+    ref = OODReference.fit(tr[1]["embedding"], y_of("train"), tr[1]["appearance"])
     ref.set_scale(va[1]["embedding"], va[1]["appearance"])
-    temp = fit_temperature(va[1]["logits"], y_of(va[0]))
+    scorer = (lambda a: ref.score(a["embedding"], a["appearance"])) if ood_score is None else ood_score(tr[1], va[1])
+    temp = fit_temperature(va[1]["logits"], y_of("val"))
     pos = index.get(positive, 0)
-    val_ood = ref.score(va[1]["embedding"], va[1]["appearance"])
-    scores, common = {}, {"ood_fusion": ref.fusion}
+    val_ood = scorer(va[1])
+    scores, common = {}, {"ood_fusion": ref.fusion if ood_score is None else "custom"}
     for name in ("test", "held_out"):
         out = parts[name][1]
         probs = softmax(out["logits"], temp)
         dist = ref.parts(out["embedding"], out["appearance"])
-        scores[name] = {"combined": ref.score(out["embedding"], out["appearance"]), "embedding": dist[:, 0],
+        scores[name] = {"combined": scorer(out), "embedding": dist[:, 0],
                         "appearance": dist[:, 1], "max_parts": np.nanmax(dist / ref.scale, 1),
                         "knn": knn_score(tr[1]["embedding"], out["embedding"]), "max_softmax": 1 - probs.max(1),
                         "probs": probs}
@@ -96,14 +103,14 @@ def audit_outputs(table: pl.DataFrame, classes: list[str], arrays: dict[str, np.
         common[f"ood_auroc_{method}"] = binary_auroc(scores["test"][method], scores["held_out"][method])
     rows = []
     for sensitivity, rate in [(t, r) for t in target_sensitivities for r in ood_refer_rates]:
-        thr = refer_threshold(softmax(va[1]["logits"], temp), y_of(va[0]), pos, sensitivity, classes)
+        thr = refer_threshold(softmax(va[1]["logits"], temp), y_of("val"), pos, sensitivity, classes)
         ood_thr = float(np.quantile(val_ood, 1 - rate))
         row: dict = {"target_sensitivity": sensitivity, "refer_threshold": thr, "ood_refer_rate": rate,
                      "ood_threshold": ood_thr, **common}
         for name in ("test", "held_out"):
             part, probs = parts[name][0], scores[name]["probs"]
             referred = (screening_confidence(probs, classes) < thr) | (scores[name]["combined"] > ood_thr)
-            y, pred = y_of(part), probs.argmax(1)
+            y, pred = y_of(name), probs.argmax(1)
             seen = y >= 0
             tag = "in_source_test" if name == "test" else "held_out"
             row[f"{tag}_n"] = int(seen.sum())
@@ -111,6 +118,8 @@ def audit_outputs(table: pl.DataFrame, classes: list[str], arrays: dict[str, np.
             row[f"{tag}_referred"] = float(referred.mean()) if len(referred) else None
             cov = accuracy_at_coverage(y[seen], pred[seen], referred[seen])
             row[f"{tag}_coverage"], row[f"{tag}_accuracy_at_coverage"] = cov["coverage"], cov["accuracy"]
+            three = accuracy_at_coverage_3class(y, probs, referred, classes)
+            row[f"{tag}_accuracy_3class_at_coverage"] = three["accuracy"] if three and three["n"] else None
             is_pos = np.array([t == positive for t in part["target"]])
             called = pred == pos
             row[f"{tag}_noncovid_n"] = int((~is_pos).sum())
