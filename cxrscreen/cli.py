@@ -495,7 +495,7 @@ def loso(config_path, model, data, epochs, crop_segmenter, sources, reuse, ood_r
     from cxrscreen.evaluate.source_shift import leave_one_source_out
     from cxrscreen.train import TrainConfig
 
-    rates = tuple(ood_refer_rates)
+    rates = tuple(dict.fromkeys(ood_refer_rates))  # each once, in the order given
     if reuse and members:
         raise click.UsageError("--reuse and --ensemble-of: give one (an ensemble's folds are combined, never trained)")
     if not all(0 < r < 1 for r in rates):
@@ -505,7 +505,7 @@ def loso(config_path, model, data, epochs, crop_segmenter, sources, reuse, ood_r
     cfg = load_config(TrainConfig, config_path, model=model, data=data, epochs=epochs, lung_crop=crop_segmenter)
     df = leave_one_source_out(cfg, out_dir, list(sources) or None, progress=click.echo, reuse=reuse,
                               ood_refer_rates=rates, members=list(members) or None,
-                              target_sensitivities=tuple(target_sensitivities))
+                              target_sensitivities=tuple(dict.fromkeys(target_sensitivities)))
     click.echo(str(df))
 
 

@@ -121,6 +121,13 @@ def test_pgm_8_and_16_bit_and_cut_pgm():
     with pytest.raises(ImageError) as e:
         decode_image(commented[:-10])
     assert e.value.kind == "truncated"
+    crlf = b"P5\r\n%d %d\r\n255\n" % u8.shape[::-1] + u8.tobytes()  # one whitespace byte after maxval
+    assert (decode_image(crlf).data == u8).all()
+    plain = decode_image(b"P2\n# plain text\n3 2\n255\n0 10 20\n30 40 255\n")  # plain PGM: Pillow's path
+    assert plain.format == "pgm" and plain.data.tolist() == [[0, 10, 20], [30, 40, 255]]
+    with pytest.raises(ImageError) as e:  # a header number Python cannot parse is a broken file, not a crash
+        decode_image(b"P5\n" + b"9" * 5000 + b" 2\n255\n" + bytes(8))
+    assert e.value.kind in ("decode_failed", "truncated")
     twelve = (PHANTOM * 4095).astype(np.uint16)  # a 16-bit PGM whose maxval (white) is 4095
     d16 = decode_image(b"P5\n%d %d\n4095\n" % twelve.shape[::-1] + twelve.astype(">u2").tobytes())
     assert d16.meta["bits"] == 16 and np.abs(d16.pixels - twelve / 4095).max() < 1e-4

@@ -124,12 +124,21 @@ def test_leave_one_source_out(two_site_manifest, tmp_path, ray_2cpu, monkeypatch
     assert grid.select("target_sensitivity", "ood_refer_rate").rows() == [(0.5, 0.05), (0.5, 0.3), (0.95, 0.05), (0.95, 0.3)]
     assert grid.filter(pl.col("target_sensitivity") == 0.95).drop("target_sensitivity").equals(df.drop("target_sensitivity"))
     assert (grid["refer_threshold"][:2] <= grid["refer_threshold"][2:]).all()  # a lower target refers less
+    # other images (one held-out image fewer) than the outputs were made from: the model runs again
+    fewer = manifest.filter(pl.col("path") != site_a["path"][0])
+    fewer.write_csv(path.parent / "fewer.csv")
+    with pytest.raises(AssertionError, match="ran again"):
+        leave_one_source_out(_cfg(path.parent / "fewer.csv", tmp_path, epochs=4), tmp_path, sources=["site_a"],
+                             progress=lambda *_: None, reuse=True)
     monkeypatch.undo()
     # the same fold audited as an ensemble of earlier loso folds' models (here the one fold, twice)
     ens = leave_one_source_out(_cfg(path, tmp_path / "ens", epochs=4), tmp_path / "ens", sources=["site_a"],
                                progress=lambda *_: None, ood_refer_rates=(0.05,), members=[tmp_path, tmp_path])
     e = ens.row(0, named=True)
     assert e["model"] == "ensemble" and read_info(tmp_path / "ens" / "without-site_a").name == "ensemble"
+    redo = leave_one_source_out(_cfg(path, tmp_path / "ens", epochs=4), tmp_path / "ens", sources=["site_a"],
+                                progress=lambda *_: None, ood_refer_rates=(0.05,), reuse=True)  # from its stored outputs
+    assert redo["model"][0] == "ensemble" and redo["held_out_accuracy"][0] == e["held_out_accuracy"]
     assert e["held_out_accuracy"] == row["held_out_accuracy"]  # identical members: the same predictions
     assert e["held_out_n"] == row["held_out_n"] and 0 <= e["ood_auroc_combined"] <= 1
     with pytest.raises(ValueError, match="split_seed"):  # members must share the audit's splits

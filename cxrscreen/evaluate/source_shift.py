@@ -8,6 +8,8 @@ patient-level test split and badly on a source it has never seen; this measures 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +24,12 @@ FOLD_OUTPUTS = "audit-outputs.parquet"  # per fold folder: write_fold_outputs
 def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFrame, learned: list[str],
                positive: str = "covid", target_sensitivities: tuple[float, ...] = (TARGET_SENSITIVITY,),
                ood_refer_rates: tuple[float, ...] = (OOD_REFER_RATE,),
-               outputs_path: str | Path | None = None) -> list[dict]:
+               outputs_path: str | Path | None = None, digest: str = "") -> list[dict]:
     """What a fold model does on the source it never saw, with the referral ``score`` would apply
     (``audit_outputs``): one row per COVID sensitivity target and OOD referral rate, from one pass of the model over the fold's
     train / val / test splits and the held-out images. With ``outputs_path`` those outputs are
-    also written there (``write_fold_outputs``), so that other referral policies can be measured
-    on them without running the model again."""
+    also written there (``write_fold_outputs``, with ``digest``: ``fold_digest``), so that other
+    referral policies can be measured on them without running the model again."""
     from cxrscreen.predict import ModelRunner, classify_files
 
     runner = ModelRunner(str(model_dir), "classify")
@@ -46,7 +48,7 @@ def fold_audit(model_dir: str | Path, fold_df: pl.DataFrame, held_out: pl.DataFr
     table, arrays = pl.concat(frames), {k: np.concatenate(v) for k, v in arrays.items()}
     classes = list(runner.info.classes)
     if outputs_path is not None:
-        write_fold_outputs(table, classes, arrays, outputs_path)
+        write_fold_outputs(table, classes, arrays, outputs_path, digest)
     return audit_outputs(table, classes, arrays, learned, positive, target_sensitivities, ood_refer_rates)
 
 
@@ -64,10 +66,12 @@ def audit_outputs(table: pl.DataFrame, classes: list[str], arrays: dict[str, np.
     embedding and appearance parts, their maximum (the fusion used before the geometric mean),
     k-NN on the embedding and, as the baseline,
     1 - max softmax probability); and the in-source test split's referral rate and accuracy at
-    coverage. ``ood_score``, to measure another OOD score with the same referral: a function
-    ``(train, val) -> scorer``, each a dict of the arrays plus ``y`` (class index, -1 for classes
-    the fold never learned) and ``source``, ``scorer(arrays) -> (N,) scores``; default the shipped
-    ``OODReference`` (fitted on train, scaled on val)."""
+    coverage (also of the 3-class read-out). ``ood_score``, to measure another OOD score with the
+    same referral: a function ``(train, val) -> scorer``, each a dict of the arrays plus ``y``
+    (class index, -1 for classes the fold never learned) and ``source``, ``scorer(arrays) -> (N,)
+    scores``; default the shipped ``OODReference`` (fitted on train, scaled on val). It replaces
+    the score referral uses and ``ood_auroc_combined``; the other AUROC columns stay the shipped
+    score's parts."""
     from cxrscreen.metrics import (accuracy_at_coverage, accuracy_at_coverage_3class, binary_auroc, fit_temperature,
                                    refer_threshold, softmax)
     from cxrscreen.models.ood import OODReference, knn_score
@@ -136,10 +140,11 @@ def audit_outputs(table: pl.DataFrame, classes: list[str], arrays: dict[str, np.
 
 
 def write_fold_outputs(table: pl.DataFrame, classes: list[str], arrays: dict[str, np.ndarray],
-                       path: str | Path) -> Path:
+                       path: str | Path, digest: str = "") -> Path:
     """``audit_outputs``' input as one Parquet row per audited image: ``part`` (train / val / test /
-    held_out), ``target``, ``source`` and the arrays as fixed-size float columns; the classes in
-    the file's metadata. No file names: nothing in it could name a patient."""
+    held_out), ``target``, ``source`` and the arrays as fixed-size float columns (``appearance``
+    is pixel data: each image's 24 x 24 thumbnail, standardised); the classes (JSON) and
+    ``digest`` (``fold_digest``) in the file's metadata. No file names or other identifiers."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -149,7 +154,7 @@ def write_fold_outputs(table: pl.DataFrame, classes: list[str], arrays: dict[str
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    pq.write_table(pa.table(columns).replace_schema_metadata({"classes": ",".join(classes)}), tmp)
+    pq.write_table(pa.table(columns).replace_schema_metadata({"classes": json.dumps(classes), "digest": digest}), tmp)
     tmp.replace(path)
     return path
 
@@ -159,10 +164,30 @@ def read_fold_outputs(path: str | Path) -> tuple[pl.DataFrame, list[str], dict[s
     import pyarrow.parquet as pq
 
     t = pq.read_table(path)
-    classes = t.schema.metadata[b"classes"].decode().split(",")
+    classes = json.loads(t.schema.metadata[b"classes"])
     arrays = {k: t[k].combine_chunks().flatten().to_numpy().reshape(len(t), -1)
               for k in ("logits", "embedding", "appearance")}
     return pl.from_arrow(t.select(["part", "target", "source"])), classes, arrays
+
+
+def stored_digest(path: str | Path) -> str | None:
+    """The ``digest`` a ``write_fold_outputs`` file was written with (None: unreadable)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return (pq.read_schema(path).metadata or {}).get(b"digest", b"").decode() or None
+    except (OSError, ValueError):
+        return None
+
+
+def fold_digest(fold_df: pl.DataFrame, held_out: pl.DataFrame, model_dir: str | Path) -> str:
+    """SHA-256 of what a fold's audit outputs depend on: every image with its split and label
+    (the fold's train / val / test and the held-out source) and the fold model's weights."""
+    h = hashlib.sha256()
+    for part in (fold_df.select("split", "file", "target"), held_out.select("file", "target")):
+        h.update(part.write_csv().encode())
+    h.update((Path(model_dir) / "model.safetensors").read_bytes())
+    return h.hexdigest()
 
 
 def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[str] | None = None,
@@ -174,10 +199,12 @@ def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[st
     audit the fold model on every image of the held-out source (``fold_audit``; classes the
     fold never saw are left out of accuracy and counted; with ``reuse``, a fold already trained
     in ``out_dir`` is audited again without training, from its stored outputs (``FOLD_OUTPUTS``)
-    when they are newer than its weights, so other thresholds take seconds; with ``members``, earlier loso folders,
+    when they were made from the same images, splits and weights (``fold_digest``), so other
+    thresholds take seconds; with ``members``, earlier loso folders,
     the fold model is the ensemble of their fold models for that source, ``cfg`` giving the
     splits). Written to ``out_dir/loso.parquet``; ``worst_fold_score`` in the log is the number
     recipes are selected by."""
+    from cxrscreen.models.checkpoint import read_info
     from cxrscreen.models.ensemble import combine_checkpoints
     from cxrscreen.train.data import labeled_splits
     from cxrscreen.train.trainer import train
@@ -201,19 +228,22 @@ def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[st
         else:
             model_dir = Path(fold_cfg.out) if reuse and done.exists() else train(fold_cfg, progress=progress)
         held = everything.filter(pl.col("source") == source)
-        base = {"held_out": source, "model": "ensemble" if members else cfg.model, "lung_crop": cfg.lung_crop or "",
+        is_ensemble = bool(members) or read_info(model_dir).name == "ensemble"
+        base = {"held_out": source, "model": "ensemble" if is_ensemble else cfg.model, "lung_crop": cfg.lung_crop or "",
                 "intensity": cfg.intensity, "balance": cfg.balance,
                 "train_images": len(fold_df.filter(pl.col("split") == "train")),
                 "held_out_unseen_class_images": int((~held["target"].is_in(fold_classes)).sum())}
-        stored = Path(fold_cfg.out) / FOLD_OUTPUTS
-        if reuse and done.exists() and stored.exists() and \
-                stored.stat().st_mtime > (Path(fold_cfg.out) / "model.safetensors").stat().st_mtime:
+        stored, digest = Path(fold_cfg.out) / FOLD_OUTPUTS, fold_digest(fold_df, held, model_dir)
+        if reuse and stored.exists() and stored_digest(stored) == digest:
             table, classes, arrays = read_fold_outputs(stored)
             audits = audit_outputs(table, classes, arrays, fold_classes, target_sensitivities=tuple(target_sensitivities),
                                    ood_refer_rates=tuple(ood_refer_rates))
+        elif reuse and is_ensemble:
+            raise ValueError(f"{model_dir}: an ensemble's fold whose stored outputs are missing or were made with other "
+                             "data or weights: audit it with --ensemble-of (which checks its members' splits)")
         else:
             audits = fold_audit(model_dir, fold_df, held, fold_classes, target_sensitivities=tuple(target_sensitivities),
-                                ood_refer_rates=tuple(ood_refer_rates), outputs_path=stored)
+                                ood_refer_rates=tuple(ood_refer_rates), outputs_path=stored, digest=digest)
         for audit in audits:
             row = {**base, **audit}
             row["fold_score"] = fold_score(row)
@@ -225,8 +255,8 @@ def leave_one_source_out(cfg: TrainConfig, out_dir: str | Path, sources: list[st
     out.mkdir(parents=True, exist_ok=True)
     df.write_parquet(out / "loso.parquet")
     for (sensitivity, rate), part in df.group_by(["target_sensitivity", "ood_refer_rate"], maintain_order=True):
-        progress(f"COVID sensitivity {sensitivity}, OOD rate {rate}: worst fold score {part['fold_score'].min():.3f}, "
-                 f"in-source test referred {part['in_source_test_referred'].mean():.3f} (mean over folds)")
+        progress(f"COVID sensitivity {sensitivity}, OOD rate {rate}: worst fold score {part['fold_score'].min()}, "
+                 f"in-source test referred {part['in_source_test_referred'].mean()} (mean over folds)")
     return df
 
 

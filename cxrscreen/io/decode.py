@@ -140,9 +140,10 @@ def is_dicom(data: bytes) -> bool:
 
 
 RASTER_MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg", b"II*\x00": "tiff", b"MM\x00*": "tiff",
-                b"BM": "bmp", **{b"P5" + space: "pgm" for space in (b"\n", b" ", b"\t", b"\r")}}
+                b"BM": "bmp", **{magic + space: "pgm" for magic in (b"P5", b"P2") for space in (b"\n", b" ", b"\t", b"\r")}}
 _PGM_SEP = rb"(?:\s|#[^\r\n]*[\r\n])+"  # whitespace and '#' comments, as Netpbm headers allow
-_PGM_HEADER = re.compile(rb"P5" + _PGM_SEP + rb"(\d+)" + _PGM_SEP + rb"(\d+)" + _PGM_SEP + rb"(\d+)\s")  # binary greyscale
+_PGM_NUMBER = rb"(\d{1,10})"  # no 4,300-digit integers (Python refuses to parse them)
+_PGM_HEADER = re.compile(rb"P5" + _PGM_SEP + _PGM_NUMBER + _PGM_SEP + _PGM_NUMBER + _PGM_SEP + _PGM_NUMBER + rb"\s")  # binary
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -242,10 +243,11 @@ def _plain_8bit(data: bytes, sniffed: str, max_pixels: int) -> np.ndarray | None
 
 
 def _decode_raster(data: bytes, sniffed: str, options: DecodeOptions) -> Decoded:
-    """PNG / JPEG / TIFF / BMP / PGM (``sniffed`` by ``sniff_format``; PGM, binary Netpbm
-    greyscale, is what ``cxrscreen ingest --pixels pgm`` stores: raw pixels behind a short header). ``truncated`` only when the file
-    ends early (no PNG IEND, no JPEG end marker); a complete file that fails to decode is
-    corrupt (``decode_failed``)."""
+    """PNG / JPEG / TIFF / BMP / PGM (``sniffed`` by ``sniff_format``; PGM, Netpbm greyscale, binary
+    (what ``cxrscreen ingest --pixels pgm`` stores: raw pixels behind a short header) or plain
+    text). ``truncated`` only when the file ends early (no PNG IEND, no JPEG end marker, fewer
+    binary PGM pixels than its header says); a complete file that fails to decode is corrupt
+    (``decode_failed``)."""
     cut = _ends_early(data, sniffed)
     plain = None if cut else _plain_8bit(data, sniffed, options.max_pixels)
     if plain is not None:
