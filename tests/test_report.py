@@ -208,13 +208,14 @@ def test_model_card_includes_comparison_and_loso(trained, two_site_manifest, tmp
     pl.DataFrame({"held_out": ["site_a", "site_b"], "held_out_noncovid_covid_unreferred": [0.1, 0.4],
                   "held_out_covid_caught": [0.9, None], "fold_score": [0.9, 0.6],
                   "in_source_test_referred": [0.1, 0.2],
-                  "in_source_test_accuracy_at_coverage": [0.95, 0.97]}).write_parquet(study)
+                  "in_source_test_accuracy_at_coverage": [0.95, 0.97],
+                  "in_source_test_accuracy_3class_at_coverage": [0.98, None]}).write_parquet(study)
     card = render_model_card(full, comparison=tmp_path / "comparison.parquet", loso=[loso], study=[study])
     assert "## Models compared" in card and "| full | cxrnet |" in card and "| crop | cxrnet | unet-lungs |" in card
     assert "## Source shift" in card and "| site_a | 0.625 |" in card
     # the card leads with what carries over: held-out sources, referral, before in-source test metrics
     assert card.index("## Trust first") < card.index("### Test split")
-    assert "| style | 0.600 | 15.0% | 96.0% |" in card and "| style | site_b |" in card
+    assert "| style | 0.600 | 15.0% | 96.0% | 98.0% |" in card and "| style | site_b |" in card
     assert "accuracy of the rest" in card and "Not a medical device" in card
 
 

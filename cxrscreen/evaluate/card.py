@@ -117,12 +117,16 @@ def _trust_section(card: dict, study: list | None) -> list[str]:
                 "ood_auroc_appearance": "... appearance part",
                 "ood_auroc_max_parts": "... max of the parts", "ood_auroc_knn": "OOD AUROC (k-NN)",
                 "ood_auroc_max_softmax": "OOD AUROC (1 - max p)", "in_source_test_referred": "in-source test referred",
-                "in_source_test_accuracy_at_coverage": "in-source accuracy of the rest", "fold_score": "fold score"}
+                "in_source_test_accuracy_at_coverage": "in-source accuracy of the rest",
+                "in_source_test_accuracy_3class_at_coverage": "... 3-class read-out", "fold_score": "fold score"}
         table = df.select([pl.col(c).alias(t) for c, t in cols.items() if c in df.columns])
         keys = [k for k in ("recipe", "ood_fusion", "target_sensitivity", "ood_refer_rate") if k in df.columns]
+        if "in_source_test_accuracy_3class_at_coverage" not in df.columns:  # audited before the column existed
+            df = df.with_columns(pl.lit(None, pl.Float64).alias("in_source_test_accuracy_3class_at_coverage"))
         worst = df.group_by(keys, maintain_order=True).agg(
-            pl.col("fold_score").min().alias("worst"), pl.col("in_source_test_accuracy_at_coverage").mean().alias("acc"),
-            pl.col("in_source_test_referred").mean().alias("ref"))
+            pl.col("fold_score").min().alias("worst"), pl.col("in_source_test_referred").mean().alias("ref"),
+            pl.col("in_source_test_accuracy_at_coverage").mean().alias("acc"),
+            pl.col("in_source_test_accuracy_3class_at_coverage").mean().alias("acc3"))
         lines += ["### Leave-one-source-out folds of every candidate recipe (`cxrscreen loso`)", "",
                   "Each fold is trained without one source and calibrated as `evaluate` calibrates (temperature and "
                   "COVID referral threshold on the fold's val, OOD reference on its train split, OOD threshold "
@@ -130,9 +134,9 @@ def _trust_section(card: dict, study: list | None) -> list[str]:
                   "`score` applies. *fold score* = mean of (1 - non-COVID called COVID and not referred) and (COVID "
                   "called or referred), over what the source has; recipes are ranked by their **worst** fold.", "",
                   *markdown_table(table), "", "| " + " | ".join(cols[k] for k in keys) + " | worst fold score | mean in-source "
-                  "referred | mean in-source accuracy of the rest |", "|---" * (len(keys) + 3) + "|",
-                  *["| " + " | ".join(str(v) for v in r[:-3]) + f" | {r[-3]:.3f} | {_pct(r[-1])} | {_pct(r[-2])} |"
-                    for r in worst.iter_rows()], ""]
+                  "referred | mean in-source accuracy of the rest | ... 3-class read-out |", "|---" * (len(keys) + 4) + "|",
+                  *["| " + " | ".join(str(v) for v in r[:-4]) + f" | {r[-4]:.3f} | {_pct(r[-3])} | {_pct(r[-2])} | "
+                    f"{_pct(r[-1])} |" for r in worst.iter_rows()], ""]
     probe, cov = ev.get("source_probe"), ev.get("at_coverage")
     if cov:
         lines.append(f"- **Referral on the test split** (in-source): {_pct(ev.get('referred_fraction'))} referred "
