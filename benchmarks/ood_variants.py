@@ -19,10 +19,11 @@ import numpy as np
 import polars as pl
 
 from cxrscreen.evaluate.source_shift import FOLD_OUTPUTS, audit_outputs, fold_score, read_fold_outputs
-from cxrscreen.models.ood import APPEARANCE_DIMS, _gaussians
+from cxrscreen.models.ood import APPEARANCE_DIMS, _distance, _gaussians
 
 
 def _sq_distances(x, means, precision):
+    """(N, C) squared Mahalanobis distances to every mean / dimension (``_distance`` keeps only the nearest, rooted)."""
     d = np.asarray(x, np.float32)[:, None, :] - means[None]
     return ((d @ precision) * d).sum(-1) / means.shape[1]  # (N, C) squared distances / dimension
 
@@ -32,7 +33,7 @@ def _part(train_x, train_y, shrinkage, relative):
     distance minus that to one Gaussian of all training rows."""
     means, precision = _gaussians(train_x, train_y, shrinkage)
     if not relative:
-        return lambda x: np.sqrt(np.maximum(_sq_distances(x, means, precision).min(1), 0))
+        return lambda x: _distance(x, means, precision)
     m0, p0 = _gaussians(train_x, np.zeros(len(train_x), int), shrinkage)
     return lambda x: _sq_distances(x, means, precision).min(1) - _sq_distances(x, m0, p0)[:, 0]
 

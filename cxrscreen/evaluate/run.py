@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from cxrscreen.metrics import (accuracy_at_coverage, accuracy_at_coverage_3class, classification_metrics,
-                               fit_temperature, mask_metrics, refer_threshold, softmax)
+from cxrscreen.metrics import (THREE_CLASSES, accuracy_at_coverage, accuracy_at_coverage_3class,
+                               classification_metrics, fit_temperature, mask_metrics, refer_threshold, softmax)
 from cxrscreen.referral import OOD_REFER_RATE, TARGET_SENSITIVITY, screening_confidence
 from cxrscreen.models.checkpoint import update_info
 from cxrscreen.train.config import checkpoint_config
@@ -162,7 +162,7 @@ def derived_tasks(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
     """3-class (covid/normal/viral, other images left out, probabilities renormalised) and
     binary (covid vs rest) metrics read off a 4-class model's outputs."""
     out = {}
-    three = [c for c in ("covid", "normal", "viral_pneumonia") if c in classes]
+    three = [c for c in THREE_CLASSES if c in classes]
     if len(three) == 3 and len(classes) > 3:
         idx = [classes.index(c) for c in three]
         keep = np.isin(y, idx)

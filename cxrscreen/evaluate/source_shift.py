@@ -94,6 +94,8 @@ def audit_outputs(table: pl.DataFrame, classes: list[str], arrays: dict[str, np.
     temp = fit_temperature(va[1]["logits"], y_of("val"))
     pos = index.get(positive, 0)
     val_ood = scorer(va[1])
+    val_probs = softmax(va[1]["logits"], temp)
+    refer_below = {t: refer_threshold(val_probs, y_of("val"), pos, t, classes) for t in target_sensitivities}
     scores, common = {}, {"ood_fusion": ref.fusion if ood_score is None else "custom"}
     for name in ("test", "held_out"):
         out = parts[name][1]
@@ -102,18 +104,18 @@ def audit_outputs(table: pl.DataFrame, classes: list[str], arrays: dict[str, np.
         scores[name] = {"combined": scorer(out), "embedding": dist[:, 0],
                         "appearance": dist[:, 1], "max_parts": np.nanmax(dist / ref.scale, 1),
                         "knn": knn_score(tr[1]["embedding"], out["embedding"]), "max_softmax": 1 - probs.max(1),
-                        "probs": probs}
+                        "probs": probs, "confidence": screening_confidence(probs, classes)}
     for method in ("combined", "embedding", "appearance", "max_parts", "knn", "max_softmax"):
         common[f"ood_auroc_{method}"] = binary_auroc(scores["test"][method], scores["held_out"][method])
     rows = []
     for sensitivity, rate in [(t, r) for t in target_sensitivities for r in ood_refer_rates]:
-        thr = refer_threshold(softmax(va[1]["logits"], temp), y_of("val"), pos, sensitivity, classes)
+        thr = refer_below[sensitivity]
         ood_thr = float(np.quantile(val_ood, 1 - rate))
         row: dict = {"target_sensitivity": sensitivity, "refer_threshold": thr, "ood_refer_rate": rate,
                      "ood_threshold": ood_thr, **common}
         for name in ("test", "held_out"):
             part, probs = parts[name][0], scores[name]["probs"]
-            referred = (screening_confidence(probs, classes) < thr) | (scores[name]["combined"] > ood_thr)
+            referred = (scores[name]["confidence"] < thr) | (scores[name]["combined"] > ood_thr)
             y, pred = y_of(name), probs.argmax(1)
             seen = y >= 0
             tag = "in_source_test" if name == "test" else "held_out"
