@@ -6,13 +6,19 @@ Variants: the shipped score (class-conditional Mahalanobis on the embedding and 
 components, each scaled by its val median, geometric mean); per (class, source) Gaussians;
 relative Mahalanobis (Ren et al. 2021: minus the distance to one Gaussian of all training
 images) on the embedding or on both parts, combined as a sum of robust z-scores; 8 / 32
-appearance components; shrinkage 0.3; unequal weights of the parts; either part alone.
-Usage: python benchmarks/ood_variants.py runs/shortcut/style-crop [-o cxrscreen/weights/evaluation/ood-variants.parquet]
+appearance components; shrinkage 0.3; unequal weights of the parts; either part alone; k-means
+sub-clusters of each class (2 / 4 / 8 Gaussians per class). With ``--images`` (decodes the fold's
+images again and runs its model; minutes): a third part from acquisition-style features of the
+work image (intensity quantiles, dark / bright shares, high-pass energy at three scales, noise,
+power in five frequency bands) and Lee et al. 2018's feature ensemble (class Gaussians on the
+mean of every pooling stage's output, each a part).
+Usage: python benchmarks/ood_variants.py runs/shortcut/style-crop-ensemble [--images] [-o cxrscreen/weights/evaluation/ood-variants.parquet]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -38,23 +44,42 @@ def _part(train_x, train_y, shrinkage, relative):
     return lambda x: _sq_distances(x, means, precision).min(1) - _sq_distances(x, m0, p0)[:, 0]
 
 
+def _groups(y, x, per_class):
+    """Class labels split into ``per_class`` k-means clusters of ``x`` (standardised) each."""
+    from sklearn.cluster import KMeans
+
+    z, g = (x - x.mean(0)) / (x.std(0) + 1e-6), y * per_class
+    for c in np.unique(y):
+        rows = y == c
+        g[rows] += KMeans(min(per_class, rows.sum()), n_init=4, random_state=0).fit_predict(z[rows])
+    return g
+
+
 def variant(embedding=True, appearance=True, dims=APPEARANCE_DIMS, shrinkage=0.05, groups="class",
-            relative=(), weight=0.5, fusion="geometric"):
-    """An ``audit_outputs`` ``ood_score`` factory."""
+            relative=(), weight=0.5, fusion="geometric", extra=()):
+    """An ``audit_outputs`` ``ood_score`` factory; ``groups``: class, class+source or
+    class+kmeansK; ``extra``: more arrays, each a part (standardised, class Gaussians)."""
     def fit(train, val):
         y = train["y"]
         if groups == "class+source":
             y = np.unique(np.char.add(y.astype(str), train["source"].astype(str)), return_inverse=True)[1]
+        grouped = (lambda x: _groups(y, x, int(groups.removeprefix("class+kmeans")))) if "kmeans" in groups \
+            else (lambda x: y)
         feats = []
         if embedding:
-            f = _part(train["embedding"], y, shrinkage, "embedding" in relative)
+            f = _part(train["embedding"], grouped(train["embedding"]), shrinkage, "embedding" in relative)
             feats.append(lambda a, f=f: f(a["embedding"]))
         if appearance:
             centre = train["appearance"].mean(0)
             basis = np.linalg.svd(train["appearance"] - centre, full_matrices=False)[2][:dims]
-            g = _part((train["appearance"] - centre) @ basis.T, y, shrinkage, "appearance" in relative)
+            projected = (train["appearance"] - centre) @ basis.T
+            g = _part(projected, grouped(projected), shrinkage, "appearance" in relative)
             feats.append(lambda a, g=g: g((a["appearance"] - centre) @ basis.T))
-        weights = [weight, 1 - weight] if len(feats) == 2 else [1.0]
+        for key in extra:
+            mu, sd = train[key].mean(0), train[key].std(0) + 1e-6
+            h = _part((train[key] - mu) / sd, y, shrinkage, False)
+            feats.append(lambda a, h=h, key=key, mu=mu, sd=sd: h((a[key] - mu) / sd))
+        weights = [weight, 1 - weight] if len(feats) == 2 and not extra else [1.0] * len(feats)
         on_val = [f(val) for f in feats]
         if fusion == "geometric":
             scale = [np.median(v) for v in on_val]
@@ -78,21 +103,115 @@ VARIANTS = {
     "embedding weight 0.7": variant(weight=0.7),
     "embedding alone": variant(appearance=False),
     "appearance alone": variant(embedding=False),
+    "2 Gaussians per class": variant(groups="class+kmeans2"),
+    "4 Gaussians per class": variant(groups="class+kmeans4"),
+    "8 Gaussians per class": variant(groups="class+kmeans8"),
 }
+STAGES = 5  # cxrnet's pooling stages (the feature-ensemble variants)
+IMAGE_VARIANTS = {
+    "+ acquisition style (3 parts)": variant(extra=("style",)),
+    "embedding + acquisition style": variant(appearance=False, extra=("style",)),
+    "acquisition style alone": variant(embedding=False, appearance=False, extra=("style",)),
+    "+ every pooling stage (feature ensemble)": variant(extra=tuple(f"stage{k}" for k in range(STAGES))),
+    "+ pooling stages 3-4": variant(extra=("stage2", "stage3")),
+    "pooling stages alone": variant(embedding=False, appearance=False, extra=tuple(f"stage{k}" for k in range(STAGES))),
+}
+
+
+def acquisition_style(images: np.ndarray) -> np.ndarray:
+    """(N, 20) features of how uint8 work images were acquired and processed, not what they show:
+    9 intensity quantiles, shares of near-black and near-white pixels, log high-pass energy at
+    3 scales and of the Laplacian's median (noise), each relative to the image's spread, and the
+    log power in 5 radial frequency bands of the standardised image."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(images).float()[:, None] / 255
+    flat = x.flatten(1)
+    sd = flat.std(1).clamp_min(1e-3)[:, None]
+    feats = [torch.quantile(flat, torch.tensor([.01, .05, .1, .25, .5, .75, .9, .95, .99]), dim=1).T,
+             (flat <= 5 / 255).float().mean(1, keepdim=True), (flat >= 250 / 255).float().mean(1, keepdim=True)]
+    for k in (3, 7, 15):
+        blur = F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
+        feats.append(torch.log((x - blur).abs().flatten(1).mean(1, keepdim=True) / sd + 1e-4))
+    lap = 4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]
+    feats.append(torch.log(lap.abs().flatten(1).median(1).values[:, None] / sd + 1e-4))
+    power = torch.fft.rfft2((x[:, 0] - flat.mean(1)[:, None, None]) / sd[:, :, None]).abs() ** 2
+    radius = torch.sqrt(torch.fft.fftfreq(x.shape[2])[:, None] ** 2 + torch.fft.rfftfreq(x.shape[3])[None] ** 2)
+    edges = (0.01, 0.03, 0.06, 0.12, 0.25, 0.5)
+    feats += [torch.log(power[:, (radius >= a) & (radius < b)].mean(1, keepdim=True) + 1e-8)
+              for a, b in zip(edges[:-1], edges[1:])]
+    return torch.cat(feats, 1).numpy().astype(np.float32)
+
+
+def stage_features(fold_dir: Path, images: np.ndarray) -> list[np.ndarray]:
+    """Per pooling stage of the fold's model (every member of an ensemble, side by side): the
+    channel means of its output, for the model input ``score`` makes (lung crop included)."""
+    import torch
+
+    from cxrscreen.predict import ModelRunner
+
+    runner = ModelRunner(str(fold_dir), "classify", device="cpu")
+    boxes = runner.lung_boxes(images) if runner.info.lung_crop else None
+    module = runner.loaded.module.eval()
+    members = list(getattr(module, "members", [module]))
+    stages = [[] for _ in range(STAGES)]
+    with torch.no_grad():
+        for i in range(0, len(images), 256):
+            x0 = runner.model_input(images[i:i + 256], None if boxes is None else boxes[i:i + 256]).float()
+            for member in members:
+                x, k = x0, 0
+                for layer in member:
+                    x = layer(x)
+                    if isinstance(layer, torch.nn.MaxPool2d):
+                        stages[k].append((i, x.mean((2, 3)).numpy()))
+                        k += 1
+    if not all(stages):
+        raise ValueError(f"{fold_dir}: stage features need a cxrnet ({STAGES} pooling stages)")
+    out = []
+    for parts in stages:
+        by_batch = {}
+        for i, f in parts:
+            by_batch.setdefault(i, []).append(f)
+        out.append(np.concatenate([np.concatenate(by_batch[i], 1) for i in sorted(by_batch)]))
+    return out
+
+
+def image_arrays(fold_dir: Path, table: pl.DataFrame) -> dict[str, np.ndarray]:
+    """``acquisition_style`` and ``stage_features`` of a fold's images, row for row with its stored
+    outputs (the fold's train / val / test splits, then every image of the held-out source)."""
+    from cxrscreen.predict import decode_files
+    from cxrscreen.train.config import checkpoint_config
+    from cxrscreen.train.data import labeled_splits
+
+    cfg = checkpoint_config(fold_dir)
+    fold_df, _ = labeled_splits(cfg)
+    everything, _ = labeled_splits(dataclasses.replace(cfg, sources=None, exclude_sources=None))
+    held = everything.filter(pl.col("source") == fold_dir.name.removeprefix("without-"))
+    rows = pl.concat([fold_df.filter(pl.col("split") == n) for n in ("train", "val", "test")] + [held], how="diagonal")
+    images, ok = decode_files(rows["file"].to_list())
+    if not ok.all() or rows["target"].to_list() != table["target"].to_list():
+        raise ValueError(f"{fold_dir}: its images no longer match the stored outputs row for row")
+    return {"style": acquisition_style(images),
+            **{f"stage{k}": f for k, f in enumerate(stage_features(fold_dir, images))}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("loso_dir")
+    ap.add_argument("--images", action="store_true", help="also the variants that need the images and the model")
     ap.add_argument("-o", "--out", default="cxrscreen/weights/evaluation/ood-variants.parquet")
     args = ap.parse_args()
     rows = []
     for path in sorted(Path(args.loso_dir).glob(f"without-*/{FOLD_OUTPUTS}")):
         table, classes, arrays = read_fold_outputs(path)
         learned = sorted(set(table.filter(pl.col("part") == "train")["target"]))
-        for name, fit in VARIANTS.items():
+        if args.images:
+            arrays.update(image_arrays(path.parent, table))
+        for name, fit in {**VARIANTS, **(IMAGE_VARIANTS if args.images else {})}.items():
             row = audit_outputs(table, classes, arrays, learned, ood_score=fit)[0]
-            rows.append({"variant": name, "held_out": path.parent.name.removeprefix("without-"), **row,
+            rows.append({"variant": name, "folds": Path(args.loso_dir).name,
+                         "held_out": path.parent.name.removeprefix("without-"), **row,
                          "fold_score": fold_score(row)})
     df = pl.DataFrame(rows, infer_schema_length=None)
     df.write_parquet(args.out)

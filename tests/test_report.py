@@ -1,6 +1,8 @@
 """Lung-crop training, leave-one-source-out and the HTML report, on phantoms from two 'sites'."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -146,6 +148,26 @@ def test_leave_one_source_out(two_site_manifest, tmp_path, ray_2cpu, monkeypatch
                              sources=["site_a"], progress=lambda *_: None, members=[tmp_path])
     with pytest.raises(ValueError, match="elsewhere"):  # combining into a member's folder would overwrite it
         leave_one_source_out(_cfg(path, tmp_path, epochs=4), tmp_path, sources=["site_a"], members=[tmp_path])
+    # benchmarks/ood_variants.py: the image-derived parts line up with the stored outputs row for row
+    # (the ensemble's fold: both members' stages side by side) and every variant audits
+    spec = importlib.util.spec_from_file_location("ood_variants", Path(__file__).parents[1] / "benchmarks" / "ood_variants.py")
+    variants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variants)
+    fold = tmp_path / "ens" / "without-site_a"
+    table, classes, arrays = read_fold_outputs(fold / FOLD_OUTPUTS)
+    extra = variants.image_arrays(fold, table)
+    assert extra["style"].shape == (len(table), 20)
+    assert [extra[f"stage{k}"].shape for k in range(5)] == [(len(table), 2 * w) for w in (16, 32, 64, 128, 192)]
+    for name, fit in {**variants.VARIANTS, **variants.IMAGE_VARIANTS}.items():
+        audit = audit_outputs(table, classes, {**arrays, **extra}, learned, ood_score=fit)[0]
+        assert 0 <= audit["ood_auroc_combined"] <= 1 and audit["ood_fusion"] == "custom", name
+    ramp = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))[None]
+    noisy = np.clip(ramp + np.random.default_rng(0).normal(0, 20, ramp.shape), 0, 255).astype(np.uint8)
+    style = variants.acquisition_style(np.concatenate([ramp, noisy]))
+    assert style[1, 11] > style[0, 11] + 1 and style[1, 14] > style[0, 14]  # high-pass energy and noise
+    assert style[0, 4] == pytest.approx(128 / 255, abs=0.01)  # the median grey level
+    with pytest.raises(ValueError, match="row for row"):  # outputs of other images are refused
+        variants.image_arrays(fold, table.reverse())
 
 
 def test_report_compares_models_with_every_figure(trained, two_site_manifest, tmp_path):

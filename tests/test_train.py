@@ -177,6 +177,31 @@ def test_mixup_blends_pairs_and_their_losses():
     assert got != pytest.approx(loss_fn(model(x), y).item(), rel=1e-3)
 
 
+def test_compactness_loss_is_the_within_class_share_and_train_step_adds_it():
+    from cxrscreen.train.trainer import compactness_loss, train_step
+
+    y = torch.tensor([0, 0, 1, 1])
+    assert compactness_loss(torch.tensor([[0.0, 0], [0, 0], [3, 4], [3, 4]]), y).item() == 0.0  # tight classes
+    e = torch.tensor([[1.0, 0], [-1, 0], [1, 0], [-1, 0]])  # same class means: all variance is within
+    assert compactness_loss(e, y).item() == pytest.approx(1.0)
+    e = torch.tensor([[0.0, 0], [2, 0], [10, 0], [12, 0]])  # within 4 of total 104
+    assert compactness_loss(e, y).item() == pytest.approx(4 / 104)
+    assert compactness_loss(e * 7, y).item() == pytest.approx(4 / 104)  # scale-free
+
+    # train_step: cross-entropy + compactness x the loss on the last linear layer's input
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    x, y = torch.randn(6, 1, 2, 2), torch.tensor([0, 1, 0, 1, 0, 1])
+    opt, loss_fn = torch.optim.SGD(model.parameters(), lr=0.0), torch.nn.CrossEntropyLoss()
+    got = train_step(model, x, y, loss_fn, opt, TrainConfig(compactness=0.7))
+    with torch.no_grad():
+        embedding = model[:3](x)
+        want = loss_fn(model(x), y) + 0.7 * compactness_loss(embedding, y)
+    assert got == pytest.approx(want.item(), rel=1e-5) and got > loss_fn(model(x), y).item()
+    assert train_step(model, x, y, loss_fn, opt, TrainConfig()) == pytest.approx(loss_fn(model(x), y).item(), rel=1e-5)
+    assert not model[3]._forward_pre_hooks  # the hook is gone after the step
+
+
 def test_augment_warps_the_mask_with_the_image_and_keeps_intensities_in_range():
     from cxrscreen.train.config import AugmentConfig
     from cxrscreen.train.data import augment_image

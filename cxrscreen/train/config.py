@@ -45,7 +45,7 @@ class TrainConfig:
                                "intensity": ("raw", "equalize"), "in_channels": (1, 3)}
     POSITIVE: ClassVar[tuple] = ("input_size", "epochs", "batch_size", "lr", "num_workers", "threads_per_worker",
                                  "max_images_per_split", "cap_per_class", "distill_temperature")
-    NON_NEGATIVE: ClassVar[tuple] = ("weight_decay", "momentum", "ema_decay", "label_smoothing", "mixup", "distill",
+    NON_NEGATIVE: ClassVar[tuple] = ("weight_decay", "momentum", "ema_decay", "label_smoothing", "mixup", "compactness", "distill",
                                      "early_stopping_patience")
 
     model: str = "resnet18"
@@ -67,6 +67,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     label_smoothing: float = 0.0  # classifiers: share of each target spread evenly over the classes
     mixup: float = 0.0  # classifiers: > 0 (e.g. 0.2) trains on mixup pairs, weight ~ Beta(mixup, mixup)
+    compactness: float = 0.0  # classifiers: weight of ``trainer.compactness_loss`` on the penultimate embedding
     teachers: list[str] | None = None  # classifier checkpoints: distil their mean prediction ...
     distill: float = 0.5  # ... as the share of each training target (the rest: the true label) ...
     distill_temperature: float = 2.0  # ... softened by this temperature

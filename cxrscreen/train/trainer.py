@@ -213,18 +213,47 @@ def mix_batch(x, alpha: float):
     return lam * x + (1 - lam) * x[partner], partner, lam
 
 
+def compactness_loss(embedding: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Within-class share of the batch's embedding variance (0: every class one point, 1: class
+    means all alike); scale-free, so it cannot be lowered by shrinking the embedding. Tight
+    classes let the class-conditional Mahalanobis ``ood_score`` tell new images from known ones."""
+    e = embedding.float().flatten(1)
+    onehot = torch.nn.functional.one_hot(y, int(y.max()) + 1).to(e.dtype)
+    means = (onehot.T @ e) / onehot.sum(0).clamp_min(1)[:, None]
+    within = (e - means[y]).pow(2).sum()
+    return within / (e - e.mean(0)).pow(2).sum().clamp_min(1e-6)
+
+
+def _last_linear(model) -> torch.nn.Linear:
+    linears = [m for m in _unwrap(model).modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError("compactness needs a model whose last layer is a torch.nn.Linear")
+    return linears[-1]
+
+
 def train_step(model, x, y, loss_fn, opt, cfg: TrainConfig, ema=None) -> float:
     """One optimisation step (bf16 autocast when ``cfg.precision`` says so, mixup when
-    ``cfg.mixup`` > 0 and the targets are classes: indices or probabilities); returns the loss."""
+    ``cfg.mixup`` > 0 and the targets are classes: indices or probabilities, ``cfg.compactness``
+    times ``compactness_loss`` on the input of the last linear layer when the targets are class
+    indices and not mixed); returns the loss."""
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {cfg.precision!r}; choose fp32 or bf16")
     mixed = cfg.mixup > 0 and y.ndim <= 2
     if mixed:
         x, partner, lam = mix_batch(x, cfg.mixup)
     x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        out = model(x).float()
+    captured = []
+    compact = cfg.compactness > 0 and y.ndim == 1 and not mixed
+    hook = _last_linear(model).register_forward_pre_hook(lambda m, args: captured.append(args[0])) if compact else None
+    try:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = model(x).float()
+    finally:
+        if hook is not None:
+            hook.remove()
     loss = lam * loss_fn(out, y) + (1 - lam) * loss_fn(out, y[partner]) if mixed else loss_fn(out, y)
+    if compact:
+        loss = loss + cfg.compactness * compactness_loss(captured[-1], y)
     opt.zero_grad()
     loss.backward()
     opt.step()
