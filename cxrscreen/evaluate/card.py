@@ -187,7 +187,9 @@ def render_model_card(classifier_dir: str | Path, segmenter_dirs: list[str | Pat
            if m.get("members") else f"{cfg['epochs']} epochs max") + f", batch "
         f"{cfg['batch_size']}, {cfg['optimizer']} lr {cfg['lr']}, weight decay {cfg['weight_decay']}, scheduler "
         f"{cfg.get('scheduler', 'none')}, {cfg.get('precision', 'fp32')}, weight moving average "
-        f"{cfg.get('ema_decay') or 'off'}, class-balanced loss, augmentation {cfg['augment']}; input "
+        f"{cfg.get('ema_decay') or 'off'}, class-balanced loss"
+        + (f" + {cfg['compactness']} x within-class compactness of the embedding" if cfg.get("compactness") else "")
+        + f", augmentation {cfg['augment']}; input "
         f"{card['input_size']} px, 1 channel; best epoch by val macro-F1"
         + ("." if m.get("members") else f": {m.get('best_epoch')} of {m.get('epochs_run')} run.")
         + f" Train time {m.get('train_seconds', 0) / 60:.1f} min{' in all' if m.get('members') else ''} on "
