@@ -11,7 +11,7 @@ sub-clusters of each class (2 / 4 / 8 Gaussians per class). With ``--images`` (d
 images again and runs its model; minutes): a third part from acquisition-style features of the
 work image (intensity quantiles, dark / bright shares, high-pass energy at three scales, noise,
 power in five frequency bands) and Lee et al. 2018's feature ensemble (class Gaussians on the
-mean of every pooling stage's output, each a part).
+mean of every pooling stage's output, each a part; the last stage's is the embedding itself).
 Usage: python benchmarks/ood_variants.py runs/shortcut/style-crop-ensemble [--images] [-o cxrscreen/weights/evaluation/ood-variants.parquet]
 """
 
@@ -146,7 +146,8 @@ def acquisition_style(images: np.ndarray) -> np.ndarray:
 
 def stage_features(fold_dir: Path, images: np.ndarray) -> list[np.ndarray]:
     """Per pooling stage of the fold's model (every member of an ensemble, side by side): the
-    channel means of its output, for the model input ``score`` makes (lung crop included)."""
+    channel means of its output, for the model input ``score`` makes (lung crop included). The
+    last stage's means are the embedding itself (cxrnet pools them globally)."""
     import torch
 
     from cxrscreen.predict import ModelRunner
@@ -164,6 +165,8 @@ def stage_features(fold_dir: Path, images: np.ndarray) -> list[np.ndarray]:
                 for layer in member:
                     x = layer(x)
                     if isinstance(layer, torch.nn.MaxPool2d):
+                        if k == STAGES:
+                            raise ValueError(f"{fold_dir}: stage features need a cxrnet ({STAGES} pooling stages)")
                         stages[k].append((i, x.mean((2, 3)).numpy()))
                         k += 1
     if not all(stages):
@@ -180,6 +183,7 @@ def stage_features(fold_dir: Path, images: np.ndarray) -> list[np.ndarray]:
 def image_arrays(fold_dir: Path, table: pl.DataFrame) -> dict[str, np.ndarray]:
     """``acquisition_style`` and ``stage_features`` of a fold's images, row for row with its stored
     outputs (the fold's train / val / test splits, then every image of the held-out source)."""
+    from cxrscreen.evaluate.source_shift import fold_digest, stored_digest
     from cxrscreen.predict import decode_files
     from cxrscreen.train.config import checkpoint_config
     from cxrscreen.train.data import labeled_splits
@@ -190,7 +194,8 @@ def image_arrays(fold_dir: Path, table: pl.DataFrame) -> dict[str, np.ndarray]:
     held = everything.filter(pl.col("source") == fold_dir.name.removeprefix("without-"))
     rows = pl.concat([fold_df.filter(pl.col("split") == n) for n in ("train", "val", "test")] + [held], how="diagonal")
     images, ok = decode_files(rows["file"].to_list())
-    if not ok.all() or rows["target"].to_list() != table["target"].to_list():
+    same = fold_digest(fold_df, held, fold_dir) == stored_digest(fold_dir / FOLD_OUTPUTS)  # images, splits, weights
+    if not (same and ok.all() and rows["target"].to_list() == table["target"].to_list()):
         raise ValueError(f"{fold_dir}: its images no longer match the stored outputs row for row")
     return {"style": acquisition_style(images),
             **{f"stage{k}": f for k, f in enumerate(stage_features(fold_dir, images))}}

@@ -200,6 +200,9 @@ def test_compactness_loss_is_the_within_class_share_and_train_step_adds_it():
     assert got == pytest.approx(want.item(), rel=1e-5) and got > loss_fn(model(x), y).item()
     assert train_step(model, x, y, loss_fn, opt, TrainConfig()) == pytest.approx(loss_fn(model(x), y).item(), rel=1e-5)
     assert not model[3]._forward_pre_hooks  # the hook is gone after the step
+    assert compactness_loss(e, torch.tensor([0, 0, 1, 1]), 5).item() == pytest.approx(4 / 104)  # absent classes: no change
+    with pytest.raises(ValueError, match="hard class targets"):
+        TrainConfig(compactness=0.1, mixup=0.2)
 
 
 def test_augment_warps_the_mask_with_the_image_and_keeps_intensities_in_range():

@@ -88,6 +88,10 @@ class TrainConfig:
     out: str = "runs/model"
     resume_from: str | None = None  # a checkpoint folder written by a previous run
 
+    def __post_init__(self):
+        if self.compactness > 0 and (self.mixup > 0 or self.teachers):
+            raise ValueError("compactness needs hard class targets: it cannot be combined with mixup or teachers")
+
 
 def class_map_for(cfg: TrainConfig) -> dict:
     if cfg.class_map:

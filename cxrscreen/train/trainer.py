@@ -213,12 +213,12 @@ def mix_batch(x, alpha: float):
     return lam * x + (1 - lam) * x[partner], partner, lam
 
 
-def compactness_loss(embedding: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def compactness_loss(embedding: torch.Tensor, y: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
     """Within-class share of the batch's embedding variance (0: every class one point, 1: class
     means all alike); scale-free, so it cannot be lowered by shrinking the embedding. Tight
     classes let the class-conditional Mahalanobis ``ood_score`` tell new images from known ones."""
     e = embedding.float().flatten(1)
-    onehot = torch.nn.functional.one_hot(y, int(y.max()) + 1).to(e.dtype)
+    onehot = torch.nn.functional.one_hot(y, num_classes or int(y.max()) + 1).to(e.dtype)
     means = (onehot.T @ e) / onehot.sum(0).clamp_min(1)[:, None]
     within = (e - means[y]).pow(2).sum()
     return within / (e - e.mean(0)).pow(2).sum().clamp_min(1e-6)
@@ -234,8 +234,9 @@ def _last_linear(model) -> torch.nn.Linear:
 def train_step(model, x, y, loss_fn, opt, cfg: TrainConfig, ema=None) -> float:
     """One optimisation step (bf16 autocast when ``cfg.precision`` says so, mixup when
     ``cfg.mixup`` > 0 and the targets are classes: indices or probabilities, ``cfg.compactness``
-    times ``compactness_loss`` on the input of the last linear layer when the targets are class
-    indices and not mixed); returns the loss."""
+    times ``compactness_loss`` on the input of the last linear layer - in training, after any
+    dropout before it - when the targets are class indices and not mixed: ``TrainConfig``
+    refuses compactness with mixup or teachers); returns the loss."""
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {cfg.precision!r}; choose fp32 or bf16")
     mixed = cfg.mixup > 0 and y.ndim <= 2
@@ -253,7 +254,7 @@ def train_step(model, x, y, loss_fn, opt, cfg: TrainConfig, ema=None) -> float:
             hook.remove()
     loss = lam * loss_fn(out, y) + (1 - lam) * loss_fn(out, y[partner]) if mixed else loss_fn(out, y)
     if compact:
-        loss = loss + cfg.compactness * compactness_loss(captured[-1], y)
+        loss = loss + cfg.compactness * compactness_loss(captured[-1], y, out.shape[1])
     opt.zero_grad()
     loss.backward()
     opt.step()
