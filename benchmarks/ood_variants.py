@@ -156,28 +156,26 @@ def stage_features(fold_dir: Path, images: np.ndarray) -> list[np.ndarray]:
     boxes = runner.lung_boxes(images) if runner.info.lung_crop else None
     module = runner.loaded.module.eval()
     members = list(getattr(module, "members", [module]))
+
+    def pooled(member, x):
+        """The channel means after each of ``member``'s pooling stages."""
+        out = []
+        for layer in member:
+            x = layer(x)
+            if isinstance(layer, torch.nn.MaxPool2d):
+                out.append(x.mean((2, 3)).numpy())
+        if len(out) != STAGES:
+            raise ValueError(f"{fold_dir}: stage features need a cxrnet ({STAGES} pooling stages)")
+        return out
+
     stages = [[] for _ in range(STAGES)]
     with torch.no_grad():
         for i in range(0, len(images), 256):
-            x0 = runner.model_input(images[i:i + 256], None if boxes is None else boxes[i:i + 256]).float()
-            for member in members:
-                x, k = x0, 0
-                for layer in member:
-                    x = layer(x)
-                    if isinstance(layer, torch.nn.MaxPool2d):
-                        if k == STAGES:
-                            raise ValueError(f"{fold_dir}: stage features need a cxrnet ({STAGES} pooling stages)")
-                        stages[k].append((i, x.mean((2, 3)).numpy()))
-                        k += 1
-    if not all(stages):
-        raise ValueError(f"{fold_dir}: stage features need a cxrnet ({STAGES} pooling stages)")
-    out = []
-    for parts in stages:
-        by_batch = {}
-        for i, f in parts:
-            by_batch.setdefault(i, []).append(f)
-        out.append(np.concatenate([np.concatenate(by_batch[i], 1) for i in sorted(by_batch)]))
-    return out
+            x = runner.model_input(images[i:i + 256], None if boxes is None else boxes[i:i + 256]).float()
+            per_member = [pooled(member, x) for member in members]
+            for k in range(STAGES):
+                stages[k].append(np.concatenate([p[k] for p in per_member], 1))
+    return [np.concatenate(s) for s in stages]
 
 
 def image_arrays(fold_dir: Path, table: pl.DataFrame) -> dict[str, np.ndarray]:

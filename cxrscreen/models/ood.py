@@ -67,11 +67,18 @@ def _set_child(root: nn.Module, path: str, new: nn.Module) -> None:
         setattr(parent, last, new)
 
 
-def _split_at_last_linear(module: nn.Module) -> WithEmbedding | None:
+def last_linear(module: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The module's last ``nn.Linear`` (its name and the layer: the input of it is the
+    penultimate embedding), or None."""
     linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
+    return linears[-1] if linears else None
+
+
+def _split_at_last_linear(module: nn.Module) -> WithEmbedding | None:
+    found = last_linear(module)
+    if found is None:
         return None
-    name, head = linears[-1]
+    name, head = found
     body = copy.deepcopy(module).eval()
     _set_child(body, name, nn.Identity())
     return WithEmbedding(body, copy.deepcopy(head)).eval()

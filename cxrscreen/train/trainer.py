@@ -22,6 +22,7 @@ from cxrscreen.metrics import classification_metrics, fit_temperature, softmax
 from cxrscreen.masks import dice_scores
 from cxrscreen.models import build_model, check_input_size, get_entry
 from cxrscreen.models.checkpoint import ModelInfo, read_info, save_checkpoint, update_info, write_train_config
+from cxrscreen.models.ood import last_linear
 from cxrscreen.train.config import TrainConfig
 from cxrscreen.train.data import ArrayDataset, labeled_splits, load_images, segmentation_splits
 
@@ -224,13 +225,6 @@ def compactness_loss(embedding: torch.Tensor, y: torch.Tensor, num_classes: int 
     return within / (e - e.mean(0)).pow(2).sum().clamp_min(1e-6)
 
 
-def _last_linear(model) -> torch.nn.Linear:
-    linears = [m for m in _unwrap(model).modules() if isinstance(m, torch.nn.Linear)]
-    if not linears:
-        raise ValueError("compactness needs a model whose last layer is a torch.nn.Linear")
-    return linears[-1]
-
-
 def train_step(model, x, y, loss_fn, opt, cfg: TrainConfig, ema=None) -> float:
     """One optimisation step (bf16 autocast when ``cfg.precision`` says so, mixup when
     ``cfg.mixup`` > 0 and the targets are classes: indices or probabilities, ``cfg.compactness``
@@ -245,7 +239,12 @@ def train_step(model, x, y, loss_fn, opt, cfg: TrainConfig, ema=None) -> float:
     x = x.contiguous(memory_format=torch.channels_last)
     captured = []
     compact = cfg.compactness > 0 and y.ndim == 1 and not mixed
-    hook = _last_linear(model).register_forward_pre_hook(lambda m, args: captured.append(args[0])) if compact else None
+    hook = None
+    if compact:
+        found = last_linear(_unwrap(model))
+        if found is None:
+            raise ValueError("compactness needs a model whose last layer is a torch.nn.Linear")
+        hook = found[1].register_forward_pre_hook(lambda m, args: captured.append(args[0]))
     try:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             out = model(x).float()
